@@ -1,0 +1,1 @@
+"""What a site runs: the ClientApp, its cached runtime and local data."""

@@ -1,0 +1,80 @@
+"""The ClientApp: what each site runs for every message from the coordinator.
+
+Train: set the global adapter, train locally, reply with the update
+(local - global) and the site's weight. Evaluate: score the global adapter on
+the site's held-out rows and reply with sums the server pools exactly.
+Only trainable adapter tensors (and a task head) ever leave the site.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import wire
+from fedlora.arrays import from_record, to_record
+from fedlora.client.runtime import SiteRuntime, site_runtime
+from fedlora.models import set_trainable_state, trainable_state
+from fedlora.training import evaluate_counts, local_train
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+class BaseModelMismatch(RuntimeError):
+    pass
+
+
+def _set_global(rt: SiteRuntime, msg: Message) -> dict:
+    expected = msg.content[wire.CONFIG].get(wire.BASE_FINGERPRINT, "")
+    if expected and expected != rt.loaded.fingerprint:
+        raise BaseModelMismatch(
+            f"site {rt.data.name}: base model weights differ from the coordinator's "
+            f"(fingerprint {rt.loaded.fingerprint} != {expected}); check model.name and its files")
+    global_state = from_record(msg.content[wire.ARRAYS])
+    set_trainable_state(rt.loaded.model, global_state)
+    return global_state
+
+
+def _site_record(rt: SiteRuntime) -> ConfigRecord:
+    return ConfigRecord({wire.SITE_NAME: rt.data.name, wire.SKIPPED_ROWS: len(rt.data.skipped)})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    rt = site_runtime(context)
+    global_state = _set_global(rt, msg)
+    server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    seed = rt.config.train.seed * 1_000_003 + rt.site_index * 10_007 + server_round
+    result = local_train(rt.loaded.model, rt.task, rt.train_examples, rt.config.train, rt.pad_id, seed)
+    local = trainable_state(rt.loaded.model)
+    delta = {k: local[k] - global_state[k] for k in global_state}
+    log.info("site %s round %d: %d steps, loss %.4f, %.1fs", rt.data.name, server_round,
+             result.steps, result.mean_loss, result.seconds)
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: len(rt.train_examples),
+        wire.TRAIN_LOSS: result.mean_loss,
+        wire.TRAIN_SECONDS: result.seconds,
+        wire.LOCAL_STEPS: result.steps,
+    })
+    content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    rt = site_runtime(context)
+    _set_global(rt, msg)
+    counts = evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id) if rt.eval_examples else {}
+    metrics = MetricRecord({
+        wire.EVAL_COUNT: int(counts.get("count", 0)),
+        wire.EVAL_LOSS_SUM: float(counts.get("loss_sum", 0.0)),
+        wire.EVAL_TOKENS: int(counts.get("tokens", 0)),
+        wire.EVAL_CORRECT: int(counts.get("correct", 0)),
+        wire.EVAL_TP: counts.get("tp", []),
+        wire.EVAL_FP: counts.get("fp", []),
+        wire.EVAL_FN: counts.get("fn", []),
+    })
+    return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)

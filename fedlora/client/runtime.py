@@ -1,0 +1,75 @@
+"""A site's process-wide runtime: parsed config, task, model and data, built once.
+
+Flower may call the ClientApp many times in one process (Ray actors in
+simulation keep their process across rounds), so the base model is loaded once
+per process and the adapter is overwritten from the server's message every
+time. Nothing here is shared with another process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fedlora import config as cfg
+from fedlora.data.sites import SiteData, deployed_site_data, simulated_site_data
+from fedlora.models import LoadedModel, load_model
+from fedlora.tasks import build_task
+from fedlora.tasks.base import Example, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRuntime:
+    config: cfg.RunConfig
+    task: Task
+    loaded: LoadedModel
+    data: SiteData
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    site_index: int
+
+    @property
+    def pad_id(self) -> int:
+        return self.loaded.tokenizer.pad_token_id
+
+
+@lru_cache(maxsize=4)
+def _config(run_config_json: str) -> cfg.RunConfig:
+    return cfg.from_flat(json.loads(run_config_json))
+
+
+@lru_cache(maxsize=2)
+def _model(run_config_json: str) -> tuple[Task, LoadedModel]:
+    config = _config(run_config_json)
+    task = build_task(config)
+    return task, load_model(config, task)
+
+
+@lru_cache(maxsize=64)
+def _site(run_config_json: str, node_config_json: str) -> SiteRuntime:
+    config = _config(run_config_json)
+    task, loaded = _model(run_config_json)
+    node = json.loads(node_config_json)
+    if "data-path" in node:  # a deployed site names its own file
+        index = int(node.get("site-index", 0))
+        data = deployed_site_data(node["data-path"], str(node.get("site", "site")), config, task)
+    else:
+        index = int(node["partition-id"])
+        data = simulated_site_data(index, int(node["num-partitions"]), config, task)
+    if data.skipped:
+        log.warning("site %s skipped %d bad rows (first: line %d: %s)", data.name, len(data.skipped),
+                    *data.skipped[0])
+    tok, max_len = loaded.tokenizer, config.model.max_length
+    return SiteRuntime(config, task, loaded, data, task.encode(data.train, tok, max_len),
+                       task.encode(data.eval, tok, max_len) if data.eval else [], index)
+
+
+def site_runtime(context) -> SiteRuntime:
+    """The runtime for this run and this node, cached for the life of the process."""
+    run_json = json.dumps(dict(context.run_config), sort_keys=True)
+    node_json = json.dumps(dict(context.node_config), sort_keys=True)
+    return _site(run_json, node_json)

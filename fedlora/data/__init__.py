@@ -1,0 +1,1 @@
+"""Site data: readers with schema checks, partitioning, splits, the synthetic corpus."""

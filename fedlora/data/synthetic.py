@@ -1,0 +1,154 @@
+"""A synthetic clinical-notes triage corpus: note text -> receiving department.
+
+Generated deterministically from a seed, so every process that asks for site k
+gets the same rows without any file changing hands. It is built to be hard in
+the ways real multi-hospital data is:
+- sites differ in label mix (Dirichlet skew: some departments are rare at a site);
+- sites differ in writing style (formal, abbreviated, narrative, EHR template),
+  so the words a site never sees are the ones another site uses;
+- symptoms overlap between departments, notes carry distractor and negated
+  symptoms, and a share of labels is wrong (label noise).
+A site training alone therefore misses departments and styles that the
+federation covers; the central test set is balanced over both.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+LABELS = ["cardiology", "neurology", "orthopedics", "gastroenterology", "pulmonology"]
+LABEL_NOISE = 0.08
+STYLES = ("formal", "abbreviated", "narrative", "ehr")
+
+# (formal wording, abbreviated wording, lay wording) per symptom.
+SYMPTOMS: dict[str, list[tuple[str, str, str]]] = {
+    "cardiology": [
+        ("chest pain radiating to the left arm", "CP radiating L arm", "a squeezing pain in the chest going down the arm"),
+        ("palpitations", "palps", "a racing, pounding heartbeat"),
+        ("exertional dyspnea", "DOE", "getting winded climbing stairs"),
+        ("bilateral leg edema", "BLE edema", "swollen ankles"),
+        ("syncope on exertion", "exertional syncope", "passing out while walking"),
+        ("elevated troponin", "trop elevated", "a heart blood test that came back high"),
+    ],
+    "neurology": [
+        ("sudden severe headache", "thunderclap HA", "the worst headache of their life"),
+        ("unilateral facial droop", "facial droop", "one side of the face drooping"),
+        ("slurred speech", "dysarthria", "words coming out slurred"),
+        ("new onset seizure", "new sz", "a fit with shaking"),
+        ("numbness of the right hand", "R hand paresthesia", "a numb, tingling right hand"),
+        ("vertigo with ataxia", "vertigo + ataxia", "spinning dizziness and unsteady walking"),
+    ],
+    "orthopedics": [
+        ("painful swollen knee after a fall", "knee effusion s/p fall", "a swollen knee after falling"),
+        ("deformity of the forearm", "forearm deformity", "a bent-looking forearm"),
+        ("low back pain after lifting", "LBP after lifting", "back pain after lifting boxes"),
+        ("inability to bear weight on the ankle", "unable to WB ankle", "not being able to stand on the ankle"),
+        ("shoulder dislocation", "shoulder dislocation", "a shoulder that popped out"),
+        ("hip pain with shortened rotated leg", "shortened ext rotated leg", "hip pain and a leg that looks shorter"),
+    ],
+    "gastroenterology": [
+        ("epigastric pain after meals", "epigastric pain postprandial", "stomach pain after eating"),
+        ("hematemesis", "hematemesis", "vomiting blood"),
+        ("melena", "melena", "black tarry stools"),
+        ("burning retrosternal pain after meals", "heartburn/GERD sx", "burning chest pain after eating"),
+        ("jaundice", "icterus", "yellow skin and eyes"),
+        ("right lower quadrant pain", "RLQ pain", "pain low on the right side of the belly"),
+    ],
+    "pulmonology": [
+        ("productive cough with fever", "prod cough + fever", "a wet cough and fever"),
+        ("wheezing", "wheeze", "whistling breathing"),
+        ("hypoxia on room air", "low SpO2 on RA", "low oxygen levels"),
+        ("dyspnea at rest", "SOB at rest", "short of breath even sitting still"),
+        ("hemoptysis", "hemoptysis", "coughing up blood"),
+        ("pleuritic chest pain", "pleuritic CP", "sharp chest pain when breathing in"),
+    ],
+}
+
+HISTORY = [("hypertension", "HTN", "high blood pressure"), ("diabetes", "DM2", "sugar diabetes"),
+           ("smoking", "tobacco use", "smoking for years"), ("asthma", "asthma", "asthma as a child"),
+           ("atrial fibrillation", "AFib", "an irregular heartbeat"), ("osteoporosis", "osteoporosis", "weak bones"),
+           ("no significant history", "PMH neg", "nothing much in the past")]
+
+
+def _phrase(entry: tuple[str, str, str], style: str) -> str:
+    formal, abbreviated, lay = entry
+    return {"formal": formal, "abbreviated": abbreviated, "narrative": lay, "ehr": formal}[style]
+
+
+def _note(rng: random.Random, label: str, style: str) -> str:
+    age, sex = rng.randint(18, 92), rng.choice(["male", "female"])
+    main = rng.sample(SYMPTOMS[label], k=rng.choice([1, 1, 2]))
+    other = rng.choice([d for d in LABELS if d != label])
+    distractor = rng.choice(SYMPTOMS[other]) if rng.random() < 0.45 else None
+    negated = rng.choice(SYMPTOMS[rng.choice(LABELS)]) if rng.random() < 0.3 else None
+    history = rng.choice(HISTORY)
+    main_text = " and ".join(_phrase(s, style) for s in main)
+    if style == "formal":
+        text = f"Patient is a {age}-year-old {sex} presenting with {main_text}."
+        if distractor:
+            text += f" Also reports {_phrase(distractor, style)}."
+        if negated:
+            text += f" Denies {_phrase(negated, style)}."
+        text += f" History of {_phrase(history, style)}."
+    elif style == "abbreviated":
+        text = f"{age}{sex[0].upper()} c/o {main_text}."
+        if distractor:
+            text += f" Also {_phrase(distractor, style)}."
+        if negated:
+            text += f" No {_phrase(negated, style)}."
+        text += f" Hx {_phrase(history, style)}."
+    elif style == "narrative":
+        who = "man" if sex == "male" else "woman"
+        text = f"Seen today, a {age} year old {who} who describes {main_text}."
+        if distractor:
+            text += f" Mentions {_phrase(distractor, style)} too."
+        if negated:
+            text += f" Has not had {_phrase(negated, style)}."
+        text += f" Says there is {_phrase(history, style)}."
+    else:
+        text = f"CC: {main_text} | Age/Sex: {age}/{sex[0].upper()}"
+        if distractor:
+            text += f" | Assoc: {_phrase(distractor, style)}"
+        if negated:
+            text += f" | Neg: {_phrase(negated, style)}"
+        text += f" | PMH: {_phrase(history, style)}"
+    return text
+
+
+def _noisy(rng: random.Random, label: str) -> str:
+    return rng.choice([d for d in LABELS if d != label]) if rng.random() < LABEL_NOISE else label
+
+
+def site_label_mix(num_sites: int, seed: int, alpha: float = 0.5) -> np.ndarray:
+    """[num_sites, num_labels] label probabilities; the same for every caller."""
+    rng = np.random.default_rng(seed)
+    mix = rng.dirichlet([alpha] * len(LABELS), size=num_sites)
+    return 0.97 * mix + 0.03 / len(LABELS)  # every department occurs, if rarely
+
+
+def site_style(site: int) -> str:
+    return STYLES[site % len(STYLES)]
+
+
+def site_records(site: int, num_sites: int, n: int, seed: int = 0) -> list[dict]:
+    """Rows of site `site`: its own label mix, mostly its own writing style."""
+    if not 0 <= site < num_sites:
+        raise ValueError(f"site {site} not in [0, {num_sites})")
+    rng = random.Random(f"site:{seed}:{site}")
+    mix = site_label_mix(num_sites, seed)[site]
+    own = site_style(site)
+    rows = []
+    for _ in range(n):
+        label = rng.choices(LABELS, weights=mix)[0]
+        style = own if rng.random() < 0.9 else rng.choice(STYLES)
+        rows.append({"text": _note(rng, label, style), "label": _noisy(rng, label)})
+    return rows
+
+
+def central_test_records(n: int = 500, seed: int = 0) -> list[dict]:
+    """A clean, balanced central test set over every department and style."""
+    rng = random.Random(f"test:{seed}")
+    return [{"text": _note(rng, LABELS[i % len(LABELS)], STYLES[(i // len(LABELS)) % len(STYLES)]),
+             "label": LABELS[i % len(LABELS)]} for i in range(n)]

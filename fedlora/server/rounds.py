@@ -1,0 +1,177 @@
+"""The coordinator's round loop over Flower's Grid (Message API).
+
+Each round: sample sites, send the global adapter, collect updates (rejecting
+broken ones with a logged reason), let the strategy aggregate, evaluate at the
+sites and centrally, append one metrics row, checkpoint. The strategy is the
+only thing that knows the algorithm; this loop stays the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import wire
+from fedlora.arrays import State, check_update, from_record, payload_bytes, to_record
+from fedlora.server.central import CentralEvaluator
+from fedlora.server.rundir import Checkpoint, RunDirectory
+from fedlora.strategies.base import SiteUpdate, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class TooFewSites(RuntimeError):
+    pass
+
+
+@dataclass
+class PhaseResult:
+    replies: list[Message]
+    bytes_up: int = 0
+    bytes_down: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _site_name(reply: Message) -> str:
+    if wire.SITE in reply.content.config_records:
+        return str(reply.content.config_records[wire.SITE][wire.SITE_NAME])
+    return f"node-{reply.metadata.src_node_id}"
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, config, strategy: Strategy, rundir: RunDirectory,
+                 central: CentralEvaluator | None, fingerprint: str):
+        self.grid = grid
+        self.config = config
+        self.strategy = strategy
+        self.rundir = rundir
+        self.central = central
+        self.fingerprint = fingerprint
+        self.sites_seen: dict[str, dict[str, Any]] = {}
+
+    # -- messaging ------------------------------------------------------------
+    def wait_for_sites(self) -> list[int]:
+        fed = self.config.federation
+        deadline = time.monotonic() + fed.wait_for_sites
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= fed.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TooFewSites(f"only {len(nodes)} of federation.min-sites = {fed.min_sites} sites "
+                                  f"connected within {fed.wait_for_sites:.0f}s")
+            time.sleep(1.0)
+
+    def sample(self, nodes: list[int], server_round: int) -> list[int]:
+        k = max(1, math.ceil(self.config.federation.fraction_train * len(nodes)))
+        return sorted(random.Random(f"{self.config.train.seed}:{server_round}").sample(nodes, k))
+
+    def exchange(self, nodes: list[int], message_type: str, global_state: State, server_round: int,
+                 extra: dict[str, Any] | None = None) -> PhaseResult:
+        config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.BASE_FINGERPRINT: self.fingerprint,
+                               **(extra or {})})
+        messages = [Message(RecordDict({wire.ARRAYS: to_record(global_state), wire.CONFIG: config}),
+                            dst_node_id=node, message_type=message_type) for node in nodes]
+        result = PhaseResult([], bytes_down=sum(payload_bytes(m.content) for m in messages))
+        for reply in self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
+            if reply.has_error():
+                result.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            result.bytes_up += payload_bytes(reply.content)
+            result.replies.append(reply)
+        missing = len(nodes) - len(result.replies) - len(result.failures)
+        if missing > 0:
+            result.failures.append(f"{missing} site(s) did not reply within {self.config.federation.round_timeout:.0f}s")
+        for failure in result.failures:
+            log.warning("round %d %s: %s", server_round, message_type, failure)
+        return result
+
+    # -- phases ---------------------------------------------------------------
+    def train_round(self, nodes: list[int], global_state: State, server_round: int) -> tuple[State, dict]:
+        phase = self.exchange(nodes, MessageType.TRAIN, global_state, server_round,
+                              self.strategy.client_config(server_round))
+        updates: list[SiteUpdate] = []
+        for reply in phase.replies:
+            site = _site_name(reply)
+            metrics = dict(reply.content[wire.METRICS])
+            delta = from_record(reply.content[wire.ARRAYS])
+            problem = check_update(delta, global_state)
+            weight = float(metrics.get(wire.NUM_EXAMPLES, 0))
+            if problem is None and weight <= 0:
+                problem = f"non-positive weight {weight}"
+            if problem:
+                log.warning("round %d: rejected the update of %s: %s", server_round, site, problem)
+                phase.failures.append(f"{site}: {problem}")
+                continue
+            updates.append(SiteUpdate(site, weight, delta, metrics))
+            self.sites_seen.setdefault(site, {})["last_round"] = server_round
+        if len(updates) < self.config.federation.min_sites:
+            raise TooFewSites(f"round {server_round}: {len(updates)} usable updates, fewer than "
+                              f"federation.min-sites = {self.config.federation.min_sites}")
+        new_state = self.strategy.aggregate(global_state, updates)
+        total = sum(u.weight for u in updates)
+        row = {
+            "train_loss": sum(u.weight * u.metrics[wire.TRAIN_LOSS] for u in updates) / total,
+            "train_seconds": max(u.metrics[wire.TRAIN_SECONDS] for u in updates),
+            "sites": len(updates),
+            "rejected": len(phase.failures),
+            "bytes_up": phase.bytes_up,
+            "bytes_down": phase.bytes_down,
+        }
+        return new_state, row
+
+    def evaluate_round(self, nodes: list[int], global_state: State, server_round: int) -> dict[str, Any]:
+        phase = self.exchange(nodes, MessageType.EVALUATE, global_state, server_round)
+        counts: dict[str, Any] = {}
+        for reply in phase.replies:
+            m = reply.content[wire.METRICS]
+            if int(m[wire.EVAL_COUNT]) == 0:
+                continue
+            part = {"count": int(m[wire.EVAL_COUNT]), "loss_sum": float(m[wire.EVAL_LOSS_SUM]),
+                    "tokens": int(m[wire.EVAL_TOKENS]), "correct": int(m[wire.EVAL_CORRECT])}
+            for key, name in ((wire.EVAL_TP, "tp"), (wire.EVAL_FP, "fp"), (wire.EVAL_FN, "fn")):
+                if len(m[key]):
+                    part[name] = [int(v) for v in m[key]]
+            self.central_task.add_counts(counts, part)
+        row = self.central_task.metrics(counts) if counts else {}
+        row.update(bytes_up=phase.bytes_up, bytes_down=phase.bytes_down)
+        return row
+
+    @property
+    def central_task(self):
+        return self.central.task
+
+    # -- the run --------------------------------------------------------------
+    def run(self, global_state: State, start_round: int = 1) -> State:
+        fed = self.config.federation
+        nodes = self.wait_for_sites()
+        log.info("%d sites connected; rounds %d..%d with strategy %s", len(nodes), start_round, fed.rounds,
+                 self.strategy.name)
+        for server_round in range(start_round, fed.rounds + 1):
+            started = time.perf_counter()
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) < fed.min_sites:
+                raise TooFewSites(f"round {server_round}: {len(nodes)} sites connected, fewer than "
+                                  f"federation.min-sites = {fed.min_sites}")
+            global_state, row = self.train_round(self.sample(nodes, server_round), global_state, server_round)
+            evaluation = self.evaluate_round(nodes, global_state, server_round)
+            row["bytes_up"] += evaluation.pop("bytes_up")
+            row["bytes_down"] += evaluation.pop("bytes_down")
+            row.update(evaluation)
+            if self.central.has_test_set:
+                row.update(self.central.evaluate(global_state))
+            row = {"round": server_round, **row, "round_seconds": time.perf_counter() - started}
+            self.rundir.append_metrics(row)
+            self.rundir.save_checkpoint(Checkpoint(server_round, global_state, self.strategy.state_dict(),
+                                                   {"sites": self.sites_seen}))
+            log.info("round %d/%d done in %.1fs: %s", server_round, fed.rounds, row["round_seconds"],
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                               if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))
+        return global_state

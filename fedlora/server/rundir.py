@@ -1,0 +1,130 @@
+"""The run directory: a stable contract that users, tests and tools read.
+
+    adapter/        final global adapter, PEFT format
+    metrics.jsonl   one JSON object per round
+    summary.json    final figures, totals, parameter counts, versions
+    config.toml     the resolved configuration
+    checkpoints/    what a restarted server needs to resume
+    predictions.jsonl  the final adapter's predictions on the central test set
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+State = dict[str, np.ndarray]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    global_state: State
+    strategy_state: dict[str, Any]
+    extra: dict[str, Any]
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, toml_text: str) -> None:
+        _atomic_write(self.path / "config.toml", toml_text)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows after the checkpoint being resumed, so no round appears twice."""
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # -- checkpoints ----------------------------------------------------------
+    def save_checkpoint(self, ckpt: Checkpoint, keep: int = 2) -> None:
+        """Write round-NNNN/ completely, then point `latest` at it."""
+        self.checkpoints.mkdir(exist_ok=True)
+        final = self.checkpoints / f"round-{ckpt.round:04d}"
+        tmp = self.checkpoints / f".round-{ckpt.round:04d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
+        arrays, meta = _split_arrays(ckpt.strategy_state)
+        save_file(arrays, str(tmp / "strategy.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"round": ckpt.round, "strategy": meta, "extra": ckpt.extra}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write(self.checkpoints / "latest", final.name)
+        for old in sorted(self.checkpoints.glob("round-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        pointer = self.checkpoints / "latest"
+        if not pointer.exists():
+            return None
+        folder = self.checkpoints / pointer.read_text().strip()
+        state = json.loads((folder / "state.json").read_text())
+        arrays = load_file(str(folder / "strategy.safetensors"))
+        return Checkpoint(state["round"], load_file(str(folder / "global.safetensors")),
+                          _join_arrays(state["strategy"], arrays), state["extra"])
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
+
+
+def _split_arrays(tree: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:
+    """Separate numpy arrays (to safetensors) from JSON-able structure."""
+    arrays: dict[str, np.ndarray] = {}
+    if isinstance(tree, np.ndarray):
+        arrays[prefix] = np.ascontiguousarray(tree)
+        return arrays, {"__array__": prefix}
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            sub, out[k] = _split_arrays(v, f"{prefix}/{k}")
+            arrays.update(sub)
+        return arrays, out
+    if isinstance(tree, (list, tuple)):
+        out_list = []
+        for i, v in enumerate(tree):
+            sub, item = _split_arrays(v, f"{prefix}/{i}")
+            arrays.update(sub)
+            out_list.append(item)
+        return arrays, out_list
+    return arrays, tree
+
+
+def _join_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            return arrays[tree["__array__"]]
+        return {k: _join_arrays(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_arrays(v, arrays) for v in tree]
+    return tree
