@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import datetime, timezone
 
 from fedlora import __version__
 from fedlora import config as cfg
@@ -13,11 +14,15 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedlora.simulations.launcher import SimulationFailed, simulate
 
     overrides = list(args.set or [])
+    if args.resume and not args.out:
+        print("fedlora simulate: --resume needs --out, the run directory to continue", file=sys.stderr)
+        return 2
     if args.resume:
         overrides.append("output.resume=true")
     config = cfg.load_config(args.config, overrides)
+    out = args.out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     try:
-        simulate(config, args.out, verbose=args.verbose)
+        simulate(config, out, verbose=args.verbose)
     except SimulationFailed as err:
         print(f"fedlora simulate: {err}", file=sys.stderr)
         return 1
@@ -41,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", "-c", help="TOML file with [model], [lora], [task], [data], ... tables")
     sim.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
                      help="override one key, e.g. --set federation.rounds=3 (repeatable)")
-    sim.add_argument("--out", "-o", default="runs/simulate", help="run directory to write (default: %(default)s)")
+    sim.add_argument("--out", "-o", help="run directory to write (default: runs/<UTC timestamp>)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     sim.add_argument("--verbose", "-v", action="store_true", help="print Flower's full log at the end")
     sim.set_defaults(func=_simulate)
