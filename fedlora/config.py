@@ -101,7 +101,7 @@ class TrainConfig:
     local_epochs: float = _opt(1.0, "Local passes over the site's training rows per round.")
     local_steps: int = _opt(0, "Local optimizer steps per round; 0: use local-epochs.")
     batch_size: int = _opt(16, "Examples per local step.")
-    learning_rate: float = _opt(1e-3, "AdamW learning rate at the sites.")
+    learning_rate: float = _opt(3e-3, "AdamW learning rate at the sites.")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Gradient clipping for non-private training; 0: off.")
     seed: int = _opt(0, "Seed for local shuffling and dropout (mixed with site and round).")
