@@ -1,0 +1,154 @@
+"""report.html: a run directory a person can read offline.
+
+Plots are inline SVG drawn here (no JavaScript, no network, no plotting
+library), so the file opens the same on an air-gapped hospital workstation.
+
+    python -m fedlora.server.report RUN_DIR
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+from pathlib import Path
+
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+WIDTH, HEIGHT, PAD, LEGEND = 540, 260, 56, 16
+
+
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "") -> str:
+    """An SVG line chart of named (x, y) series; empty series are left out."""
+    series = {name: pts for name, pts in series.items() if pts}
+    if not series:
+        return ""
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad_y = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad_y, y1 + pad_y
+
+    def sx(x: float) -> float:
+        return PAD + (x - x0) / (x1 - x0) * (WIDTH - 2 * PAD)
+
+    def sy(y: float) -> float:
+        return HEIGHT - PAD + (y0 - y) / (y1 - y0) * (HEIGHT - 2 * PAD)
+
+    total_height = HEIGHT + LEGEND * len(series)
+    parts = [f'<svg class="plot" role="img" aria-label="{html.escape(title)}" width="{WIDTH}" '
+             f'height="{total_height}" viewBox="0 0 {WIDTH} {total_height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="{WIDTH / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
+             f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="#444"/>',
+             f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#444"/>']
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="10">{_tick(y)}</text>')
+    for x in sorted(set(xs)):
+        parts.append(f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD + 14}" text-anchor="middle" font-size="10">{x:g}</text>')
+    parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT - PAD + 30}" text-anchor="middle" font-size="11">round</text>')
+    if y_label:
+        parts.append(f'<text x="12" y="{HEIGHT / 2}" font-size="11" transform="rotate(-90 12 {HEIGHT / 2})" '
+                     f'text-anchor="middle">{html.escape(y_label)}</text>')
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        colour = COLOURS[i % len(COLOURS)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
+        parts.append(f'<polyline class="series" data-name="{html.escape(name)}" fill="none" stroke="{colour}" '
+                     f'stroke-width="2" points="{path}"/>')
+        legend_y = HEIGHT + LEGEND * i + 4
+        parts.append(f'<line x1="{PAD}" y1="{legend_y - 4}" x2="{PAD + 20}" y2="{legend_y - 4}" stroke="{colour}" '
+                     f'stroke-width="2"/><text x="{PAD + 26}" y="{legend_y}" font-size="11">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _tick(y: float) -> str:
+    """Short axis labels: 2.46M rather than 2.46e+06."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(y) >= scale:
+            return f"{y / scale:.3g}{suffix}"
+    return f"{y:.3g}"
+
+
+def _series(rows: list[dict], *keys: str) -> dict[str, list[tuple[float, float]]]:
+    return {k: [(r["round"], float(r[k])) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+
+
+def _site_epsilon(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """ε per site per round, where the rows carry a per-site map (`epsilon_per_site`)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for site, eps in (r.get("epsilon_per_site") or {}).items():
+            out.setdefault(f"ε {site}", []).append((r["round"], float(eps)))
+    return out or _series(rows, "epsilon")
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def render(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    charts = [
+        line_chart("Loss", _series(rows, "train_loss", "eval_loss", "test_loss"), "loss"),
+        line_chart("Accuracy and macro-F1", _series(rows, "eval_accuracy", "eval_macro_f1", "test_accuracy",
+                                                    "test_macro_f1"), "score"),
+        line_chart("Perplexity", _series(rows, "eval_perplexity", "test_perplexity"), "perplexity"),
+        line_chart("Privacy spent (ε)", _site_epsilon(rows), "ε"),
+        line_chart("Bytes per round", _series(rows, "bytes_up", "bytes_down"), "bytes"),
+        line_chart("Aggregation error", _series(rows, "aggregation_error"), "relative error"),
+    ]
+    keys = [k for k in rows[0] if k not in ("epsilon_per_site",)] if rows else []
+    round_table = _table([[r.get(k, "") for k in keys] for r in rows], keys)
+    sites = summary.get("sites", {})
+    site_cols = sorted({k for v in sites.values() for k in v})
+    site_table = _table([[name, *[v.get(k, "") for k in site_cols]] for name, v in sorted(sites.items())],
+                        ["site", *site_cols]) if sites else "<p>No per-site information.</p>"
+    params = summary.get("parameters", {})
+    facts = [["strategy", summary.get("strategy", "")], ["rounds", summary.get("rounds", len(rows))],
+             ["adapter parameters", params.get("adapter", "")], ["base parameters", params.get("base", "")],
+             *[[f"total {k}", v] for k, v in summary.get("totals", {}).items()],
+             *[[k, v] for k, v in summary.get("versions", {}).items()]]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedlora run {html.escape(run_dir.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+.plots {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }}
+.wide {{ overflow-x: auto; }}
+</style></head><body>
+<h1>fedlora run: {html.escape(str(run_dir))}</h1>
+<h2>Per round</h2>
+<div class="plots">{''.join(c for c in charts if c)}</div>
+<div class="wide">{round_table}</div>
+<h2>Per site</h2>
+{site_table}
+<h2>Run</h2>
+{_table(facts, ["", "value"])}
+</body></html>
+"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "report.html"
+    path.write_text(render(run_dir))
+    return path
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1]))
