@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     sim.add_argument("--verbose", "-v", action="store_true", help="print Flower's full log at the end")
     sim.set_defaults(func=_simulate)
+
+    from fedlora.privacy.plan import add_parsers as add_privacy_parsers
+
+    add_privacy_parsers(sub)  # `fedlora privacy plan`, `fedlora privacy plan-clients`
+    from fedlora.cli_deploy import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
     return parser
 
 

@@ -109,7 +109,25 @@ class TrainConfig:
 
 @dataclass
 class StrategySection:
-    name: str = _opt("fedit", "Aggregation strategy (see docs/strategies.md).")
+    name: str = _opt(
+        "fedit", "Aggregation strategy (docs/strategies.md): fedit, ffa, flora, fedex, fedsa, fedprox, "
+        "fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean, krum, multi-krum.")
+    proximal_mu: float = _opt(0.01, "fedprox: weight mu of the proximal term mu/2*||theta - theta_global||^2 "
+                                    "on the adapter at the sites.")
+    server_lr: float = _opt(0.0, "Server learning rate eta of fedavgm, fedadam, fedyogi, fedadagrad; "
+                                 "0: the strategy's default (1.0 for fedavgm, 0.01 for the adaptive ones).")
+    server_momentum: float = _opt(0.9, "fedavgm: server momentum beta.")
+    beta1: float = _opt(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay.")
+    beta2: float = _opt(0.99, "fedadam/fedyogi: second-moment decay.")
+    tau: float = _opt(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity tau (added to sqrt(v); v starts at tau^2).")
+    trim_fraction: float = _opt(0.2, "trimmed-mean: share of the sites' values dropped at each end, per "
+                                     "coordinate (in [0, 0.5)).")
+    byzantine: int = _opt(1, "krum/multi-krum: faulty sites f tolerated; needs federation.min-sites >= 2f + 3.")
+    multi_krum_keep: int = _opt(0, "multi-krum: updates averaged (the best Krum scores); 0: sites - f.")
+    norm_bound: float = _opt(0.0, "Any strategy: the coordinator scales each site's update down to this "
+                                  "L2 norm before aggregating; 0: off.")
+    norm_bound_relative: float = _opt(0.0, "Any strategy: bound each update's L2 norm at this multiple of the "
+                                           "round's median update norm (e.g. 2); 0: off.")
 
 
 @dataclass
@@ -122,6 +140,105 @@ class OutputConfig:
 class SimulationConfig:
     cpus_per_site: int = _opt(1, "CPU cores Ray reserves per simulated site (sites run in parallel "
                                  "up to the machine's cores / this).")
+    site_ranks: str = _opt("", "Comma-separated LoRA rank per simulated site (e.g. '8,4,4,2'), each <= "
+                               "lora.rank; empty: all use lora.rank. A deployed site sets `lora-rank` in "
+                               "its node config.")
+    attack: str = _opt("none", "ATTACK, for testing robust aggregation only: the sites in attack-sites "
+                               "flip their training labels or scale their update by attack-scale.",
+                       ("none", "flip-labels", "scale-update"))
+    attack_sites: str = _opt("0", "ATTACK: comma-separated simulated site indices (partition ids) that attack.")
+    attack_scale: float = _opt(10.0, "ATTACK scale-update: factor applied to the attackers' updates.")
+
+
+@dataclass
+class PrivacyConfig:
+    enabled: bool = _opt(
+        False, "DP-SGD (Opacus) at every site. Each site enforces its own (epsilon, delta) budget, "
+        "keeps a hash-chained ledger of its spend on its own disk and refuses to train past it.")
+    epsilon: float = _opt(
+        8.0, "Target epsilon per site for the whole collaboration. A site's node config "
+        "`privacy-epsilon` may impose a smaller one: the stricter wins.")
+    delta: float = _opt(
+        1e-5, "Target delta per site; keep it well below 1 / (units at the site). Node config "
+        "`privacy-delta` may impose a smaller one.")
+    noise_multiplier: float = _opt(
+        0.0, "DP-SGD noise multiplier sigma; 0: each site calibrates sigma so that federation.rounds "
+        "rounds of its local steps just fit its budget.")
+    max_grad_norm: float = _opt(1.0, "Per-record gradient clipping norm C of DP-SGD.")
+    accountant: str = _opt(
+        "prv", "Accountant that enforces the budget (both are written to the ledger): prv = numerical "
+        "privacy-loss composition (tight upper bound), rdp = Renyi DP (looser).", ("prv", "rdp"))
+    grad_sample_mode: str = _opt(
+        "hooks", "Per-sample clipping: hooks = per-sample gradients in memory; ghost = ghost clipping "
+        "(only per-sample norms, two backward passes, less memory).", ("hooks", "ghost"))
+    unit_column: str = _opt(
+        "", "Unit of privacy. Empty: one record. A column name (e.g. patient-id): all records "
+        "sharing its value form one unit (a patient); sampling is by unit and each unit's "
+        "contribution to a step is bounded, so the guarantee is per patient. Node config "
+        "`privacy-unit-column` overrides it at a site.")
+    max_records_per_unit: int = _opt(
+        1, "With unit-column: most records of one unit used in one step; the noise scales with it.")
+    batch_size: int = _opt(
+        64, "Expected units (records, or patients) per DP-SGD step under Poisson sampling; "
+        "0: train.batch-size.")
+    learning_rate: float = _opt(
+        5e-3, "Site learning rate under DP-SGD (noisy steps need a larger one); 0: train.learning-rate.")
+    local_epochs: float = _opt(
+        2.0, "Local epochs per round under DP-SGD; 0: train.local-epochs (train.local-steps, when set, wins).")
+    client_dp: bool = _opt(
+        False, "Client-level DP at the coordinator (unit = a whole site): clip each site's update, "
+        "add Gaussian noise to the aggregate. Only useful with many sites (hundreds).")
+    client_noise_multiplier: float = _opt(
+        1.0, "Client-level DP: noise std on the sum of updates / clip norm (the accounted multiplier).")
+    client_clip_norm: float = _opt(
+        0.1, "Client-level DP: L2 bound on one site's update (initial value under adaptive clipping).")
+    client_clipping: str = _opt(
+        "fixed", "Client-level DP clipping: fixed, or adaptive (the clip norm tracks a quantile of "
+        "update norms, Andrew et al. 2021).", ("fixed", "adaptive"))
+    client_target_quantile: float = _opt(
+        0.5, "Adaptive clipping: share of site updates that should fall under the clip norm.")
+    client_clip_learning_rate: float = _opt(0.2, "Adaptive clipping: geometric step size of the clip norm.")
+    client_clipped_count_stddev: float = _opt(
+        0.0, "Adaptive clipping: noise std on the count of unclipped sites; 0: max(sites/20, "
+        "client-noise-multiplier).")
+
+
+@dataclass
+class SecAggSection:
+    """Secure aggregation (fedlora/privacy/secagg, docs/threat-model.md)."""
+
+    enabled: bool = _opt(
+        False, "Secure aggregation: the coordinator learns only the weighted sum of the site updates, "
+        "never one site's update. Needs >= 3 sites (federation.min-sites >= 3) and a linear strategy.")
+    threshold: int = _opt(
+        0, "Shares t needed to rebuild a site's secrets: fewer than t colluding sites (with the "
+        "coordinator) learn nothing about one update, and a round survives while >= t sites of each "
+        "neighbourhood finish. 0: a strict majority of the neighbourhood.")
+    degree: int = _opt(0, "Neighbours each site masks with (SecAgg+ graph); 0: all sites up to 32, "
+                          "about 4*log2(sites) beyond.")
+    clip_range: float = _opt(
+        1.0, "R: each uploaded coordinate is clipped to [-R, R] before fixed-point encoding; the mean's "
+        "error per coordinate is about sites * R / 2^(8*bytes-per-param - log2(sites)) / total weight.")
+    bytes_per_param: int = _opt(
+        4, "Upload width of one masked parameter (1-4 bytes); fewer bytes: coarser fixed point.")
+    max_weight: float = _opt(
+        10000.0, "M: public bound on a site's aggregation weight (its training examples). Sites upload "
+        "(w/M)*update and w/M, so only the total weight is learned; a larger w is capped at M; the "
+        "error of the mean grows with M / total weight: keep M near the largest site.")
+    stage_timeout: float = _opt(
+        120.0, "Seconds to wait for replies in the key, share and unmask stages (the masked-input "
+        "stage, which trains, uses federation.round-timeout).")
+    dp_noise_multiplier: float = _opt(
+        0.0, "Distributed DP (unit: a whole site): sigma > 0 makes every site clip its update to L2 norm "
+        "dp-clip and add Gaussian noise of std sigma*dp-clip/sqrt(threshold) before masking, so the "
+        "revealed sum carries std >= sigma*dp-clip and the coordinator never sees an un-noised sum. "
+        "All sites then weigh 1. Useful only with many sites. 0: off.")
+    dp_clip: float = _opt(0.1, "Distributed DP: L2 bound C on one site's update (keep <= clip-range).")
+    dp_delta: float = _opt(1e-5, "Distributed DP: delta of the reported site-level epsilon (keep < 1/sites).")
+    simulate_dropouts: str = _opt(
+        "", "SIMULATION ONLY fault injection, for tests: comma-separated site@stage[@round] "
+        "(e.g. '1@masked-input'): that simulated site (partition id) fails at that stage (setup, "
+        "share-keys, masked-input, unmask), in every round or only the given one. Deployed sites ignore it.")
 
 
 SECTIONS: dict[str, type] = {
@@ -134,6 +251,8 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategySection,
     "output": OutputConfig,
     "simulation": SimulationConfig,
+    "privacy": PrivacyConfig,
+    "secagg": SecAggSection,
 }
 
 
@@ -148,6 +267,8 @@ class RunConfig:
     strategy: StrategySection = field(default_factory=StrategySection)
     output: OutputConfig = field(default_factory=OutputConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
 
     # -- derived views -------------------------------------------------------
     @property
@@ -211,8 +332,11 @@ def _coerce(value: Any, kind: type, where: str, problems: list[str]) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return ",".join(value)  # TOML arrays of names are accepted too
+        # TOML arrays of names or integers are accepted too (e.g. site ranks [8, 4]); so is one
+        # integer, which is what `--set simulation.attack-sites=0` parses to.
+        items = value if isinstance(value, list) else [value]
+        if all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
+            return ",".join(str(v) for v in items)
     problems.append(f"{where}: expected {kind.__name__}, got {value!r}")
     return None
 
@@ -295,10 +419,29 @@ def _semantic_problems(c: RunConfig) -> list[str]:
     need(len(labels) == len(set(labels)), f"task.labels: duplicate names in {c.task.labels!r}")
     if c.task.type == "classification" and labels:
         need(len(labels) >= 2, "task.labels: classification needs at least 2 labels")
-    from fedlora.strategies import STRATEGIES  # late: strategies import config types
+    s = c.strategy
+    need(s.proximal_mu >= 0, f"strategy.proximal-mu: {s.proximal_mu} must be >= 0")
+    need(s.server_lr >= 0, f"strategy.server-lr: {s.server_lr} must be >= 0")
+    for key, value in (("server-momentum", s.server_momentum), ("beta1", s.beta1), ("beta2", s.beta2)):
+        need(0 <= value < 1, f"strategy.{key}: {value} not in [0, 1)")
+    need(s.tau > 0, f"strategy.tau: {s.tau} must be > 0")
+    need(0 <= s.trim_fraction < 0.5, f"strategy.trim-fraction: {s.trim_fraction} not in [0, 0.5)")
+    need(s.byzantine >= 0, f"strategy.byzantine: {s.byzantine} must be >= 0")
+    need(s.multi_krum_keep >= 0, f"strategy.multi-krum-keep: {s.multi_krum_keep} must be >= 0")
+    need(s.norm_bound >= 0 and s.norm_bound_relative >= 0, "strategy.norm-bound, norm-bound-relative: must be >= 0")
+    need(not (s.norm_bound > 0 and s.norm_bound_relative > 0),
+         "strategy.norm-bound and norm-bound-relative: set at most one")
+    from fedlora.simulations.attacks import attack_problems  # late: these import config types
+    from fedlora.strategies.compat import strategy_problems
+    from fedlora.strategies.ranks import site_ranks_problems
 
-    need(c.strategy.name in STRATEGIES,
-         f"strategy.name: unknown strategy {c.strategy.name!r}; available: {', '.join(sorted(STRATEGIES))}")
+    p += site_ranks_problems(c) + attack_problems(c) + strategy_problems(c)
+    from fedlora.privacy.validation import privacy_problems  # late: privacy imports config types
+
+    p += privacy_problems(c)
+    from fedlora.privacy.secagg.validation import secagg_problems  # late: imports config types
+
+    p += secagg_problems(c)
     return p
 
 

@@ -25,7 +25,27 @@ EVAL_TP = "eval-tp"                    # per-class counts, for an exact pooled m
 EVAL_FP = "eval-fp"
 EVAL_FN = "eval-fn"
 
+# LoRA-aware strategies (fedlora/strategies, docs/strategies.md).
+BASE_CORRECTION = "base-correction"    # server -> site ArrayRecord: correction folded into the frozen base
+FREEZE_LORA_A = "freeze-lora-a"        # config: train and send B (and the head) only; A stays frozen
+LOCAL_LORA_B = "local-lora-b"          # config: B is the site's own; it is never sent either way
+PROXIMAL_MU = "proximal-mu"            # config: FedProx weight of the proximal term at the site
+LORA_RANK = "lora-rank"                # metric (site -> server): the rank this site trains at
+
 # ConfigRecord (site -> server): who answered.
 SITE = "site"
 SITE_NAME = "name"
 SKIPPED_ROWS = "skipped-rows"
+
+# Differential privacy (site -> server). The site sends only its epsilon summary.
+PRIVACY = "privacy"                    # ConfigRecord: unit of privacy and the ledger head
+DP_EPSILON = "dp-epsilon"              # MetricRecord: epsilon spent so far (enforcing accountant)
+DP_EPSILON_RDP = "dp-epsilon-rdp"
+DP_DELTA = "dp-delta"
+DP_BUDGET_EPSILON = "dp-budget-epsilon"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_UNIT = "unit"                       # in the PRIVACY record: "record" or the grouping column
+DP_LEDGER_HEAD = "ledger-head"         # hash of the site's last ledger entry
+# Error code of a train reply whose site refuses: its privacy budget would be exceeded.
+BUDGET_EXHAUSTED = 4001

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import wire
-from fedlora.arrays import from_record, to_record
+from fedlora.arrays import to_record
+from fedlora.client import secure
 from fedlora.client.runtime import SiteRuntime, site_runtime
-from fedlora.models import set_trainable_state, trainable_state
+from fedlora.client.site_strategy import SitePlan
+from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, train_privately
 from fedlora.training import evaluate_counts, local_train
 
 log = logging.getLogger(__name__)
@@ -27,15 +29,13 @@ class BaseModelMismatch(RuntimeError):
     pass
 
 
-def _set_global(rt: SiteRuntime, msg: Message) -> dict:
+def _set_global(rt: SiteRuntime, msg: Message, plan: SitePlan) -> dict:
     expected = msg.content[wire.CONFIG].get(wire.BASE_FINGERPRINT, "")
     if expected and expected != rt.loaded.fingerprint:
         raise BaseModelMismatch(
             f"site {rt.data.name}: base model weights differ from the coordinator's "
             f"(fingerprint {rt.loaded.fingerprint} != {expected}); check model.name and its files")
-    global_state = from_record(msg.content[wire.ARRAYS])
-    set_trainable_state(rt.loaded.model, global_state)
-    return global_state
+    return plan.start(msg)  # base correction, site rank, the site's own B (see site_strategy)
 
 
 def _site_record(rt: SiteRuntime) -> ConfigRecord:
@@ -45,12 +45,24 @@ def _site_record(rt: SiteRuntime) -> ConfigRecord:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     rt = site_runtime(context)
-    global_state = _set_global(rt, msg)
+    plan = SitePlan.for_message(rt, msg, context)
+    global_state = _set_global(rt, msg, plan)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     seed = rt.config.train.seed * 1_000_003 + rt.site_index * 10_007 + server_round
-    result = local_train(rt.loaded.model, rt.task, rt.train_examples, rt.config.train, rt.pad_id, seed)
-    local = trainable_state(rt.loaded.model)
-    delta = {k: local[k] - global_state[k] for k in global_state}
+    private = None
+    with plan.training(global_state) as extra_loss:  # FFA freezes A; FedProx adds its term
+        if dp_enabled(rt.config, context.node_config):
+            try:  # DP-SGD; the spend is on the site's disk before this reply is built
+                private = train_privately(rt, context.node_config, server_round, seed, str(context.run_id),
+                                          extra_loss=extra_loss, examples=plan.examples())
+            except BudgetExhausted as err:
+                log.warning("%s", err)
+                return Message(Error(code=wire.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
+            result = private.result
+        else:
+            result = local_train(rt.loaded.model, rt.task, plan.examples(), rt.config.train, rt.pad_id, seed,
+                                 extra_loss=extra_loss)
+    delta = plan.update(global_state)
     log.info("site %s round %d: %d steps, loss %.4f, %.1fs", rt.data.name, server_round,
              result.steps, result.mean_loss, result.seconds)
     metrics = MetricRecord({
@@ -58,15 +70,20 @@ def train(msg: Message, context: Context) -> Message:
         wire.TRAIN_LOSS: result.mean_loss,
         wire.TRAIN_SECONDS: result.seconds,
         wire.LOCAL_STEPS: result.steps,
+        wire.LORA_RANK: rt.rank,
     })
     content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
+    if private is not None:  # the loss is data-dependent and not noised: it stays at the site
+        del metrics[wire.TRAIN_LOSS]
+        metrics.update(private.metrics)
+        content[wire.PRIVACY] = ConfigRecord(private.record)
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     rt = site_runtime(context)
-    _set_global(rt, msg)
+    _set_global(rt, msg, SitePlan.for_message(rt, msg, context))
     counts = evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id) if rt.eval_examples else {}
     metrics = MetricRecord({
         wire.EVAL_COUNT: int(counts.get("count", 0)),
@@ -78,3 +95,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         wire.EVAL_FN: counts.get("fn", []),
     })
     return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)
+
+
+# Secure aggregation (secagg.enabled): message types train.secagg_<stage>, handled in
+# client/secure.py; its masked-input stage trains through `train` above.
+secure.register(app, train)

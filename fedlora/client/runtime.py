@@ -16,6 +16,7 @@ from functools import lru_cache
 from fedlora import config as cfg
 from fedlora.data.sites import SiteData, deployed_site_data, simulated_site_data
 from fedlora.models import LoadedModel, load_model
+from fedlora.strategies.ranks import site_rank, with_site_rank
 from fedlora.tasks import build_task
 from fedlora.tasks.base import Example, Task
 
@@ -31,6 +32,7 @@ class SiteRuntime:
     train_examples: list[Example]
     eval_examples: list[Example]
     site_index: int
+    rank: int  # LoRA rank this site trains at (fedlora.strategies.ranks)
 
     @property
     def pad_id(self) -> int:
@@ -42,9 +44,9 @@ def _config(run_config_json: str) -> cfg.RunConfig:
     return cfg.from_flat(json.loads(run_config_json))
 
 
-@lru_cache(maxsize=2)
-def _model(run_config_json: str) -> tuple[Task, LoadedModel]:
-    config = _config(run_config_json)
+@lru_cache(maxsize=4)  # one model per LoRA rank: a Ray actor may serve sites of different ranks
+def _model(run_config_json: str, rank: int) -> tuple[Task, LoadedModel]:
+    config = with_site_rank(_config(run_config_json), rank)
     task = build_task(config)
     return task, load_model(config, task)
 
@@ -52,8 +54,9 @@ def _model(run_config_json: str) -> tuple[Task, LoadedModel]:
 @lru_cache(maxsize=64)
 def _site(run_config_json: str, node_config_json: str) -> SiteRuntime:
     config = _config(run_config_json)
-    task, loaded = _model(run_config_json)
     node = json.loads(node_config_json)
+    rank = site_rank(config, node)
+    task, loaded = _model(run_config_json, rank)
     if "data-path" in node:  # a deployed site names its own file
         index = int(node.get("site-index", 0))
         data = deployed_site_data(node["data-path"], str(node.get("site", "site")), config, task)
@@ -65,7 +68,12 @@ def _site(run_config_json: str, node_config_json: str) -> SiteRuntime:
                     *data.skipped[0])
     tok, max_len = loaded.tokenizer, config.model.max_length
     return SiteRuntime(config, task, loaded, data, task.encode(data.train, tok, max_len),
-                       task.encode(data.eval, tok, max_len) if data.eval else [], index)
+                       task.encode(data.eval, tok, max_len) if data.eval else [], index, rank)
+
+
+def site_config(context) -> cfg.RunConfig:
+    """The run's parsed configuration (no model or data), cached for the life of the process."""
+    return _config(json.dumps(dict(context.run_config), sort_keys=True))
 
 
 def site_runtime(context) -> SiteRuntime:

@@ -69,6 +69,12 @@ def _raw_rows(path: Path):
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 
 
+def numbered_rows(path: str | Path):
+    """Yield (line number, row) for every row of a site file, or (line number, problem)
+    for a row that cannot be parsed (used by `fedlora site check-data`)."""
+    return _raw_rows(Path(path))
+
+
 def read_rows(path: str | Path, check: RowCheck, skip_bad_rows: bool = False) -> SiteRows:
     path = Path(path)
     if not path.is_file():

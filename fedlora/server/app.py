@@ -13,8 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import __version__
 from fedlora import config as cfg
+from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
 from fedlora.server.central import CentralEvaluator
+from fedlora.server.report import write_report
+from fedlora.server.export_correction import fold_into_exported_adapter
 from fedlora.server.rounds import Coordinator
 from fedlora.server.rundir import RunDirectory
 from fedlora.strategies import build_strategy
@@ -74,9 +77,14 @@ def main(grid: Grid, context: Context) -> None:
     coordinator = Coordinator(grid, config, strategy, rundir, central, loaded.fingerprint)
     if checkpoint is not None:
         coordinator.sites_seen = checkpoint.extra.get("sites", {})
+        coordinator.privacy.load_state_dict(checkpoint.extra.get("privacy", {}))
     final_state = coordinator.run(global_state, start_round)
 
+    correction = strategy.base_correction()  # FLoRA / FedEx-LoRA: part of the model is in the base
+    set_base_correction(loaded.model, correction)
     central.export(final_state, rundir.path / "adapter")
+    if correction:
+        fold_into_exported_adapter(rundir.path / "adapter", correction, strategy.lora_scale)
     central.write_predictions(final_state, rundir.path / "predictions.jsonl")
     rows = rundir.read_metrics()
     trainable, total = count_parameters(loaded.model)
@@ -90,7 +98,9 @@ def main(grid: Grid, context: Context) -> None:
         "adapter_bytes_float32": 4 * trainable,
         "strategy": strategy.name,
         "sites": coordinator.sites_seen,
+        "privacy": coordinator.privacy.summary(),
         "base_fingerprint": loaded.fingerprint,
         "versions": versions(),
     })
-    log.info("done: adapter in %s", rundir.path / "adapter")
+    write_report(rundir.path)
+    log.info("done: adapter in %s, report %s", rundir.path / "adapter", rundir.path / "report.html")

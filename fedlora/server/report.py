@@ -121,6 +121,8 @@ def render(run_dir: str | Path) -> str:
     facts = [["strategy", summary.get("strategy", "")], ["rounds", summary.get("rounds", len(rows))],
              ["adapter parameters", params.get("adapter", "")], ["base parameters", params.get("base", "")],
              *[[f"total {k}", v] for k, v in summary.get("totals", {}).items()],
+             *[[f"privacy {k}", v] for k, v in summary.get("privacy", {}).get("site_level", {}).items()
+               if k in ("unit", "epsilon", "delta", "accountant")],
              *[[k, v] for k, v in summary.get("versions", {}).items()]]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedlora run {html.escape(run_dir.name)}</title>

@@ -19,9 +19,12 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import wire
-from fedlora.arrays import State, check_update, from_record, payload_bytes, to_record
+from fedlora.arrays import State, from_record, payload_bytes, to_record
+from fedlora.frozen_base import set_base_correction
+from fedlora.privacy.server import ServerPrivacy, is_budget_refusal
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.rundir import Checkpoint, RunDirectory
+from fedlora.server.secure_round import SecureRounds
 from fedlora.strategies.base import SiteUpdate, Strategy
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class Coordinator:
         self.central = central
         self.fingerprint = fingerprint
         self.sites_seen: dict[str, dict[str, Any]] = {}
+        self.privacy = ServerPrivacy(config)  # site epsilon reports, budget refusals, client-level DP
+        self.secure = SecureRounds(self) if config.secagg.enabled else None
 
     # -- messaging ------------------------------------------------------------
     def wait_for_sites(self) -> list[int]:
@@ -73,15 +78,23 @@ class Coordinator:
         k = max(1, math.ceil(self.config.federation.fraction_train * len(nodes)))
         return sorted(random.Random(f"{self.config.train.seed}:{server_round}").sample(nodes, k))
 
-    def exchange(self, nodes: list[int], message_type: str, global_state: State, server_round: int,
-                 extra: dict[str, Any] | None = None) -> PhaseResult:
+    def round_records(self, global_state: State, server_round: int,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The records of a train or evaluate message: the round's config and the adapter."""
         config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.BASE_FINGERPRINT: self.fingerprint,
                                **(extra or {})})
-        messages = [Message(RecordDict({wire.ARRAYS: to_record(global_state), wire.CONFIG: config}),
+        down = self.strategy.downlink(global_state)  # the adapter (and any base correction) sites get
+        return {**{name: to_record(arrays) for name, arrays in down.items()}, wire.CONFIG: config}
+
+    def exchange(self, nodes: list[int], message_type: str, global_state: State, server_round: int,
+                 extra: dict[str, Any] | None = None) -> PhaseResult:
+        messages = [Message(RecordDict(self.round_records(global_state, server_round, extra)),
                             dst_node_id=node, message_type=message_type) for node in nodes]
         result = PhaseResult([], bytes_down=sum(payload_bytes(m.content) for m in messages))
         for reply in self.grid.send_and_receive(messages, timeout=self.config.federation.round_timeout):
             if reply.has_error():
+                if is_budget_refusal(reply):
+                    self.privacy.refused(reply.metadata.src_node_id, reply.error.reason)
                 result.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             result.bytes_up += payload_bytes(reply.content)
@@ -95,40 +108,48 @@ class Coordinator:
 
     # -- phases ---------------------------------------------------------------
     def train_round(self, nodes: list[int], global_state: State, server_round: int) -> tuple[State, dict]:
+        if self.secure is not None:  # secure aggregation: only the sum is revealed (server/secure_round.py)
+            return self.secure.train_round(nodes, global_state, server_round)
         phase = self.exchange(nodes, MessageType.TRAIN, global_state, server_round,
                               self.strategy.client_config(server_round))
         updates: list[SiteUpdate] = []
         for reply in phase.replies:
             site = _site_name(reply)
             metrics = dict(reply.content[wire.METRICS])
-            delta = from_record(reply.content[wire.ARRAYS])
-            problem = check_update(delta, global_state)
             weight = float(metrics.get(wire.NUM_EXAMPLES, 0))
+            update = SiteUpdate(site, weight, from_record(reply.content[wire.ARRAYS]), metrics)
+            problem = self.strategy.check_upload(update, global_state)  # tensors, shapes, the site's rank
             if problem is None and weight <= 0:
                 problem = f"non-positive weight {weight}"
             if problem:
                 log.warning("round %d: rejected the update of %s: %s", server_round, site, problem)
                 phase.failures.append(f"{site}: {problem}")
                 continue
-            updates.append(SiteUpdate(site, weight, delta, metrics))
+            updates.append(update)
+            self.privacy.observe(site, reply, server_round)
             self.sites_seen.setdefault(site, {})["last_round"] = server_round
         if len(updates) < self.config.federation.min_sites:
             raise TooFewSites(f"round {server_round}: {len(updates)} usable updates, fewer than "
                               f"federation.min-sites = {self.config.federation.min_sites}")
-        new_state = self.strategy.aggregate(global_state, updates)
-        total = sum(u.weight for u in updates)
+        new_state = self.strategy.aggregate(global_state,
+                                            self.privacy.before_aggregate(updates, len(nodes), server_round))
+        # Under DP-SGD sites keep their training loss (it is not noised): no train_loss then.
+        losses = [(u.weight, u.metrics[wire.TRAIN_LOSS]) for u in updates if wire.TRAIN_LOSS in u.metrics]
         row = {
-            "train_loss": sum(u.weight * u.metrics[wire.TRAIN_LOSS] for u in updates) / total,
+            **({"train_loss": sum(w * x for w, x in losses) / sum(w for w, _ in losses)} if losses else {}),
             "train_seconds": max(u.metrics[wire.TRAIN_SECONDS] for u in updates),
             "sites": len(updates),
             "rejected": len(phase.failures),
             "bytes_up": phase.bytes_up,
             "bytes_down": phase.bytes_down,
+            **self.privacy.row(),
+            **self.strategy.round_metrics(),  # aggregation_error and the strategy's own figures
         }
         return new_state, row
 
     def evaluate_round(self, nodes: list[int], global_state: State, server_round: int) -> dict[str, Any]:
-        phase = self.exchange(nodes, MessageType.EVALUATE, global_state, server_round)
+        phase = self.exchange(nodes, MessageType.EVALUATE, global_state, server_round,
+                              self.strategy.client_config(server_round))
         counts: dict[str, Any] = {}
         for reply in phase.replies:
             m = reply.content[wire.METRICS]
@@ -157,20 +178,32 @@ class Coordinator:
         for server_round in range(start_round, fed.rounds + 1):
             started = time.perf_counter()
             nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) < fed.min_sites:
-                raise TooFewSites(f"round {server_round}: {len(nodes)} sites connected, fewer than "
-                                  f"federation.min-sites = {fed.min_sites}")
-            global_state, row = self.train_round(self.sample(nodes, server_round), global_state, server_round)
+            can_train = self.privacy.eligible(nodes)  # less the sites out of privacy budget
+            if len(can_train) < fed.min_sites:
+                why = (f"round {server_round}: {len(can_train)} sites can train, fewer than "
+                       f"federation.min-sites = {fed.min_sites}")
+                if self.privacy.stop(why):
+                    break
+                raise TooFewSites(why)
+            try:
+                global_state, row = self.train_round(self.sample(can_train, server_round), global_state,
+                                                     server_round)
+            except TooFewSites as err:
+                if self.privacy.stop(str(err)):  # sites refused for lack of budget: end cleanly
+                    break
+                raise
             evaluation = self.evaluate_round(nodes, global_state, server_round)
             row["bytes_up"] += evaluation.pop("bytes_up")
             row["bytes_down"] += evaluation.pop("bytes_down")
             row.update(evaluation)
             if self.central.has_test_set:
+                set_base_correction(self.central.loaded.model, self.strategy.base_correction())
                 row.update(self.central.evaluate(global_state))
             row = {"round": server_round, **row, "round_seconds": time.perf_counter() - started}
             self.rundir.append_metrics(row)
             self.rundir.save_checkpoint(Checkpoint(server_round, global_state, self.strategy.state_dict(),
-                                                   {"sites": self.sites_seen}))
+                                                   {"sites": self.sites_seen,
+                                                    "privacy": self.privacy.state_dict()}))
             log.info("round %d/%d done in %.1fs: %s", server_round, fed.rounds, row["round_seconds"],
                      ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))

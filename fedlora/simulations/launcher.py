@@ -39,16 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def flower_app_pyproject(config: cfg.RunConfig) -> str:
+def flower_app_pyproject(config: cfg.RunConfig, clientapp: str = "fedlora.client.app:app") -> str:
     """A Flower app whose components are the installed fedlora apps and whose
-    run-config defaults are this run's resolved configuration."""
+    run-config defaults are this run's resolved configuration. (`fedlora run`
+    deploys the relay ClientApp, fedlora.client.relay:app, which calls the same one.)"""
     doc = {
         "build-system": {"requires": ["setuptools>=68"], "build-backend": "setuptools.build_meta"},
         "project": {"name": "fedlora-run", "version": "0.1.0", "license": {"file": "LICENSE"},
                     "dependencies": ["flwr[simulation]>=1.42.0,<1.43"]},
         "tool": {"flwr": {"app": {
             "publisher": "fedlora", "fab-format-version": 1, "flwr-version-target": "1.42.0",
-            "components": {"serverapp": "fedlora.server.app:app", "clientapp": "fedlora.client.app:app"},
+            "components": {"serverapp": "fedlora.server.app:app", "clientapp": clientapp},
             "config": config.to_nested(),
         }}},
     }
@@ -77,6 +78,11 @@ def infer_labels(config: cfg.RunConfig) -> cfg.RunConfig:
             seen.update(str(r[column]) for r in read_rows(f, check, config.data.skip_bad_rows).rows)
         labels = sorted(seen)
     return cfg.from_nested(config.to_nested(), {"task.labels": ",".join(labels)})
+
+
+def show_progress(rundir: Path, shown: int, rounds: int) -> int:
+    """Print the rows of rundir/metrics.jsonl after the first `shown`; returns the rows shown."""
+    return _progress(rundir, shown, rounds)
 
 
 def _progress(rundir: Path, shown: int, rounds: int) -> int:

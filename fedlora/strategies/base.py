@@ -1,17 +1,29 @@
 """The seam every aggregation strategy plugs into.
 
 The round loop only ever calls these methods, so a new algorithm is a new file
-that subclasses `Strategy`; the arithmetic stays in pure functions that tests
-call without Flower.
+that subclasses `Strategy` and implements `combine`; the arithmetic stays in
+pure functions that tests call without Flower.
+
+`aggregate` is the same for every strategy: bound the update norms (when
+configured), turn each site's update into its local adapter at the global rank
+(zero-padding a smaller-rank site), let `combine` compute the new global
+adapter, fold any residual into the base correction, and measure how far the
+result is from the weighted mean of what the sites learned.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+
+from fedlora import wire
+from fedlora.arrays import check_update
+from fedlora.strategies.correction import BaseCorrection
+from fedlora.strategies.factors import aggregation_error, is_factor, pad, state_rank, truncate, uploaded
+from fedlora.strategies.norm_bound import NormBound
 
 State = dict[str, np.ndarray]  # adapter tensor name -> values
 
@@ -25,35 +37,171 @@ class SiteUpdate:
     delta: State
     metrics: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def rank(self) -> int | None:
+        """The LoRA rank the site trained at (from its metrics); None: the global rank."""
+        value = self.metrics.get(wire.LORA_RANK)
+        return int(value) if value else None
+
+
+@dataclass
+class Aggregate:
+    """What `combine` computes for one round."""
+
+    state: State                                   # the next global adapter
+    folded: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (U, V) for the base
+    metrics: dict[str, Any] = field(default_factory=dict)  # extra columns for metrics.jsonl
+
 
 class Strategy(ABC):
     """Turns the global adapter and the sites' updates into the next global adapter."""
 
     name: str = "base"
+    summary: str = ""
     #: True when the new global adapter depends only on the weighted sum of the
     #: updates, which is all secure aggregation reveals.
     linear: bool = True
+    #: What a non-linear strategy needs of each individual update (for errors and docs).
+    needs: str = ""
+    #: ΔW of the aggregate equals Σ wᵢ ΔWᵢ (aggregation_error at float precision).
+    exact: bool = False
+    #: Sites keep part of the adapter: there is no single global ΔW to measure.
+    personalized: bool = False
+    #: Works with client-level DP (clip each update, noise the aggregate).
+    client_dp: bool = True
+    #: Sites may train at a smaller rank than lora.rank.
+    heterogeneous_ranks: bool = True
+    rank_note: str = "smaller-rank updates are zero-padded"
+    #: Sites train and send B (and the head) only; A stays at its shared initialization.
+    freeze_a: bool = False
+    #: B is each site's own: never sent down or up.
+    local_b: bool = False
+    #: Keeps a correction of the frozen base weights, sent down with every message.
+    folds_into_base: bool = False
+
+    def __init__(self, lora_scale: float = 1.0, bound: NormBound | None = None):
+        self.lora_scale = lora_scale  # alpha / rank: ΔW = scale·B·A
+        self.bound = bound or NormBound()
+        self.correction: BaseCorrection | None = None  # only strategies that fold into the base
+        self._round_metrics: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, config) -> "Strategy":
         """Build from a RunConfig; strategies with parameters read their [strategy] keys."""
-        return cls()
+        return cls(**cls.common_options(config))
 
+    @staticmethod
+    def common_options(config) -> dict[str, Any]:
+        return {"lora_scale": config.lora.alpha / config.lora.rank, "bound": NormBound.from_config(config)}
+
+    # -- what travels ---------------------------------------------------------
     def client_config(self, server_round: int) -> dict[str, Any]:
-        """Extra instructions the sites receive this round (e.g. a proximal term)."""
-        return {}
+        """Extra instructions the sites receive this round, with training and evaluation messages."""
+        out: dict[str, Any] = {}
+        if self.freeze_a:
+            out[wire.FREEZE_LORA_A] = True
+        if self.local_b:
+            out[wire.LOCAL_LORA_B] = True
+        return out
+
+    def uploaded(self, key: str) -> bool:
+        """Whether sites send their update of this tensor."""
+        return uploaded(key, self.freeze_a, self.local_b)
+
+    def downlink(self, global_state: State) -> dict[str, State]:
+        """Arrays for the sites, by record name: the global adapter (less what sites keep
+        themselves) and any correction of the frozen base weights."""
+        sent = {k: v for k, v in global_state.items() if not (self.local_b and is_factor(k, "B"))}
+        out = {wire.ARRAYS: sent}
+        if self.correction:
+            out[wire.BASE_CORRECTION] = self.correction.to_arrays()
+        return out
+
+    def base_correction(self) -> BaseCorrection | None:
+        """The cumulative correction of the frozen base weights, if this strategy folds one."""
+        return self.correction if self.correction else None
+
+    def check_upload(self, update: SiteUpdate, global_state: State) -> str | None:
+        """Why an update cannot be aggregated (wrong tensors, shapes, rank), or None."""
+        full, rank = state_rank(global_state), update.rank
+        if rank is not None and full is not None and rank != full:
+            if not 1 <= rank <= full:
+                return f"site rank {rank} is not in 1..{full} (lora.rank)"
+            if not self.heterogeneous_ranks:
+                return (f"site rank {rank} < lora.rank {full}, and strategy {self.name!r} cannot take "
+                        f"heterogeneous ranks: {self.rank_note}")
+        view = truncate(global_state, rank) if rank else global_state
+        return check_update(update.delta, {k: v for k, v in view.items() if self.uploaded(k)})
+
+    # -- aggregation ----------------------------------------------------------
+    def aggregate(self, global_state: State, updates: list[SiteUpdate]) -> State:
+        """The next global adapter (and, for some strategies, a new base correction)."""
+        if not updates:
+            raise ValueError("no updates to aggregate")
+        bounded, clipped = self.bound.apply([u.delta for u in updates])
+        locals_ = [local_adapter(global_state, delta, u.rank) for u, delta in zip(updates, bounded)]
+        full = [replace(u, delta={k: loc[k] - global_state[k] for k in global_state})
+                for u, loc in zip(updates, locals_)]
+        result = self.combine_kept(global_state, full)
+        # Measure the correction as it is kept and sent: float32 factors.
+        factors = {layer: (u.astype(np.float32), v.astype(np.float32)) for layer, (u, v) in result.folded.items()}
+        folded = {layer: u.astype(np.float64) @ v.astype(np.float64) for layer, (u, v) in factors.items()}
+        for layer, (u, v) in factors.items():
+            self.correction.add(layer, u, v)
+        error = None if self.personalized else aggregation_error(
+            result.state, locals_, [u.weight for u in updates], self.lora_scale, folded)
+        self._round_metrics = {"aggregation_error": error, **result.metrics}
+        if self.bound.active:
+            self._round_metrics["updates_clipped"] = [u.site for u, c in zip(updates, clipped) if c]
+        return result.state
+
+    def aggregate_sum(self, global_state: State, weighted_sum: State, total_weight: float) -> State:
+        """The next global adapter when only Σ wᵢ Δᵢ is known (secure aggregation): linear
+        strategies only. The sites' own updates are hidden, so aggregation_error is null."""
+        if not self.linear:
+            raise ValueError(f"strategy {self.name!r} needs {self.needs}, not only their sum")
+        mean = {k: v / total_weight for k, v in weighted_sum.items()}
+        full = {k: loc - global_state[k] for k, loc in local_adapter(global_state, mean, None).items()}
+        result = self.combine_kept(global_state, [SiteUpdate("sum of all sites", total_weight, full)])
+        self._round_metrics = {"aggregation_error": None, **result.metrics}
+        return result.state
+
+    def combine_kept(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
+        """`combine`, then what sites do not send (FFA's frozen A, FedSA's B) stays as it was:
+        a smaller-rank site's zero-padded copy must not pull it down."""
+        result = self.combine(global_state, updates)
+        result.state.update({k: v for k, v in global_state.items() if not self.uploaded(k)})
+        return result
 
     @abstractmethod
-    def aggregate(self, global_state: State, updates: list[SiteUpdate]) -> State:
-        """The next global adapter."""
+    def combine(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
+        """The algorithm: `updates` hold full-rank deltas (global + delta = the site's
+        zero-padded local adapter); `SiteUpdate.rank` still says the site's own rank."""
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Columns for this round's metrics row (at least `aggregation_error`)."""
+        return dict(self._round_metrics)
+
+    # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a restarted server needs to continue exactly (optimizer moments...)."""
-        return {}
+        return {"correction": self.correction.state_dict()} if self.correction is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if self.correction is not None:
+            self.correction.load_state_dict(state.pop("correction", {}))
         if state:
-            raise ValueError(f"strategy {self.name!r} keeps no state, got keys {sorted(state)}")
+            raise ValueError(f"strategy {self.name!r} keeps no state {sorted(state)}")
+
+
+def local_adapter(global_state: State, delta: State, rank: int | None) -> State:
+    """A site's local adapter at the global rank: its view of the global adapter
+    (truncated to its rank) plus its update, zero-padded back. Tensors the site
+    did not send (frozen or kept) are taken from its view."""
+    view = truncate(global_state, rank) if rank else global_state
+    local = {k: view[k] + delta[k] if k in delta else view[k] for k in view}
+    return pad(local, global_state)
 
 
 def weighted_mean(updates: list[SiteUpdate]) -> State:
@@ -71,3 +219,8 @@ def weighted_mean(updates: list[SiteUpdate]) -> State:
         k: (sum(u.weight * u.delta[k].astype(np.float64) for u in updates) / total).astype(np.float32)
         for k in keys
     }
+
+
+def add_delta(global_state: State, delta: State) -> State:
+    """global + delta, tensor by tensor, kept float32."""
+    return {k: (global_state[k] + delta[k]).astype(np.float32) for k in global_state}

@@ -144,26 +144,14 @@ class SecAggClient:
         self.stage = m.SHARE_KEYS
         return self._reply(m.SHARE_KEYS, {m.RECEIVER_IDS: list(ids), m.CIPHERTEXTS: ciphertexts})
 
+    def check_masked_input(self, request: Mapping[str, Any]) -> None:
+        """Everything ``masked_input`` checks of the request, without the vector: call it before
+        computing the vector (local training spends time and privacy budget)."""
+        self._received_shares(request)
+
     def masked_input(self, request: Mapping[str, Any], vector: np.ndarray) -> dict[str, Any]:
         """MASKED_INPUT: decrypt received shares, then upload quantized vector + masks mod 2^m."""
-        self._expect(request, m.MASKED_INPUT, after=m.SHARE_KEYS)
-        senders = _int_list(request, m.SENDER_IDS)
-        blobs = _bytes_list(request, m.CIPHERTEXTS, len(senders))
-        if len(set(senders)) != len(senders) or not set(senders) <= set(self.peer_ids):
-            raise ProtocolViolation("share senders have duplicates or clients whose keys were never relayed")
-        self._require_enough(len(senders) + 1, "neighbours that sent shares")
-
-        enc_pk_of = dict(zip(self.peer_ids, self.peer_enc_pks))
-        seed_shares, key_shares = [], []
-        for j, blob in zip(senders, blobs):
-            shared = self._agree(self.enc_sk, enc_pk_of[j], j)
-            key = keys.share_encryption_key(shared, self.session_id, j, self.node_id)
-            plaintext = keys.open_sealed(key, blob, keys.share_aad(self.session_id, j, self.node_id))
-            if plaintext is None or len(plaintext) != _SHARE_PAIR_BYTES:
-                raise ShareDecryptionError(sender=j, receiver=self.node_id)
-            seed_shares.append(plaintext[: shamir.SHARE_BYTES])
-            key_shares.append(plaintext[shamir.SHARE_BYTES :])
-
+        senders, seed_shares, key_shares = self._received_shares(request)
         quantizer = self.quantizer
         masked = quantizer.quantize(np.asarray(vector))
         # Unsigned arrays wrap mod 2^(8*itemsize), a multiple of 2^m: reduce once at the end.
@@ -232,6 +220,27 @@ class SecAggClient:
         self.partner_seed_shares, self.partner_key_shares = [], []
         self.stage = m.UNMASK
         return reply
+
+    def _received_shares(self, request: Mapping[str, Any]) -> tuple[list[int], list[bytes], list[bytes]]:
+        """Validate a MASKED_INPUT request; (senders, their self-mask seed shares, mask-key shares)."""
+        self._expect(request, m.MASKED_INPUT, after=m.SHARE_KEYS)
+        senders = _int_list(request, m.SENDER_IDS)
+        blobs = _bytes_list(request, m.CIPHERTEXTS, len(senders))
+        if len(set(senders)) != len(senders) or not set(senders) <= set(self.peer_ids):
+            raise ProtocolViolation("share senders have duplicates or clients whose keys were never relayed")
+        self._require_enough(len(senders) + 1, "neighbours that sent shares")
+
+        enc_pk_of = dict(zip(self.peer_ids, self.peer_enc_pks))
+        seed_shares, key_shares = [], []
+        for j, blob in zip(senders, blobs):
+            shared = self._agree(self.enc_sk, enc_pk_of[j], j)
+            key = keys.share_encryption_key(shared, self.session_id, j, self.node_id)
+            plaintext = keys.open_sealed(key, blob, keys.share_aad(self.session_id, j, self.node_id))
+            if plaintext is None or len(plaintext) != _SHARE_PAIR_BYTES:
+                raise ShareDecryptionError(sender=j, receiver=self.node_id)
+            seed_shares.append(plaintext[: shamir.SHARE_BYTES])
+            key_shares.append(plaintext[shamir.SHARE_BYTES :])
+        return senders, seed_shares, key_shares
 
     # ------------------------------------------------------------------ state
     @property

@@ -1,0 +1,336 @@
+"""The deployment commands of `fedlora`: `coordinator ...`, `site ...` and `run`.
+
+Each command parses its arguments here and calls one module that does the
+work (fedlora.server.* at the coordinator, fedlora.client.* at a site).
+Step-by-step use: docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedlora import config as cfg
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _logging() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # Flower puts a handler on the root logger: one line per record is enough
+
+
+def _fail(command: str, err: Exception) -> int:
+    print(f"fedlora {command}: {err}", file=sys.stderr)
+    return 1
+
+
+# -- coordinator --------------------------------------------------------------
+def _coordinator_init(args: argparse.Namespace) -> int:
+    from fedlora.server.coordinator_home import CoordinatorError, init_coordinator
+
+    try:
+        home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port)
+    except CoordinatorError as err:
+        return _fail("coordinator init", err)
+    names = ", ".join(args.host) if args.host else "loopback only (add --host for the names sites use)"
+    print(f"coordinator folder {home.path}\n"
+          f"  certificate for: {names}\n"
+          f"  give every site:  {home.tls.ca_cert}\n"
+          f"  keep offline:     {home.tls.ca_key} (needed only to issue a new server certificate)\n"
+          f"  edit:             {home.path / 'coordinator.toml'}, {home.path / 'run.toml'}\n"
+          f"next: fedlora coordinator register-site NAME KEY.pub --dir {home.path}")
+    return 0
+
+
+def _coordinator_renew(args: argparse.Namespace) -> int:
+    from fedlora.server.certificates import certificate_names, renew_server_cert
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+
+    try:
+        home = CoordinatorHome.load(args.dir)
+        renew_server_cert(home.tls, args.host or home.hosts)
+    except (CoordinatorError, FileNotFoundError) as err:
+        return _fail("coordinator renew-certificate", err)
+    print(f"new server certificate for {', '.join(certificate_names(home.tls.server_cert))}; "
+          "restart the coordinator to use it (sites keep their ca.crt)")
+    return 0
+
+
+def _coordinator_register(args: argparse.Namespace) -> int:
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+    from fedlora.server.flwr_cli import FlowerCommandFailed
+    from fedlora.server.registry import add_site
+
+    try:
+        print(add_site(CoordinatorHome.load(args.dir), args.name, Path(args.key), args.replace))
+    except (CoordinatorError, FlowerCommandFailed) as err:
+        return _fail("coordinator register-site", err)
+    return 0
+
+
+def _coordinator_unregister(args: argparse.Namespace) -> int:
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+    from fedlora.server.flwr_cli import FlowerCommandFailed
+    from fedlora.server.registry import remove_site
+
+    try:
+        print(remove_site(CoordinatorHome.load(args.dir), args.name))
+    except (CoordinatorError, FlowerCommandFailed) as err:
+        return _fail("coordinator unregister-site", err)
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+    from fedlora.server.deploy import start
+
+    _logging()
+    try:
+        return start(CoordinatorHome.load(args.dir))
+    except (CoordinatorError, RuntimeError) as err:
+        return _fail("coordinator start", err)
+
+
+def _coordinator_stop(args: argparse.Namespace) -> int:
+    from fedlora.processes import signal_pid_file
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+
+    try:
+        pid = signal_pid_file(CoordinatorHome.load(args.dir).pid_file)
+    except CoordinatorError as err:
+        return _fail("coordinator stop", err)
+    print(f"stopping the coordinator (pid {pid})" if pid else "the coordinator is not running")
+    return 0
+
+
+# -- site ---------------------------------------------------------------------
+def _site_init(args: argparse.Namespace) -> int:
+    from fedlora.client.site_home import SiteError, init_site, public_key_line
+
+    try:
+        home = init_site(args.dir, args.name, Path(args.data), args.superlink, Path(args.ca),
+                         None if args.no_privacy_budget else args.epsilon, args.delta, args.runtime_port)
+    except (SiteError, FileExistsError) as err:
+        return _fail("site init", err)
+    print(f"site folder {home.path}\n"
+          f"  send to the coordinator: {public_key_line(home)}\n"
+          f"  never share:             {home.private_key}\n"
+          f"  edit:                    {home.path / 'site.toml'}\n"
+          f"next: fedlora site check-data {home.data_path}   then   fedlora site start --dir {home.path}")
+    return 0
+
+
+def _site_check_data(args: argparse.Namespace) -> int:
+    from fedlora.client.data_check import check_data, format_report, report_json
+    from fedlora.data.readers import DataError
+
+    labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
+    try:
+        report = check_data(Path(args.path), args.task, args.text_column, args.label_column, labels,
+                            args.max_length, args.tokenizer)
+    except DataError as err:
+        return _fail("site check-data", err)
+    print(format_report(report, args.max_length))
+    if args.json:
+        Path(args.json).write_text(report_json(report))
+    return 1 if report.schema_errors or (args.strict and report.problems) else 0
+
+
+def _site_start(args: argparse.Namespace) -> int:
+    from fedlora.client.deploy import start
+    from fedlora.client.site_home import SiteError, SiteHome
+
+    _logging()
+    try:
+        return start(SiteHome.load(args.dir))
+    except (SiteError, FileNotFoundError) as err:
+        return _fail("site start", err)
+
+
+def _site_stop(args: argparse.Namespace) -> int:
+    from fedlora.client.site_home import SiteError, SiteHome
+    from fedlora.processes import signal_pid_file
+
+    try:
+        pid = signal_pid_file(SiteHome.load(args.dir).pid_file)
+    except SiteError as err:
+        return _fail("site stop", err)
+    print(f"stopping the site (pid {pid})" if pid else "the site is not running")
+    return 0
+
+
+# -- run ----------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+    from fedlora.server.submit import RunFailed, submit
+
+    try:
+        home = CoordinatorHome.load(args.dir)
+    except CoordinatorError as err:
+        return _fail("run", err)
+    out = Path(args.out) if args.out else None
+    if args.resume and out is None:
+        print("fedlora run: --resume needs --out, the run directory to continue", file=sys.stderr)
+        return 2
+    config_file = args.config
+    if config_file is None and args.resume and (out / "config.toml").exists():
+        config_file = out / "config.toml"  # continue with the configuration the run started with
+    config = cfg.load_config(config_file, list(args.set or []))
+    try:
+        submit(home, config, out, args.resume)
+    except RunFailed as err:
+        return _fail("run", err)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `coordinator`, `site` and `run` on the main parser's subcommands."""
+    dir_help = "the coordinator folder (default: the current folder)"
+
+    coord = sub.add_parser("coordinator", help="run the consortium's aggregator (Flower SuperLink)",
+                           formatter_class=RAW, description=(
+                               "The coordinator: a private CA, the registered sites' keys, and Flower's SuperLink "
+                               "behind a proxy that exposes only the Fleet API (sites) to the network.\n\n"
+                               "  fedlora coordinator init DIR --host fl.example.org\n"
+                               "  fedlora coordinator register-site hospital-a hospital-a.pub --dir DIR\n"
+                               "  fedlora coordinator start --dir DIR\n"
+                               "  fedlora run --dir DIR --config DIR/run.toml\n\n"
+                               "Step by step: docs/deployment.md."))
+    csub = coord.add_subparsers(dest="coordinator_command", required=True)
+    p = csub.add_parser("init", help="create the coordinator folder: CA, server certificate, settings",
+                        description="Create a coordinator folder: a private CA (ca/), a TLS server certificate "
+                                    "naming every --host (tls/), coordinator.toml and a run.toml to edit.")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--host", action="append", metavar="NAME",
+                   help="DNS name or IP address sites use to reach the coordinator (repeatable); "
+                        "localhost and 127.0.0.1 are always included")
+    p.add_argument("--listen", default="0.0.0.0:9092", metavar="HOST:PORT",
+                   help="public address of the Fleet-only TLS proxy (default: %(default)s)")
+    p.add_argument("--superlink-port", type=int, default=9093,
+                   help="port of the SuperLink on 127.0.0.1 (default: %(default)s)")
+    p.set_defaults(func=_coordinator_init)
+
+    p = csub.add_parser("renew-certificate", help="issue a new server certificate from the CA (rotation)",
+                        description="Issue a new TLS server key and certificate, signed by the coordinator's CA, "
+                                    "for --host names (default: the hosts in coordinator.toml). Sites keep "
+                                    "trusting it without any change.")
+    p.add_argument("--dir", default=".", help=dir_help)
+    p.add_argument("--host", action="append", metavar="NAME", help="names for the new certificate (repeatable)")
+    p.set_defaults(func=_coordinator_renew)
+
+    p = csub.add_parser("register-site", help="accept a site's public key (only registered sites connect)",
+                        description="Accept a site's public key (keys/site.key.pub from `fedlora site init`). "
+                                    "Compare the printed fingerprint with the site's over another channel. "
+                                    "The key is registered with the SuperLink now if it runs, otherwise at "
+                                    "the next `fedlora coordinator start`.")
+    p.add_argument("name", help="the site's name, e.g. hospital-a")
+    p.add_argument("key", metavar="KEY.pub", help="the site's public key file")
+    p.add_argument("--replace", action="store_true", help="rotate: replace and revoke the site's current key")
+    p.add_argument("--dir", default=".", help=dir_help)
+    p.set_defaults(func=_coordinator_register)
+
+    p = csub.add_parser("unregister-site", help="revoke a site's key",
+                        description="Revoke a site: its key is unregistered from the SuperLink (now, or at the "
+                                    "next start) and archived in sites/revoked/.")
+    p.add_argument("name")
+    p.add_argument("--dir", default=".", help=dir_help)
+    p.set_defaults(func=_coordinator_unregister)
+
+    p = csub.add_parser("start", help="run the SuperLink (loopback) and the Fleet-only proxy (foreground)",
+                        description="Start Flower's SuperLink on 127.0.0.1 (TLS, site authentication, state "
+                                    "database on disk, no runtime dependency installation) and, on the listen "
+                                    "address, a TLS proxy that forwards only the Fleet API. Runs until Ctrl-C, "
+                                    "SIGTERM or `fedlora coordinator stop`.")
+    p.add_argument("--dir", default=".", help=dir_help)
+    p.set_defaults(func=_coordinator_start)
+
+    p = csub.add_parser("stop", help="stop a running coordinator")
+    p.add_argument("--dir", default=".", help=dir_help)
+    p.set_defaults(func=_coordinator_stop)
+
+    site = sub.add_parser("site", help="take part in a federation as a hospital (Flower SuperNode)",
+                          formatter_class=RAW, description=(
+                              "A site (hospital): its key pair, its data and privacy budget, and Flower's "
+                              "SuperNode, which connects out to the coordinator.\n\n"
+                              "  fedlora site init DIR --name hospital-a --data notes.jsonl \\\n"
+                              "      --superlink fl.example.org:9092 --ca ca.crt\n"
+                              "  fedlora site check-data notes.jsonl\n"
+                              "  fedlora site start --dir DIR\n\n"
+                              "Step by step: docs/deployment.md."))
+    ssub = site.add_subparsers(dest="site_command", required=True)
+    p = ssub.add_parser("init", help="create the site folder: key pair, node configuration",
+                        description="Create a site folder: an ECDSA P-384 key pair (OpenSSH format, as "
+                                    "`ssh-keygen -t ecdsa -b 384` makes), the coordinator's CA certificate, and "
+                                    "site.toml naming the data file, the state folder and the site's own "
+                                    "privacy budget.")
+    p.add_argument("dir", help="folder to create")
+    p.add_argument("--name", required=True, help="the site's name, as the coordinator registers it")
+    p.add_argument("--data", required=True, help="the site's data file (.jsonl, .csv, .parquet)")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator's public address")
+    p.add_argument("--ca", required=True, help="the coordinator's ca.crt")
+    p.add_argument("--epsilon", type=float, default=8.0,
+                   help="the site's privacy budget epsilon for the whole collaboration (default: %(default)s)")
+    p.add_argument("--delta", type=float, default=1e-5, help="the site's delta (default: %(default)s)")
+    p.add_argument("--no-privacy-budget", action="store_true",
+                   help="set no site budget (the run's [privacy] section then decides whether DP-SGD runs)")
+    p.add_argument("--runtime-port", type=int, default=9094,
+                   help="local port of the SuperNode's ClientApp API; distinct per site on one machine")
+    p.set_defaults(func=_site_init)
+
+    p = ssub.add_parser("check-data", help="report data quality problems (nothing leaves the site)",
+                        description="Report what is wrong or risky in a site file: rows that do not parse or "
+                                    "fit the task (with line numbers), empty and over-long texts, exact and "
+                                    "near duplicates, identical texts with conflicting labels, the label "
+                                    "balance, likely personal identifiers (emails, phone numbers, dates of "
+                                    "birth, record numbers, national ids; shown masked). Reads the file only; "
+                                    "sends nothing. Exit code 1 when rows are unusable (or, with --strict, on "
+                                    "any finding).")
+    p.add_argument("path")
+    p.add_argument("--task", choices=("classification", "causal-lm"), default="classification")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--labels", help="comma-separated label list of the run, to flag unknown and absent labels")
+    p.add_argument("--max-length", type=int, default=256,
+                   help="longest text, in words (or tokens with --tokenizer) (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="MODEL", help="count tokens with this model's tokenizer")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to this local file")
+    p.add_argument("--strict", action="store_true", help="exit 1 on any finding")
+    p.set_defaults(func=_site_check_data)
+
+    p = ssub.add_parser("start", help="run the SuperNode and the site worker (foreground)",
+                        description="Start the site worker (keeps the base model loaded) and Flower's SuperNode, "
+                                    "which connects to the coordinator over TLS with the site's key. Runs until "
+                                    "Ctrl-C, SIGTERM or `fedlora site stop`; a restart keeps the privacy ledger.")
+    p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
+    p.set_defaults(func=_site_start)
+
+    p = ssub.add_parser("stop", help="stop a running site")
+    p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
+    p.set_defaults(func=_site_stop)
+
+    run = sub.add_parser("run", help="submit a training run to the coordinator and follow it",
+                         formatter_class=RAW, description=(
+                             "Submit a federated run to this coordinator's SuperLink (works on the coordinator "
+                             "host only) and print one line per round until it ends. The run directory "
+                             "(adapter/, metrics.jsonl, summary.json, checkpoints/, report.html) is written "
+                             "on this host.\n\n"
+                             "  fedlora run --dir DIR --config DIR/run.toml --set federation.rounds=3\n"
+                             "  fedlora run --dir DIR --resume --out DIR/runs/20250101-120000\n\n"
+                             "Configuration keys: `fedlora simulate --help`."))
+    run.add_argument("--dir", default=".", help=dir_help)
+    run.add_argument("--config", "-c", help="TOML run configuration (e.g. the coordinator's run.toml)")
+    run.add_argument("--set", "-s", action="append", metavar="KEY=VALUE", help="override one key (repeatable)")
+    run.add_argument("--out", "-o", help="run directory (default: <coordinator>/runs/<UTC timestamp>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint (after a coordinator restart)")
+    run.set_defaults(func=_run)

@@ -1,0 +1,63 @@
+"""A site's session at the coordinator, across crashes and restarts.
+
+The SuperLink holds a site "online" until two heartbeat intervals (60 s in
+Flower 1.42) pass without a heartbeat, and refuses to activate the same key
+again meanwhile: a site restarted right after a crash would be turned away for
+up to a minute, and the coordinator would keep waiting for replies from the
+dead instance. So a starting site first ends its previous session itself: a
+Fleet `deactivate-node` call signed with its key (the same authenticated call
+a SuperNode makes when it shuts down cleanly). The node id comes from the
+SuperNode's log of the previous start, remembered in the state folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from fedlora.client.site_home import SiteHome
+
+log = logging.getLogger(__name__)
+
+NODE_ID_FILE = "node-id"
+NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
+
+
+def remember_node_id(home: SiteHome, log_file: Path, offset: int) -> int | None:
+    """The node id the SuperLink gave this start (from the SuperNode's log after `offset`), saved."""
+    if not log_file.exists():
+        return None
+    found = NODE_ID_LINE.findall(log_file.read_bytes()[offset:])
+    if not found:
+        return None
+    node_id = int(found[-1])
+    (home.state / NODE_ID_FILE).write_text(f"{node_id}\n")
+    return node_id
+
+
+def end_stale_session(home: SiteHome) -> bool:
+    """Deactivate this site's previous session at the coordinator; True if one was ended."""
+    path = home.state / NODE_ID_FILE
+    if not path.exists():
+        return False
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+    key = load_ssh_private_key(home.private_key.read_bytes(), None)
+    client = FleetHttpClient.from_server_address(
+        home.superlink, insecure=False, root_certificates=str(home.root_certificates),
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                      NodeAuthHttpInterceptor(key, key.public_key())])
+    try:
+        client.DeactivateNode(DeactivateNodeRequest(node_id=int(path.read_text())))
+    except Exception as err:  # noqa: BLE001 - nothing to end (offline already, coordinator down): start anyway
+        log.info("no previous session to end (%s)", err)
+        return False
+    finally:
+        client.close()
+    log.info("ended this site's previous session at the coordinator")
+    return True

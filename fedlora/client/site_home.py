@@ -1,0 +1,162 @@
+"""A site's folder: its key pair, its settings and node configuration, its state.
+
+    site.toml        where the coordinator is, which key and CA to use, and the
+                     node configuration the ClientApp sees (data, budget, state)
+    keys/site.key    the site's private key (never leaves the site)
+    keys/site.key.pub  the public key: send it to the coordinator
+    ca.crt           the consortium CA certificate (from the coordinator)
+    state/           the privacy ledger, the worker socket, per-message timings
+    logs/            SuperNode and worker logs
+"""
+
+from __future__ import annotations
+
+import shutil
+import tomllib
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.client.keys import fingerprint, generate_key_pair
+from fedlora.client.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
+from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, NODE_UNIT_COLUMN
+
+SETTINGS = "site.toml"
+NODE_DATA_PATH = "data-path"     # read by fedlora.client.runtime
+NODE_SITE = "site"
+NODE_SITE_INDEX = "site-index"   # mixes into the site's training seeds
+DEFAULT_RUNTIME_PORT = 9094
+
+
+class SiteError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class SiteHome:
+    path: Path
+    name: str
+    superlink: str
+    root_certificates: Path
+    private_key: Path
+    runtime_port: int
+    worker: bool
+    node_config: dict[str, Any]
+
+    @property
+    def state(self) -> Path:
+        return Path(str(self.node_config.get(NODE_STATE_DIR, self.path / "state")))
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state / "site.pid"
+
+    @property
+    def data_path(self) -> Path:
+        return Path(str(self.node_config[NODE_DATA_PATH]))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SiteHome":
+        path = Path(path).expanduser().resolve()
+        settings_file = path / SETTINGS
+        if not settings_file.is_file():
+            raise SiteError(f"{path} is not a site folder (no {SETTINGS}); create one with `fedlora site init`")
+        try:
+            doc = tomllib.loads(settings_file.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise SiteError(f"{settings_file}: not valid TOML: {err}") from None
+        site, node = doc.get("site", {}), dict(doc.get("node-config", {}))
+        problems = [f"[site] {k} is missing" for k in ("name", "superlink") if k not in site]
+        problems += [f"[node-config] {k} is missing" for k in (NODE_DATA_PATH, NODE_SITE) if k not in node]
+        if problems:
+            raise SiteError(f"{settings_file}: " + "; ".join(problems))
+
+        def local(value: str) -> Path:
+            return (path / value).resolve()
+
+        return cls(path, str(site["name"]), str(site["superlink"]),
+                   local(site.get("root-certificates", "ca.crt")), local(site.get("private-key", "keys/site.key")),
+                   int(site.get("runtime-port", DEFAULT_RUNTIME_PORT)), bool(site.get("worker", True)), node)
+
+    def flower_node_config(self) -> dict[str, Any]:
+        """What the SuperNode passes to the ClientApp as context.node_config."""
+        node = {**self.node_config, NODE_STATE_DIR: str(self.state)}
+        if self.worker:
+            node[NODE_WORKER_SOCKET] = str(self.state / "worker.sock")
+        return node
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _settings_text(name: str, superlink: str, runtime_port: int, data: Path, state: Path, index: int,
+                   epsilon: float | None, delta: float | None) -> str:
+    budget = (f"{NODE_EPSILON} = {epsilon!r}\n{NODE_DELTA} = {delta!r}\n" if epsilon else
+              f"# {NODE_EPSILON} = 8.0\n# {NODE_DELTA} = 1e-5\n")
+    return f"""\
+# fedlora site settings (`fedlora site init`). Paths in [site] are relative to this folder.
+[site]
+name = {_toml_value(name)}
+# The coordinator's public address (HOST:PORT), as the coordinator told you.
+superlink = {_toml_value(superlink)}
+# The consortium CA certificate: the only authority this site trusts for the coordinator.
+root-certificates = "ca.crt"
+# This site's private key (never share it). Send keys/site.key.pub to the coordinator.
+private-key = "keys/site.key"
+# Local port of this SuperNode's ClientApp API on 127.0.0.1 (not opened to the network);
+# give each site on one machine its own.
+runtime-port = {runtime_port}
+# Keep the base model loaded between rounds in a site worker process (recommended).
+worker = true
+
+# What the fedlora ClientApp sees as its node configuration. Nothing here is sent anywhere.
+[node-config]
+{NODE_SITE} = {_toml_value(name)}
+# The site's data file (.jsonl, .csv or .parquet); check it with `fedlora site check-data`.
+{NODE_DATA_PATH} = {_toml_value(str(data))}
+{NODE_SITE_INDEX} = {index}
+# The site's persistent folder: its privacy ledger (spent budget) lives here. Back it up.
+{NODE_STATE_DIR} = {_toml_value(str(state))}
+# The site's own privacy budget for the whole collaboration. Setting it makes DP-SGD
+# mandatory at this site, and the stricter of this and the run's budget applies.
+{budget}# The column naming the unit of privacy (e.g. a patient id); empty: each record.
+# {NODE_UNIT_COLUMN} = "patient-id"
+"""
+
+
+def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: Path,
+              epsilon: float | None = 8.0, delta: float | None = 1e-5,
+              runtime_port: int = DEFAULT_RUNTIME_PORT) -> SiteHome:
+    """Create a site folder with a new key pair; returns it (print its public key's fingerprint)."""
+    path = Path(path).expanduser().resolve()
+    if (path / SETTINGS).exists():
+        raise SiteError(f"{path} already holds a site")
+    if not Path(ca_cert).is_file():
+        raise SiteError(f"{ca_cert}: no such file (the coordinator's ca/ca.crt)")
+    if epsilon is not None and epsilon <= 0:
+        raise SiteError(f"--epsilon {epsilon}: must be > 0")
+    path.mkdir(parents=True, exist_ok=True)
+    state = path / "state"
+    for folder in (state, path / "logs"):
+        folder.mkdir(exist_ok=True)
+    shutil.copyfile(ca_cert, path / "ca.crt")
+    generate_key_pair(path / "keys" / "site.key", comment=name)
+    index = zlib.crc32(name.encode()) % 100_000  # distinct seeds per site, stable across restarts
+    (path / SETTINGS).write_text(_settings_text(name, superlink, runtime_port, Path(data).expanduser().resolve(),
+                                                state, index, epsilon, delta if epsilon else None))
+    return SiteHome.load(path)
+
+
+def public_key_line(home: SiteHome) -> str:
+    pub = home.private_key.with_name(home.private_key.name + ".pub")
+    return f"{pub} ({fingerprint(pub)})"

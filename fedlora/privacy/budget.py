@@ -1,0 +1,80 @@
+"""A site's privacy budget, and where its privacy state lives.
+
+The run configuration proposes (epsilon, delta); the site's own node
+configuration may impose a stricter one, and the stricter wins: a coordinator
+cannot loosen a hospital's budget. A node config that sets any `privacy-*` key
+also makes DP-SGD mandatory at that site, even if the run disables it.
+
+Node-config keys (deployment: `flower-supernode --node-config '...'`):
+  privacy-epsilon      the site's largest acceptable epsilon
+  privacy-delta        the site's largest acceptable delta
+  privacy-unit-column  the site's unit-of-privacy column (e.g. "patient-id")
+  state-dir            folder on the site's persistent disk for its ledger
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+NODE_EPSILON = "privacy-epsilon"
+NODE_DELTA = "privacy-delta"
+NODE_UNIT_COLUMN = "privacy-unit-column"
+NODE_STATE_DIR = "state-dir"
+NODE_PRIVACY_KEYS = (NODE_EPSILON, NODE_DELTA, NODE_UNIT_COLUMN)
+
+
+class PrivacyStateError(RuntimeError):
+    """The site cannot keep its privacy state (no folder to persist the ledger in)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    epsilon: float
+    delta: float
+    source: str   # which configuration set each value, for the ledger and the report
+
+
+def _positive(node: Mapping[str, Any], key: str) -> float:
+    try:
+        value = float(node[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"node config {key}: {node[key]!r} is not a number") from None
+    if not value > 0:
+        raise ValueError(f"node config {key}: {value} must be > 0")
+    return value
+
+
+def resolve_budget(run_epsilon: float, run_delta: float, node: Mapping[str, Any]) -> Budget:
+    """The stricter of the run's and the node's (epsilon, delta), per component."""
+    eps, delta = run_epsilon, run_delta
+    eps_src = delta_src = "run config"
+    if NODE_EPSILON in node and _positive(node, NODE_EPSILON) < eps:
+        eps, eps_src = _positive(node, NODE_EPSILON), "node config"
+    if NODE_DELTA in node and _positive(node, NODE_DELTA) < delta:
+        delta, delta_src = _positive(node, NODE_DELTA), "node config"
+    return Budget(eps, delta, f"epsilon: {eps_src}, delta: {delta_src}")
+
+
+def dp_required(enabled_by_run: bool, node: Mapping[str, Any]) -> bool:
+    """DP-SGD runs when the run enables it or the site's own configuration asks for it."""
+    return enabled_by_run or any(key in node for key in NODE_PRIVACY_KEYS)
+
+
+def unit_column(run_column: str, node: Mapping[str, Any]) -> str:
+    """The site knows its data: its own unit column, when set, wins."""
+    return str(node.get(NODE_UNIT_COLUMN, run_column) or "")
+
+
+def state_dir(node: Mapping[str, Any], output_dir: str, site: str, simulated: bool) -> Path:
+    """Where the site keeps its ledger: the node's `state-dir`, or in a simulation
+    `<output.dir>/sites/<site>/`. A deployed site without a state-dir cannot keep a
+    budget across restarts, so it refuses (fail closed)."""
+    if node.get(NODE_STATE_DIR):
+        return Path(str(node[NODE_STATE_DIR])).expanduser()
+    if simulated and output_dir:
+        return Path(output_dir).expanduser() / "sites" / site
+    raise PrivacyStateError(
+        f"site {site}: differential privacy needs a folder on the site's persistent disk for its "
+        f"privacy ledger; set node config {NODE_STATE_DIR}=\"/path\"")

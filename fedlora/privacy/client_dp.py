@@ -1,0 +1,151 @@
+"""Client-level DP at the coordinator: the unit of privacy is a whole site.
+
+DP-FedAvg (McMahan et al. 2018) with fixed or adaptive clipping (Andrew et al.
+2021): clip each site's update to L2 norm C, sum, add N(0, (z_update·C)²) per
+coordinate, divide by the number of sites asked this round (a fixed, data-
+independent denominator; every site weighs the same). The strategy then sees
+only this noised mean, as one update, so any strategy that is linear in the
+updates keeps the guarantee (post-processing). fedlora accounts it itself: one
+subsampled Gaussian step per round at q = sites asked / sites available.
+
+Adaptive clipping releases a noised count of unclipped sites too; both releases
+together are accounted as one Gaussian mechanism of multiplier z, where
+z⁻² = z_update⁻² + (2·σ_count)⁻² (Andrew et al., Thm 1).
+
+Only useful with many sites: the noise on the mean is z·C/k per coordinate.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedlora.privacy.accounting import Mechanism, epsilon, epsilon_prv, epsilon_rdp
+
+State = dict[str, np.ndarray]
+
+
+# -- pure arithmetic ------------------------------------------------------------
+def l2_norm(update: State) -> float:
+    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
+
+
+def clip_update(update: State, clip_norm: float) -> tuple[State, float]:
+    """The update scaled to L2 norm at most `clip_norm`, and its norm before."""
+    norm = l2_norm(update)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: (v.astype(np.float64) * scale) for k, v in update.items()}, norm
+
+
+def noised_mean(clipped: list[State], like: State, clip_norm: float, noise_multiplier: float,
+                denominator: int, rng: np.random.Generator) -> State:
+    """(Σ clipped + N(0, (z·C)²)) / denominator, float32, with the keys and shapes of `like`."""
+    std = noise_multiplier * clip_norm
+    out = {}
+    for k, ref in like.items():
+        total = sum((c[k] for c in clipped), np.zeros(ref.shape, dtype=np.float64))
+        out[k] = ((total + rng.normal(0.0, std, size=ref.shape)) / denominator).astype(np.float32)
+    return out
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """The multiplier left for the updates once the clipped count takes its share."""
+    rest = noise_multiplier ** -2 - (2 * count_stddev) ** -2
+    if rest <= 0:
+        raise ValueError(f"clipped-count stddev {count_stddev} must exceed noise multiplier / 2 "
+                         f"= {noise_multiplier / 2:g}")
+    return rest ** -0.5
+
+
+def next_clip_norm(clip_norm: float, unclipped_fraction: float, target_quantile: float, learning_rate: float) -> float:
+    """Geometric update towards the target quantile of update norms."""
+    return clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
+def utility_warning(noise_multiplier: float, clip_norm: float, sites_per_round: int, dimension: int,
+                    eps: float, delta: float, rounds: int) -> str:
+    """What the noise costs, in numbers, for the log."""
+    per_coord = noise_multiplier * clip_norm / sites_per_round
+    snr = sites_per_round / (noise_multiplier * math.sqrt(dimension))
+    needed = math.ceil(noise_multiplier * math.sqrt(dimension))
+    return (f"client-level DP: {sites_per_round} sites per round, noise multiplier {noise_multiplier:g}, clip "
+            f"{clip_norm:g}: the noise on the mean update has std {per_coord:.3g} per coordinate, norm "
+            f"≈ {per_coord * math.sqrt(dimension):.3g} over {dimension} adapter coordinates, against a mean "
+            f"update of norm ≤ {clip_norm:g} (signal/noise ≤ {snr:.2g}); epsilon after {rounds} rounds "
+            f"≈ {eps:.3g} (delta {delta:g}). It needs ~{needed} sites per round for signal/noise 1: "
+            f"useful only with many sites.")
+
+
+# -- the stateful mechanism ------------------------------------------------------
+@dataclass
+class ClientDPRound:
+    delta_mean: State
+    clip_norm: float          # the norm this round clipped to
+    unclipped: int            # sites whose update was within the clip norm
+    norms: list[float] = field(default_factory=list)
+
+
+class ClientLevelDP:
+    """Clip, noise and account, round after round; `state_dict` goes into checkpoints."""
+
+    def __init__(self, noise_multiplier: float, clip_norm: float, delta: float, adaptive: bool = False,
+                 target_quantile: float = 0.5, clip_learning_rate: float = 0.2, count_stddev: float = 0.0,
+                 accountant: str = "prv", rng: np.random.Generator | None = None):
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.delta = delta
+        self.adaptive = adaptive
+        self.target_quantile = target_quantile
+        self.clip_learning_rate = clip_learning_rate
+        self.count_stddev = count_stddev
+        self.accountant = accountant
+        # Secret noise: a seed from the run config would let anyone subtract it.
+        self.rng = rng or np.random.default_rng(secrets.randbits(128))
+        self.history: list[Mechanism] = []
+
+    @classmethod
+    def from_config(cls, privacy) -> "ClientLevelDP":
+        return cls(privacy.client_noise_multiplier, privacy.client_clip_norm, privacy.delta,
+                   privacy.client_clipping == "adaptive", privacy.client_target_quantile,
+                   privacy.client_clip_learning_rate, privacy.client_clipped_count_stddev, privacy.accountant)
+
+    def count_noise(self, sites_per_round: int) -> float:
+        return self.count_stddev or max(sites_per_round / 20, self.noise_multiplier)
+
+    def round(self, updates: list[State], like: State, sampled: int, available: int) -> ClientDPRound:
+        """Noised mean of `updates` from `sampled` sites asked out of `available`; records the step."""
+        if sampled < 1 or available < sampled:
+            raise ValueError(f"sampled {sampled} of {available} sites")
+        clip = self.clip_norm
+        z_update = self.noise_multiplier
+        if self.adaptive:
+            z_update = update_noise_multiplier(self.noise_multiplier, self.count_noise(sampled))
+        clipped, norms = [], []
+        for u in updates:
+            c, n = clip_update(u, clip)
+            clipped.append(c)
+            norms.append(n)
+        unclipped = sum(n <= clip for n in norms)
+        mean = noised_mean(clipped, like, clip, z_update, sampled, self.rng)
+        if self.adaptive:
+            noisy = (unclipped + self.rng.normal(0.0, self.count_noise(sampled))) / sampled
+            self.clip_norm = next_clip_norm(clip, noisy, self.target_quantile, self.clip_learning_rate)
+        self.history.append(Mechanism(self.noise_multiplier, sampled / available, 1))
+        return ClientDPRound(mean, clip, unclipped, norms)
+
+    def spent(self) -> dict[str, float]:
+        return {"epsilon": epsilon(self.history, self.delta, self.accountant),
+                "epsilon_prv": epsilon_prv(self.history, self.delta),
+                "epsilon_rdp": epsilon_rdp(self.history, self.delta), "delta": self.delta,
+                "rounds": len(self.history)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"clip_norm": self.clip_norm, "history": [list(m) for m in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clip_norm = float(state["clip_norm"])
+        self.history = [Mechanism(float(s), float(q), int(n)) for s, q, n in state["history"]]

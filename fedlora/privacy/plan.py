@@ -1,0 +1,139 @@
+"""`fedlora privacy plan`: the noise to use and the epsilon after each round, before
+anything is spent — so a privacy officer can approve a run before it starts.
+
+Site level (DP-SGD): from the site's unit count (records, or patients), expected
+batch, local steps or epochs, rounds and a target (epsilon, delta).
+Client level (`plan-clients`): from the number of sites, sites per round and rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from fedlora.config import RunConfig
+from fedlora.privacy.accounting import calibrate_noise, epsilon_by_round
+from fedlora.privacy.client_dp import utility_warning
+from fedlora.training import planned_steps
+
+
+@dataclass
+class Plan:
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    noise_multiplier: float
+    calibrated: bool
+    epsilon: float           # target
+    delta: float
+    accountant: str
+    by_round: list[tuple[float, float]]   # (epsilon prv, epsilon rdp) after each round
+
+    @property
+    def enforced(self) -> list[float]:
+        return [prv if self.accountant == "prv" else rdp for prv, rdp in self.by_round]
+
+    @property
+    def refuses_at(self) -> int | None:
+        """The first round a site would refuse (its epsilon would exceed the target)."""
+        return next((r for r, e in enumerate(self.enforced, start=1) if e > self.epsilon), None)
+
+
+def make_plan(sample_rate: float, steps_per_round: int, rounds: int, epsilon: float, delta: float,
+              accountant: str = "prv", noise_multiplier: float = 0.0) -> Plan:
+    calibrated = noise_multiplier <= 0
+    if calibrated:
+        noise_multiplier = calibrate_noise(epsilon, delta, sample_rate, steps_per_round * rounds,
+                                           accountant=accountant)
+    prv = epsilon_by_round(noise_multiplier, sample_rate, steps_per_round, rounds, delta, "prv")
+    rdp = epsilon_by_round(noise_multiplier, sample_rate, steps_per_round, rounds, delta, "rdp")
+    return Plan(sample_rate, steps_per_round, rounds, noise_multiplier, calibrated, epsilon, delta, accountant,
+                list(zip(prv, rdp)))
+
+
+def site_plan(units: int, batch_size: int, rounds: int, epsilon: float, delta: float, local_epochs: float = 1.0,
+              local_steps: int = 0, accountant: str = "prv", noise_multiplier: float = 0.0) -> Plan:
+    """The plan of one site, exactly as the site computes it at run time."""
+    if units < 1 or batch_size < 1 or rounds < 1:
+        raise ValueError("units, batch size and rounds must be >= 1")
+    steps = planned_steps(units, batch_size, local_epochs, local_steps)
+    return make_plan(min(1.0, batch_size / units), steps, rounds, epsilon, delta, accountant, noise_multiplier)
+
+
+def format_plan(plan: Plan, title: str) -> str:
+    lines = [title,
+             f"  sampling rate q = {plan.sample_rate:.4g}, {plan.steps_per_round} step(s) per round, "
+             f"{plan.rounds} rounds, target epsilon {plan.epsilon:g} at delta {plan.delta:g} ({plan.accountant})",
+             f"  noise multiplier sigma = {plan.noise_multiplier:g}"
+             + (" (calibrated: the smallest that fits the target)" if plan.calibrated else " (given)"),
+             "", "  round  epsilon(prv)  epsilon(rdp)"]
+    for r, (prv, rdp) in enumerate(plan.by_round, start=1):
+        mark = "  <- exceeds the target: the site refuses this round" if r == plan.refuses_at else ""
+        lines.append(f"  {r:5d}  {prv:12.4f}  {rdp:12.4f}{mark}")
+    return "\n".join(lines)
+
+
+def _site(args: argparse.Namespace) -> int:
+    plan = site_plan(args.records, args.batch_size, args.rounds, args.epsilon, args.delta, args.local_epochs,
+                     args.local_steps, args.accountant, args.noise_multiplier)
+    print(format_plan(plan, f"fedlora privacy plan: one site, {args.records} units of privacy "
+                            f"(records, or patients with privacy.unit-column), expected batch {args.batch_size}"))
+    if plan.calibrated:
+        print(f"\n  run with --set privacy.noise-multiplier={plan.noise_multiplier:g} (or leave it 0: each site "
+              "calibrates the same way for its own unit count)")
+    if args.delta >= 1 / args.records:
+        print(f"\n  warning: delta {args.delta:g} is not below 1/{args.records}: choose a smaller one")
+    return 0
+
+
+def _clients(args: argparse.Namespace) -> int:
+    k = max(1, round(args.fraction * args.sites))
+    plan = make_plan(k / args.sites, 1, args.rounds, args.epsilon, args.delta, args.accountant,
+                     args.noise_multiplier)
+    print(format_plan(plan, f"fedlora privacy plan-clients: client-level DP, unit = a site; "
+                            f"{k} of {args.sites} sites per round"))
+    eps = plan.enforced[-1]
+    print("\n  " + utility_warning(plan.noise_multiplier, args.clip_norm, k, args.adapter_size, eps, args.delta,
+                                   args.rounds))
+    if args.sites > 1 and args.delta >= 1 / args.sites:
+        print(f"\n  warning: delta {args.delta:g} is not below 1/{args.sites} sites: choose a smaller one")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Register `privacy plan` and `privacy plan-clients` under the `fedlora` command."""
+    d = RunConfig()
+    privacy = sub.add_parser("privacy", help="plan differential privacy before a run")
+    psub = privacy.add_subparsers(dest="privacy_command", required=True)
+
+    plan = psub.add_parser("plan", help="noise multiplier and epsilon per round for one site (DP-SGD)")
+    plan.add_argument("--records", type=int, required=True,
+                      help="the site's training units: records, or patients with privacy.unit-column")
+    plan.add_argument("--batch-size", type=int, default=d.privacy.batch_size,
+                      help="expected units per step (default: %(default)s)")
+    plan.add_argument("--local-epochs", type=float, default=d.privacy.local_epochs,
+                      help="local epochs per round (default: %(default)s)")
+    plan.add_argument("--local-steps", type=int, default=0, help="local steps per round; overrides --local-epochs")
+    _common(plan, d)
+    plan.set_defaults(func=_site)
+
+    clients = psub.add_parser("plan-clients", help="noise multiplier and epsilon per round for client-level DP")
+    clients.add_argument("--sites", type=int, required=True, help="sites in the federation")
+    clients.add_argument("--fraction", type=float, default=d.federation.fraction_train,
+                         help="share of sites sampled per round (default: %(default)s)")
+    clients.add_argument("--clip-norm", type=float, default=d.privacy.client_clip_norm,
+                         help="L2 bound of one site's update (default: %(default)s)")
+    clients.add_argument("--adapter-size", type=int, default=100_000,
+                         help="adapter coordinates, for the signal-to-noise estimate (default: %(default)s)")
+    _common(clients, d)
+    clients.set_defaults(func=_clients)
+
+
+def _common(parser: argparse.ArgumentParser, d: RunConfig) -> None:
+    parser.add_argument("--rounds", type=int, default=d.federation.rounds, help="rounds (default: %(default)s)")
+    parser.add_argument("--epsilon", type=float, default=d.privacy.epsilon, help="target epsilon (default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=d.privacy.delta, help="target delta (default: %(default)s)")
+    parser.add_argument("--accountant", choices=("prv", "rdp"), default=d.privacy.accountant,
+                        help="accountant that enforces the budget (default: %(default)s)")
+    parser.add_argument("--noise-multiplier", type=float, default=0.0,
+                        help="evaluate this sigma instead of calibrating one")

@@ -1,0 +1,84 @@
+"""A site's private training round, as the ClientApp's train handler runs it.
+
+resolve the site's budget and unit of privacy -> plan the round (refuse if the
+budget would be exceeded) -> DP-SGD -> append the spend to the ledger -> only
+then hand back what may leave the site: the epsilon summary, never the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from fedlora import wire
+from fedlora.privacy.budget import dp_required, resolve_budget, state_dir, unit_column
+from fedlora.privacy.dpsgd import DPSettings, dp_local_train
+from fedlora.privacy.site import BudgetExhausted, SiteAccountant
+from fedlora.privacy.units import build_units
+from fedlora.training import TrainResult, planned_steps
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BudgetExhausted", "PrivateRound", "dp_enabled", "train_privately"]
+
+
+@dataclass
+class PrivateRound:
+    result: TrainResult
+    metrics: dict[str, float]      # goes into the reply's MetricRecord
+    record: dict[str, str]         # goes into the reply's PRIVACY ConfigRecord
+
+
+def dp_enabled(config, node: Mapping[str, Any]) -> bool:
+    return dp_required(config.privacy.enabled, node)
+
+
+def dp_settings(config) -> DPSettings:
+    d, t = config.privacy, config.train
+    return DPSettings(max_grad_norm=d.max_grad_norm, grad_sample_mode=d.grad_sample_mode,
+                      learning_rate=d.learning_rate or t.learning_rate, weight_decay=t.weight_decay)
+
+
+def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, run: str = "",
+                    extra_loss=None, examples=None) -> PrivateRound:
+    """DP-SGD for one round at the site `rt` (a client.runtime.SiteRuntime).
+    Raises BudgetExhausted when the site refuses the round. `extra_loss(model)`:
+    a data-independent term such as FedProx's proximal term; `examples`: the
+    encoded training rows, in the order of `rt.data.train` (default: the runtime's)."""
+    examples = rt.train_examples if examples is None else examples
+    config, d = rt.config, rt.config.privacy
+    simulated = "data-path" not in node
+    budget = resolve_budget(d.epsilon, d.delta, node)
+    units = build_units(rt.data.train, unit_column(d.unit_column, node), d.max_records_per_unit)
+    accountant = SiteAccountant(state_dir(node, config.output.dir, rt.data.name, simulated), budget,
+                                d.accountant, rt.data.name, units.describe())
+    if units.count == 0:
+        raise ValueError(f"site {rt.data.name}: no training rows to train on under DP-SGD")
+    batch = d.batch_size or config.train.batch_size
+    sample_rate = min(1.0, batch / units.count)
+    steps = planned_steps(units.count, batch, d.local_epochs or config.train.local_epochs,
+                          config.train.local_steps)
+    plan = accountant.plan_round(server_round, sample_rate, steps, d.noise_multiplier,
+                                 rounds_left=config.federation.rounds - server_round + 1, run=run)
+    settings = dp_settings(config)
+    dp = dp_local_train(rt.loaded.model, rt.task, examples, units, settings, plan.noise_multiplier,
+                        sample_rate, steps, rt.pad_id, seed, extra_loss=extra_loss)
+    entry = accountant.commit(plan, run=run, clip=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
+                              max_records_per_unit=units.sensitivity_factor, units=units.count,
+                              records=len(examples), empty_steps=dp.empty_steps,
+                              learning_rate=settings.learning_rate)
+    log.info("site %s round %d: DP-SGD %d steps (%d empty), sigma %.3g, q %.4g, unit %s; epsilon %.3f of %g "
+             "(delta %g); local loss %.4f (not released)", rt.data.name, server_round, dp.steps, dp.empty_steps,
+             plan.noise_multiplier, sample_rate, units.describe(), plan.epsilon, budget.epsilon, budget.delta,
+             dp.mean_loss)
+    metrics = {
+        wire.DP_EPSILON: plan.epsilon,
+        wire.DP_EPSILON_RDP: plan.epsilon_rdp,
+        wire.DP_DELTA: budget.delta,
+        wire.DP_BUDGET_EPSILON: budget.epsilon,
+        wire.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
+        wire.DP_SAMPLE_RATE: sample_rate,
+    }
+    record = {wire.DP_UNIT: units.describe(), wire.DP_LEDGER_HEAD: entry["hash"]}
+    return PrivateRound(TrainResult(dp.steps, float("nan"), dp.seconds), metrics, record)

@@ -1,0 +1,100 @@
+"""Start and stop the long-running processes of a deployment (SuperLink, SuperNode, site worker).
+
+Children are started so that they die with their supervisor even when it is
+killed outright (Linux: the parent-death signal), and stopped together with
+every process they started (Flower's SuperExec, ServerApp and ClientApp
+processes), so that a stopped coordinator or site leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def start_child(command: list[str], log: IO, env: dict[str, str] | None = None,
+                cwd: Path | None = None) -> subprocess.Popen:
+    """Start a supervised child process that receives SIGTERM if its supervisor dies."""
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                            preexec_fn=preexec)  # noqa: PLW1509 - called before any thread starts
+
+
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL what is left after `timeout`."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen | None = None, timeout: float = 60.0,
+                  what: str = "the process") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} before opening {host}:{port}")
+        if port_open(host, port):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not open {host}:{port} within {timeout:.0f}s")
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C, so a supervisor stops its children before it exits."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def write_pid_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n")
+
+
+def signal_pid_file(path: Path, sig: int = signal.SIGTERM) -> int | None:
+    """Send `sig` to the process named in a pid file; returns its pid, or None if none is running."""
+    if not path.exists():
+        return None
+    pid = int(path.read_text().strip() or 0)
+    if pid <= 0 or not psutil.pid_exists(pid):
+        return None
+    os.kill(pid, sig)
+    return pid

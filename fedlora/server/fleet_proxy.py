@@ -1,0 +1,115 @@
+"""A TLS reverse proxy that puts only Flower's Fleet API on the network.
+
+In open-source Flower 1.42 one SuperLink port serves the Fleet API (sites),
+the Control API (run submission, node registration: no authentication) and the
+Runtime API (the ServerApp's own channel). `fedlora coordinator start` binds
+the SuperLink to 127.0.0.1 and puts this proxy on the public address: it
+forwards a request only when it is a POST to one of the Fleet routes of the
+installed Flower (an exact allowlist taken from Flower's own Fleet router, so
+no path trick like `/v1/fleet/../control` can match) and answers 403 to
+everything else.
+
+TLS is terminated here and re-originated to the loopback SuperLink (which must
+run TLS itself: Flower refuses `--enable-supernode-auth` without it). SuperNode
+authentication survives the hop: a site signs a timestamp with its key and
+sends key, timestamp and signature as `flwr-*` headers, which are forwarded
+unchanged, so the SuperLink still verifies every request against the
+registered keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Callable
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+log = logging.getLogger(__name__)
+
+FLEET_PREFIX = "/v1/fleet/"
+# Headers that belong to one connection hop and must not be copied (RFC 9110 §7.6.1),
+# plus those httpx recomputes for the body it sends.
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "host", "content-length"}
+
+
+def fleet_paths() -> frozenset[str]:
+    """The Fleet API's POST routes in the installed Flower, e.g. /v1/fleet/pull-messages."""
+    from flwr.superlink.routers.fleet.router import router
+
+    paths = frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ()))
+    if not paths or not all(p.startswith(FLEET_PREFIX) for p in paths):
+        raise RuntimeError(f"unexpected Fleet routes in this Flower version: {sorted(paths)}")
+    return paths
+
+
+def is_forwarded(method: str, path: str, allowed: frozenset[str]) -> bool:
+    return method == "POST" and path in allowed
+
+
+def upstream_tls(ca_cert: Path) -> ssl.SSLContext:
+    """Verify the loopback SuperLink against the coordinator's own CA."""
+    context = ssl.create_default_context(cafile=str(ca_cert))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def create_proxy_app(upstream: str, ca_cert: Path, timeout: float = 120.0) -> Starlette:
+    """The proxy as an ASGI app; `upstream` is the SuperLink's https://127.0.0.1:PORT."""
+    allowed = fleet_paths()
+    client = httpx.AsyncClient(base_url=upstream, verify=upstream_tls(ca_cert), timeout=timeout,
+                               follow_redirects=False)
+
+    async def forward(request: Request) -> Response:
+        path = request.url.path
+        if request.url.query or not is_forwarded(request.method, path, allowed):
+            peer = request.client.host if request.client else "?"
+            log.warning("refused %s %s from %s: only the Fleet API is served on this address",
+                        request.method, path, peer)
+            return PlainTextResponse("forbidden: only the Flower Fleet API is served on this address\n",
+                                     status_code=403)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        try:
+            reply = await client.post(path, content=await request.body(), headers=headers)
+        except httpx.HTTPError as err:
+            log.warning("SuperLink unreachable for %s: %s", path, err)
+            return PlainTextResponse("SuperLink unavailable\n", status_code=502)
+        out = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
+        return Response(reply.content, status_code=reply.status_code, headers=out)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette):
+        yield
+        await client.aclose()
+
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+
+
+def serve(listen_host: str, listen_port: int, upstream: str, cert: Path, key: Path, ca_cert: Path,
+          keep_running: Callable[[], bool] = lambda: True) -> None:
+    """Serve the proxy over TLS until SIGINT/SIGTERM or until keep_running() turns false (blocking)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_proxy_app(upstream, ca_cert), host=listen_host, port=listen_port,
+                            ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning",
+                            access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+
+    def watch() -> None:
+        while not server.should_exit:
+            if not keep_running():
+                server.should_exit = True
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    server.run()

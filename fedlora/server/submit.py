@@ -1,0 +1,124 @@
+"""`fedlora run`: submit a training run to the coordinator's SuperLink and follow it.
+
+Works on the coordinator host only: the SuperLink's Control API listens on
+127.0.0.1 (fedlora.server.deploy). The run's configuration is the resolved
+fedlora configuration, shipped as the Flower app's run-config defaults; the
+sites' ClientApp is the relay (fedlora.client.relay), which answers through the
+site's worker process when there is one. Progress is printed one line per
+round from the run directory, which the ServerApp writes on this host.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from fedlora import config as cfg
+from fedlora.processes import stop_tree
+from fedlora.server.coordinator_home import CoordinatorHome
+from fedlora.server.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
+from fedlora.server.registry import superlink_running
+from fedlora.simulations.launcher import flower_app_pyproject, show_progress
+
+RELAY_CLIENTAPP = "fedlora.client.relay:app"
+RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
+STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resume: bool) -> tuple[cfg.RunConfig, Path]:
+    """The configuration to submit, with an absolute output.dir on this host."""
+    if out is None:
+        out = home.runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out = Path(out).expanduser().resolve()
+    config = cfg.from_nested(config.to_nested(), {"output.dir": str(out), "output.resume": resume})
+    if config.task.type == "classification" and not config.label_names:
+        raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "
+                               "does not see the sites' data); list every label, in the same order at every site"])
+    if not resume and (out / "summary.json").exists():
+        raise RunFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
+    return config, out
+
+
+def _stop_previous(home: CoordinatorHome, out: Path) -> None:
+    """On resume: the Flower run that wrote this directory must not run twice."""
+    record = out / RUN_RECORD
+    if not record.exists():
+        return
+    run_id = json.loads(record.read_text())["run_id"]
+    try:
+        runs = call_json(home.flwr_home, "ls", "--run-id", str(run_id)).get("runs", [])
+        if runs and not str(runs[0].get("status", "")).startswith("finished"):
+            call_json(home.flwr_home, "stop", str(run_id))
+            print(f"fedlora run: stopped the previous Flower run {run_id} of {out}", flush=True)
+    except FlowerCommandFailed:
+        pass  # unknown to this SuperLink (e.g. a fresh database): nothing to stop
+
+
+def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None, resume: bool = False) -> Path:
+    """Submit a run and follow it until it ends; returns the run directory."""
+    if not superlink_running(home):
+        raise RunFailed(f"the coordinator is not running (nothing on 127.0.0.1:{home.superlink_port}); "
+                        f"start it with `fedlora coordinator start {home.path}`")
+    config, out = resolve(home, config, out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        _stop_previous(home, out)
+    work = Path(tempfile.mkdtemp(prefix="fedlora-run-"))
+    try:
+        (work / "pyproject.toml").write_text(flower_app_pyproject(config, clientapp=RELAY_CLIENTAPP))
+        (work / "LICENSE").write_text("Apache-2.0\n")
+        fed = config.federation
+        print(f"fedlora run: {fed.rounds} rounds, model {config.model.name}, strategy {config.strategy.name}, "
+              f"min {fed.min_sites} sites → {out}", flush=True)
+        return _follow(home, work, out, fed.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Path:
+    log_path = out / "flower.log"
+    command = [flwr_binary(), "run", str(app_dir), CONNECTION, "--stream"]
+    started, shown, run_id = time.perf_counter(), 0, None
+    with log_path.open("a") as log_file:
+        runner = subprocess.Popen(command, env=flower_env(home.flwr_home), stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while runner.poll() is None:
+                time.sleep(1.0)
+                run_id = run_id or _run_id(log_path, out)
+                shown = show_progress(out, shown, rounds)
+        except KeyboardInterrupt:
+            run_id = run_id or _run_id(log_path, out)
+            print(f"\nfedlora run: stopped following; run {run_id} goes on at the coordinator. Stop it with "
+                  f"`FLWR_HOME={home.flwr_home} flwr stop {run_id} {CONNECTION}`", flush=True)
+            raise
+        finally:
+            stop_tree(runner.pid, timeout=5)
+    _run_id(log_path, out)
+    show_progress(out, shown, rounds)
+    if not (out / "summary.json").exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise RunFailed(f"the run ended without a summary (if the coordinator stopped, continue with "
+                        f"`fedlora run --resume --out {out}`); {log_path} ends with:\n{tail}")
+    print(f"fedlora run: done in {time.perf_counter() - started:.0f}s; adapter in {out / 'adapter'}", flush=True)
+    return out
+
+
+def _run_id(log_path: Path, out: Path) -> str | None:
+    """The run id `flwr run` printed; recorded in the run directory for --resume."""
+    found = STARTED.findall(log_path.read_text(errors="replace")) if log_path.exists() else []
+    if not found:
+        return None
+    record = out / RUN_RECORD
+    if not record.exists() or json.loads(record.read_text())["run_id"] != found[-1]:
+        record.write_text(json.dumps({"run_id": found[-1], "submitted": time.time()}))
+    return found[-1]

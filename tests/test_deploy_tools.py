@@ -1,0 +1,357 @@
+"""Deployment tooling without a federation: certificates, site keys, folders and commands,
+the Fleet-only proxy's routing, the data check, the site worker protocol, fault injection."""
+
+import json
+import os
+import socket
+import ssl
+import stat
+import threading
+import tomllib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+from fedlora import config as cfg
+from fedlora.arrays import check_update
+from fedlora.cli import main as fedlora_main
+from fedlora.client import faults
+from fedlora.client.data_check import check_data, format_report
+from fedlora.client.deploy import supernode_command
+from fedlora.client.keys import fingerprint, generate_key_pair, load_public_key
+from fedlora.client.site_home import SiteHome, init_site
+from fedlora.data.pii import find_identifiers, mask
+from fedlora.server.certificates import certificate_names, create_tls, renew_server_cert
+from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
+from fedlora.server.deploy import superlink_command
+from fedlora.server.fleet_proxy import create_proxy_app, fleet_paths, is_forwarded
+from fedlora.server.registry import add_site, read_registry, remove_site
+
+
+# -- certificates ------------------------------------------------------------------------
+def _handshake(files, server_name: str) -> None:
+    """A TLS handshake in memory: server with our certificate, client trusting only our CA."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(files.server_cert, files.server_key)
+    client_ctx = ssl.create_default_context(cafile=str(files.ca_cert))
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_name)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            peer_in.write(out.read())
+    assert client.version() is not None
+
+
+def test_certificates_name_the_hosts_and_verify_against_the_ca(tmp_path):
+    files = create_tls(tmp_path, ["fl.example.org", "10.0.0.5"])
+    assert set(certificate_names(files.server_cert)) == {"fl.example.org", "10.0.0.5", "localhost", "127.0.0.1"}
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (files.ca_key, files.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for name in ("127.0.0.1", "fl.example.org"):
+        _handshake(files, name)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(files, "other.example.org")
+
+
+def test_renewed_server_certificate_is_new_and_still_trusted(tmp_path):
+    files = create_tls(tmp_path, ["a.example.org"])
+    old_key = files.server_key.read_bytes()
+    renew_server_cert(files, ["b.example.org"])
+    assert files.server_key.read_bytes() != old_key
+    assert "b.example.org" in certificate_names(files.server_cert)
+    _handshake(files, "b.example.org")
+
+
+# -- site keys ---------------------------------------------------------------------------------
+def test_site_key_pair_is_what_flower_accepts(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+
+    public = generate_key_pair(tmp_path / "site.key", comment="hospital-a")
+    private = load_ssh_private_key((tmp_path / "site.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert stat.S_IMODE((tmp_path / "site.key").stat().st_mode) == 0o600
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ") and public.read_text().strip().endswith("hospital-a")
+    assert load_public_key(public).public_numbers() == private.public_key().public_numbers()
+    assert try_load_public_key(public)  # `flwr supernode register` loads it
+    assert fingerprint(public).startswith("SHA256:")
+    with pytest.raises(FileExistsError):
+        generate_key_pair(tmp_path / "site.key")
+
+
+# -- folders and commands -----------------------------------------------------------------------
+def test_coordinator_folder_and_superlink_command(tmp_path):
+    assert fedlora_main(["coordinator", "init", str(tmp_path / "c"), "--host", "fl.example.org",
+                         "--listen", "127.0.0.1:19092", "--superlink-port", "19093"]) == 0
+    home = CoordinatorHome.load(tmp_path / "c")
+    assert home.listen == "127.0.0.1:19092" and home.hosts == ["fl.example.org"]
+    assert "fl.example.org" in certificate_names(home.tls.server_cert)
+    skeleton = cfg.load_config(home.path / "run.toml")  # the run skeleton is a valid configuration
+    assert skeleton.label_names and skeleton.privacy.enabled
+    command = superlink_command(home)
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile",
+                 "--ssl-keyfile", "--ssl-ca-certfile", "--database"):
+        assert flag in command
+    assert "--insecure" not in command
+    assert command[command.index("--host") + 1] == "127.0.0.1"  # Control API never on the network
+    assert command[command.index("--port") + 1] == "19093"
+    connection = tomllib.loads((home.flwr_home / "config.toml").read_text())["superlink"]["fedlora"]
+    assert connection["address"] == "127.0.0.1:19093" and Path(connection["root-certificates"]) == home.tls.ca_cert
+    with pytest.raises(CoordinatorError, match="already holds"):
+        init_coordinator(tmp_path / "c", [])
+
+
+def test_site_folder_node_config_and_supernode_command(tmp_path):
+    coord = init_coordinator(tmp_path / "c", ["fl.example.org"])
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "chest pain", "label": "cardiology"}\n')
+    assert fedlora_main(["site", "init", str(tmp_path / "s"), "--name", "hospital-a", "--data", str(data),
+                         "--superlink", "fl.example.org:9092", "--ca", str(coord.tls.ca_cert),
+                         "--epsilon", "3", "--runtime-port", "19111"]) == 0
+    home = SiteHome.load(tmp_path / "s")
+    node = home.flower_node_config()
+    assert node["data-path"] == str(data.resolve()) and node["site"] == "hospital-a"
+    assert node["privacy-epsilon"] == 3.0 and node["privacy-delta"] == 1e-5  # the DP colleague's key names
+    assert node["state-dir"] == str(home.path / "state") and node["worker-socket"].endswith("worker.sock")
+    command = supernode_command(home)
+    assert command[command.index("--superlink") + 1] == "fl.example.org:9092"
+    assert command[command.index("--port") + 1] == "19111" and command[command.index("--host") + 1] == "127.0.0.1"
+    assert "--insecure" not in command and "--root-certificates" in command
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(home.private_key)
+    written = tomllib.loads(Path(command[command.index("--node-config") + 1]).read_text())
+    assert written == node
+    no_budget = init_site(tmp_path / "s2", "hospital-b", data, "fl.example.org:9092", coord.tls.ca_cert,
+                          epsilon=None)
+    assert "privacy-epsilon" not in no_budget.flower_node_config()
+
+
+def test_register_site_while_the_superlink_is_down_then_revoke(tmp_path):
+    coord = init_coordinator(tmp_path / "c", [], "127.0.0.1:19192", 19193)
+    pub = generate_key_pair(tmp_path / "k" / "site.key")
+    assert "registered when" in add_site(coord, "hospital-a", pub)
+    assert (coord.sites / "hospital-a.pub").read_text() == pub.read_text()
+    assert read_registry(coord)["hospital-a"]["fingerprint"] == fingerprint(pub)
+    assert "already accepted" in add_site(coord, "hospital-a", pub)
+    other = generate_key_pair(tmp_path / "k" / "other.key")
+    with pytest.raises(CoordinatorError, match="--replace"):
+        add_site(coord, "hospital-a", other)
+    with pytest.raises(CoordinatorError, match="site name"):
+        add_site(coord, "bad name!", pub)
+    (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7 x\n")
+    with pytest.raises(CoordinatorError, match="not a usable site key"):
+        add_site(coord, "hospital-b", tmp_path / "rsa.pub")
+    assert "revoked" in remove_site(coord, "hospital-a")
+    assert not (coord.sites / "hospital-a.pub").exists() and list((coord.sites / "revoked").iterdir())
+
+
+# -- the Fleet-only proxy ------------------------------------------------------------------------
+def test_proxy_allowlist_is_flowers_fleet_routes_only():
+    paths = fleet_paths()
+    assert "/v1/fleet/pull-messages" in paths and "/v1/fleet/push-messages" in paths
+    assert all(p.startswith("/v1/fleet/") for p in paths)
+    assert is_forwarded("POST", "/v1/fleet/pull-messages", paths)
+    for method, path in (("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/control/start-run"),
+                         ("POST", "/v1/runtime/pull-messages"), ("POST", "/v1/fleet/../control/start-run"),
+                         ("POST", "/v1/fleet/pull-messages/"), ("POST", "/docs")):
+        assert not is_forwarded(method, path, paths), (method, path)
+
+
+def test_proxy_forwards_fleet_requests_and_refuses_the_rest(tmp_path):
+    files = create_tls(tmp_path, [])
+    with socket.socket() as s:  # a port nobody listens on: forwarded requests fail upstream (502)
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    app = create_proxy_app(f"https://127.0.0.1:{dead}", files.ca_cert, timeout=2)
+    transport = httpx.ASGITransport(app=app)
+
+    async def probe() -> dict[str, int]:
+        async with httpx.AsyncClient(transport=transport, base_url="https://proxy") as client:
+            return {
+                "fleet": (await client.post("/v1/fleet/pull-messages", content=b"x")).status_code,
+                "fleet with query": (await client.post("/v1/fleet/pull-messages?x=1")).status_code,
+                "control": (await client.post("/v1/control/start-run", content=b"x")).status_code,
+                "runtime": (await client.post("/v1/runtime/push-messages")).status_code,
+                "get fleet": (await client.get("/v1/fleet/pull-messages")).status_code,
+            }
+
+    import asyncio
+
+    assert asyncio.run(probe()) == {"fleet": 502, "fleet with query": 403, "control": 403, "runtime": 403,
+                                    "get fleet": 403}
+
+
+# -- data check ------------------------------------------------------------------------------------
+def test_data_check_reports_every_kind_of_problem_with_line_numbers(tmp_path):
+    base = "Seen today, a 55 year old man with crushing chest pain radiating to the left arm since this morning"
+    rows = [
+        {"text": base, "label": "cardiology"},                                   # 1
+        {"text": base, "label": "cardiology"},                                   # 2 exact duplicate of 1
+        {"text": base.replace("55", "56") + ".", "label": "neurology"},           # 3 near duplicate, other label
+        {"text": "", "label": "cardiology"},                                     # 4 empty
+        {"label": "cardiology"},                                                 # 5 schema: no text
+        "not json",                                                              # 6 schema: not JSON
+        {"text": "word " * 300, "label": "orthopedics"},                         # 7 over-long
+        {"text": "Contact jane.doe@example.org, DOB: 03/04/1961, MRN 12345678", "label": "cardiology"},  # 8
+        {"text": "Numb right hand after a fall on an outstretched arm", "label": "dermatology"},          # 9
+    ]
+    path = tmp_path / "site.jsonl"
+    path.write_text("".join((json.dumps(r) if isinstance(r, dict) else r) + "\n" for r in rows))
+    report = check_data(path, labels=["cardiology", "neurology", "orthopedics"], max_length=256)
+    assert [line for line, _ in report.schema_errors] == [5, 6]
+    assert report.empty == [4]
+    assert [line for line, _ in report.too_long] == [7]
+    assert report.exact_duplicates == [[1, 2]]
+    assert report.near_duplicates == [[1, 2, 3]]
+    assert report.conflicting_labels == [([1, 2, 3], ["cardiology", "neurology"])]
+    assert {kind: [line for line, _ in hits] for kind, hits in report.identifiers.items()} == {
+        "email": [8], "date of birth": [8], "medical record number": [8]}
+    assert report.unknown_labels == {"dermatology": 1}
+    assert report.labels["cardiology"] == 3
+    text = format_report(report, 256)
+    assert "jane.doe@example.org" not in text and "12345678" not in text  # identifiers are masked
+    assert "line 6: not valid JSON" in text and "Nothing was sent anywhere" in text
+    assert fedlora_main(["site", "check-data", str(path)]) == 1  # unusable rows: non-zero exit
+
+
+def test_data_check_of_a_clean_file_passes(tmp_path):
+    texts = ["crushing chest pain on exertion", "sudden weakness of the left arm and slurred speech",
+             "swollen ankle after a twisting fall", "black stools and upper abdominal pain",
+             "productive cough with fever for a week", "palpitations at rest with dizziness",
+             "worst headache of her life this morning", "knee gives way when climbing stairs",
+             "vomiting blood after heavy drinking", "wheeze and breathlessness at night"]
+    rows = [{"text": t, "label": "a" if i % 2 else "b"} for i, t in enumerate(texts)]
+    path = tmp_path / "clean.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert check_data(path).problems == 0
+    assert fedlora_main(["site", "check-data", str(path), "--strict"]) == 0
+
+
+def test_identifier_patterns_flag_identifiers_not_clinical_numbers():
+    def kinds(text):
+        return [f.kind for f in find_identifiers(text)]
+
+    assert kinds("mail jo@x.org") == ["email"]
+    assert kinds("call +44 20 7946 0958") == ["phone number"]
+    assert kinds("SSN 123-45-6789") == ["US social security number"]
+    assert kinds("NHS 943 476 5919") == ["NHS number"]       # valid checksum
+    assert kinds("ref 943 476 5918") == ["phone number"]     # invalid NHS checksum: only a long number
+    assert kinds("date of birth 1961-03-04") == ["date of birth"]
+    assert kinds("passport no. X1234567") == ["national id"]
+    assert kinds("BP 120/80, HR 72, temp 37.5, 3 days, 2 x 500 mg, age 55") == []
+    assert mask("jane@example.org") == "ja**@*******.*rg"
+
+
+# -- fault injection and the site worker -------------------------------------------------------------
+def test_every_injected_fault_is_caught_by_the_update_check():
+    reference = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+    assert faults.parse("nan@1, shape@3") == {1: "nan", 3: "shape"}
+    with pytest.raises(ValueError, match="test-fault"):
+        faults.parse("explode@1")
+    for kind in faults.KINDS:
+        assert check_update(faults.corrupt(reference, kind), reference) is not None, kind
+    assert check_update(reference, reference) is None
+
+
+@pytest.fixture()
+def inprocess_run(tmp_path, tiny_bert_dir):
+    """A real ServerApp run over Flower-serialized messages in this process, sites answered by
+    the relay ClientApp (optionally through a site worker on a Unix socket)."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    from fedlora.client.relay import app as relay_app
+    from fedlora.server.app import main
+    from fedlora.simulations.inprocess import RUN_ID, InProcessGrid
+    from fedlora.simulations.launcher import infer_labels
+
+    def run(node_configs: list[dict], rounds: int, name: str) -> Path:
+        out = tmp_path / name
+        config = cfg.load_config(None, [f'model.name="{tiny_bert_dir}"', "model.max-length=32",
+                                        f"federation.num-sites={len(node_configs)}", f"federation.rounds={rounds}",
+                                        "federation.min-sites=2", "data.records-per-site=24",
+                                        "train.local-steps=1", "train.batch-size=8", f'output.dir="{out}"'])
+        flat = infer_labels(config).to_flat()
+        grid = InProcessGrid(relay_app, flat, len(node_configs))
+        for context, extra in zip(grid.contexts.values(), node_configs):
+            context.node_config.update(extra)
+        main(grid, Context(run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                           run_config=flat))
+        return out
+
+    return run
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_broken_updates_of_every_kind_are_rejected_and_the_others_aggregated(inprocess_run, caplog):
+    # Sites 0 and 1 each send a different broken update every round; sites 2 and 3 are aggregated.
+    schedule = [{"test-fault": "nan@1,extra-key@2,norm@3"}, {"test-fault": "inf@1,missing-key@2,shape@3"}, {}, {}]
+    with caplog.at_level("WARNING", logger="fedlora"):
+        out = inprocess_run(schedule, rounds=3, name="faults")
+    rows = _rows(out)
+    assert [(r["round"], r["sites"], r["rejected"]) for r in rows] == [(1, 2, 2), (2, 2, 2), (3, 2, 2)]
+    rejected = "\n".join(r.message for r in caplog.records if "rejected the update" in r.message)
+    for reason in ("contains NaN or Inf", "unexpected ['base_model.injected.weight']", "update norm",
+                   "missing ['", "shape"):
+        assert reason in rejected, reason
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+
+
+def test_relay_answers_through_the_site_worker_and_keeps_the_model_loaded(inprocess_run, tmp_path):
+    from fedlora.client.worker import serve
+
+    sockets = [Path(f"/tmp/fedlora-test-{os.getpid()}-{i}.sock") for i in range(2)]  # AF_UNIX paths are short
+    for path in sockets:
+        threading.Thread(target=serve, args=(path,), daemon=True).start()
+    try:
+        for path in sockets:
+            _wait_for_socket(path)
+        nodes = [{"worker-socket": str(path), "state-dir": str(tmp_path / f"state{i}")}
+                 for i, path in enumerate(sockets)]
+        out = inprocess_run(nodes, rounds=2, name="worker")
+    finally:
+        for path in sockets:
+            path.unlink(missing_ok=True)
+    assert [r["round"] for r in _rows(out)] == [1, 2]
+    timings = [json.loads(x) for x in (tmp_path / "state0" / "timings.jsonl").read_text().splitlines()]
+    assert [t["type"] for t in timings] == ["train", "evaluate", "train", "evaluate"]
+    assert all(t["mode"] == "worker" for t in timings)
+    assert all(t["load_seconds"] < 0.5 for t in timings[1:])  # loaded by the first message only
+    assert timings[0]["train_seconds"] > 0
+
+
+def _wait_for_socket(path: Path, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                if s.connect_ex(str(path)) == 0:
+                    return
+        time.sleep(0.2)
+    raise TimeoutError(f"no worker on {path}")
+
+
+def test_relay_without_a_worker_runs_the_message_itself(inprocess_run, tmp_path):
+    nodes = [{"worker-socket": str(tmp_path / "nobody.sock"), "state-dir": str(tmp_path / f"s{i}")} for i in range(2)]
+    out = inprocess_run(nodes, rounds=1, name="fallback")
+    assert [r["sites"] for r in _rows(out)] == [2]
+    timings = [json.loads(x) for x in (tmp_path / "s0" / "timings.jsonl").read_text().splitlines()]
+    assert {t["mode"] for t in timings} == {"in-process"} and "import_seconds" in timings[0]

@@ -1,0 +1,68 @@
+"""The ClientApp's train handler under DP, called in-process (no Ray): the site's
+own budget makes DP mandatory and wins, the spend is on disk when the reply is
+built, only the epsilon summary leaves, and a refusal is an error reply the
+server recognizes."""
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from fedlora import config as cfg
+from fedlora import wire
+from fedlora.arrays import from_record, to_record
+from fedlora.client.app import train
+from fedlora.client.runtime import site_runtime
+from fedlora.data import synthetic
+from fedlora.models import trainable_state
+from fedlora.privacy.accounting import epsilon_by_round
+from fedlora.privacy.ledger import Ledger
+from fedlora.privacy.server import is_budget_refusal
+from fedlora.training import planned_steps
+
+
+def _message(state, server_round: int, fingerprint: str) -> Message:
+    content = RecordDict({wire.ARRAYS: to_record(state),
+                          wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: server_round,
+                                                     wire.BASE_FINGERPRINT: fingerprint})})
+    metadata = Metadata(run_id=7, message_id=f"m{server_round}", src_node_id=0, dst_node_id=1,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=3600,
+                        message_type=MessageType.TRAIN)
+    return Message(content, metadata=metadata)
+
+
+def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
+    config = cfg.load_config(None, [
+        "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=40", "federation.rounds=5",
+        "task.labels=" + ",".join(synthetic.LABELS), f"output.dir={tmp_path}",
+        "privacy.enabled=false", "privacy.epsilon=8", "privacy.noise-multiplier=1.5", "privacy.accountant=rdp"])
+    node = {"partition-id": 0, "num-partitions": 2, "privacy-epsilon": 3.0}  # the hospital's own, stricter
+    context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=config.to_flat())
+    rt = site_runtime(context)
+    state = trainable_state(rt.loaded.model)
+    units = len(rt.train_examples)
+    steps = planned_steps(units, config.privacy.batch_size, config.privacy.local_epochs, 0)
+    by_round = epsilon_by_round(1.5, min(1.0, config.privacy.batch_size / units), steps, 5, 1e-5, "rdp")
+    refused_at = next(r for r, e in enumerate(by_round, start=1) if e > 3.0)
+    assert by_round[refused_at - 1] <= 8.0  # the run's budget alone would have let it train
+
+    ledger = Ledger(tmp_path / "sites" / rt.data.name)
+    for r in range(1, refused_at):
+        reply = train(_message(state, r, rt.loaded.fingerprint), context)
+        assert not reply.has_error()
+        metrics = reply.content[wire.METRICS]
+        assert wire.TRAIN_LOSS not in metrics  # data-dependent and not noised: stays at the site
+        assert metrics[wire.DP_EPSILON] == pytest.approx(by_round[r - 1])
+        assert metrics[wire.DP_BUDGET_EPSILON] == 3.0
+        privacy = reply.content.config_records[wire.PRIVACY]
+        assert privacy[wire.DP_LEDGER_HEAD] == ledger.head()  # spend was on disk before the reply
+        assert privacy[wire.DP_UNIT] == "record"
+        delta = from_record(reply.content[wire.ARRAYS])
+        assert all(abs(v).max() > 0 for v in delta.values())
+    refusal = train(_message(state, refused_at, rt.loaded.fingerprint), context)
+    assert refusal.has_error() and is_budget_refusal(refusal)
+    assert "refuses round" in refusal.error.reason
+    entries = ledger.entries()
+    assert [e["event"] for e in entries][-1] == "refused"
+    assert entries[0]["budget_source"].startswith("epsilon: node config")
+    assert json.dumps(entries[0]["versions"]).count("opacus") == 1

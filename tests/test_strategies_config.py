@@ -1,0 +1,83 @@
+"""The [strategy] configuration: unknown names, bad parameters, impossible combinations,
+and the compatibility table in docs/strategies.md."""
+
+from pathlib import Path
+
+import pytest
+
+from fedlora import config as cfg
+from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.strategies.compat import compatibility_table
+
+
+def _problems(*sets: str) -> list[str]:
+    with pytest.raises(cfg.ConfigError) as err:
+        cfg.load_config(None, list(sets))
+    return err.value.problems
+
+
+def test_unknown_strategy_lists_every_available_one():
+    (problem,) = _problems("strategy.name=fedavg2")
+    assert "unknown strategy 'fedavg2'" in problem
+    assert all(name in problem for name in STRATEGIES)
+    with pytest.raises(ValueError, match="available"):
+        build_strategy(cfg.RunConfig(strategy=cfg.StrategySection(name="nope")))
+
+
+def test_bad_parameters_are_all_reported_with_their_range():
+    problems = "\n".join(_problems("strategy.trim-fraction=0.6", "strategy.beta1=1.5", "strategy.tau=0",
+                                   "strategy.norm-bound=1", "strategy.norm-bound-relative=2",
+                                   "strategy.proximal-mu=-1", "strategy.byzantine=-1"))
+    for text in ("trim-fraction: 0.6 not in [0, 0.5)", "beta1: 1.5 not in [0, 1)", "tau: 0.0 must be > 0",
+                 "set at most one", "proximal-mu: -1.0 must be >= 0", "byzantine: -1 must be >= 0"):
+        assert text in problems
+    assert "unknown key strategy.momentum" in _problems("strategy.momentum=0.9")[0]
+
+
+def test_every_strategy_builds_from_the_default_configuration():
+    for name in STRATEGIES:
+        extra = ["federation.min-sites=5"] if "krum" in name else []
+        assert build_strategy(cfg.load_config(None, [f"strategy.name={name}", *extra])).name == name
+
+
+def test_krum_needs_enough_sites_per_round():
+    (problem,) = _problems("strategy.name=krum", "strategy.byzantine=2")
+    assert "needs at least 7 updates per round" in problem
+
+
+def test_heterogeneous_ranks_are_checked():
+    cfg.load_config(None, ["strategy.name=flora", "simulation.site-ranks=8,4,4,2"])
+    cfg.load_config(None, ["strategy.name=ffa", "simulation.site-ranks=8,4,4,2"])
+    (problem,) = _problems("strategy.name=median", "simulation.site-ranks=8,4,4,2")
+    assert "cannot take heterogeneous ranks" in problem
+    problems = "\n".join(_problems("simulation.site-ranks=8,16,x"))
+    assert "'x' is not an integer rank" in problems
+    problems = "\n".join(_problems("simulation.site-ranks=8,16,4"))
+    assert "3 ranks for federation.num-sites = 4" in problems and "[16] not in 1..lora.rank = 8" in problems
+
+
+def test_secure_aggregation_refuses_non_linear_strategies_and_says_why():
+    base = ["secagg.enabled=true", "federation.min-sites=3"]
+    cfg.load_config(None, [*base, "strategy.name=ffa"])
+    for name in ("flora", "fedex", "median", "krum"):
+        problems = "\n".join(_problems(*base, f"strategy.name={name}", "federation.min-sites=5"))
+        assert "cannot run under secure aggregation" in problems and "only learns the sum" in problems
+    problems = "\n".join(_problems(*base, "strategy.name=fedit", "strategy.norm-bound=1"))
+    assert "cannot bound the norm" in problems
+
+
+def test_client_level_dp_refuses_strategies_without_a_bounded_sum():
+    problems = "\n".join(_problems("privacy.client-dp=true", "strategy.name=fedex"))
+    assert "cannot be combined with client-level DP" in problems
+    assert "no proximal term" in "\n".join(_problems("privacy.enabled=true", "strategy.name=fedprox"))
+
+
+def test_attack_options_are_checked():
+    problems = "\n".join(_problems("simulation.attack=flip-labels", "simulation.attack-sites=7"))
+    assert "[7] not in 0..3" in problems
+    assert "not one of" in _problems("simulation.attack=backdoor")[0]
+
+
+def test_docs_table_is_the_generated_one():
+    docs = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    assert compatibility_table() in docs
