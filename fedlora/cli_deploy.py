@@ -88,29 +88,6 @@ def _coordinator_unregister(args: argparse.Namespace) -> int:
     return 0
 
 
-def _coordinator_start(args: argparse.Namespace) -> int:
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-    from fedlora.server.deploy import start
-
-    _logging()
-    try:
-        return start(CoordinatorHome.load(args.dir))
-    except (CoordinatorError, RuntimeError) as err:
-        return _fail("coordinator start", err)
-
-
-def _coordinator_stop(args: argparse.Namespace) -> int:
-    from fedlora.processes import signal_pid_file
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-
-    try:
-        pid = signal_pid_file(CoordinatorHome.load(args.dir).pid_file)
-    except CoordinatorError as err:
-        return _fail("coordinator stop", err)
-    print(f"stopping the coordinator (pid {pid})" if pid else "the coordinator is not running")
-    return 0
-
-
 # -- site ---------------------------------------------------------------------
 def _site_init(args: argparse.Namespace) -> int:
     from fedlora.client.site_home import SiteError, init_site, public_key_line
@@ -144,26 +121,44 @@ def _site_check_data(args: argparse.Namespace) -> int:
     return 1 if report.schema_errors or (args.strict and report.problems) else 0
 
 
-def _site_start(args: argparse.Namespace) -> int:
-    from fedlora.client.deploy import start
-    from fedlora.client.site_home import SiteError, SiteHome
+# -- start / stop (coordinator and site alike) ------------------------------------
+def _home(what: str, folder: str):
+    """The coordinator's or the site's folder, loaded."""
+    if what == "coordinator":
+        from fedlora.server.coordinator_home import CoordinatorHome
+
+        return CoordinatorHome.load(folder)
+    from fedlora.client.site_home import SiteHome
+
+    return SiteHome.load(folder)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from fedlora.client.site_home import SiteError
+    from fedlora.server.coordinator_home import CoordinatorError
 
     _logging()
     try:
-        return start(SiteHome.load(args.dir))
-    except (SiteError, FileNotFoundError) as err:
-        return _fail("site start", err)
+        home = _home(args.what, args.dir)
+        if args.what == "coordinator":
+            from fedlora.server.deploy import start
+        else:
+            from fedlora.client.deploy import start
+        return start(home)
+    except (CoordinatorError, SiteError, RuntimeError, FileNotFoundError) as err:
+        return _fail(f"{args.what} start", err)
 
 
-def _site_stop(args: argparse.Namespace) -> int:
-    from fedlora.client.site_home import SiteError, SiteHome
+def _stop(args: argparse.Namespace) -> int:
+    from fedlora.client.site_home import SiteError
     from fedlora.processes import signal_pid_file
+    from fedlora.server.coordinator_home import CoordinatorError
 
     try:
-        pid = signal_pid_file(SiteHome.load(args.dir).pid_file)
-    except SiteError as err:
-        return _fail("site stop", err)
-    print(f"stopping the site (pid {pid})" if pid else "the site is not running")
+        pid = signal_pid_file(_home(args.what, args.dir).pid_file)
+    except (CoordinatorError, SiteError) as err:
+        return _fail(f"{args.what} stop", err)
+    print(f"stopping the {args.what} (pid {pid})" if pid else f"the {args.what} is not running")
     return 0
 
 
@@ -252,11 +247,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                     "address, a TLS proxy that forwards only the Fleet API. Runs until Ctrl-C, "
                                     "SIGTERM or `fedlora coordinator stop`.")
     p.add_argument("--dir", default=".", help=dir_help)
-    p.set_defaults(func=_coordinator_start)
+    p.set_defaults(func=_start, what="coordinator")
 
     p = csub.add_parser("stop", help="stop a running coordinator")
     p.add_argument("--dir", default=".", help=dir_help)
-    p.set_defaults(func=_coordinator_stop)
+    p.set_defaults(func=_stop, what="coordinator")
 
     site = sub.add_parser("site", help="take part in a federation as a hospital (Flower SuperNode)",
                           formatter_class=RAW, description=(
@@ -312,11 +307,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                                     "which connects to the coordinator over TLS with the site's key. Runs until "
                                     "Ctrl-C, SIGTERM or `fedlora site stop`; a restart keeps the privacy ledger.")
     p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
-    p.set_defaults(func=_site_start)
+    p.set_defaults(func=_start, what="site")
 
     p = ssub.add_parser("stop", help="stop a running site")
     p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
-    p.set_defaults(func=_site_stop)
+    p.set_defaults(func=_stop, what="site")
 
     run = sub.add_parser("run", help="submit a training run to the coordinator and follow it",
                          formatter_class=RAW, description=(

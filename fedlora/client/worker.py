@@ -130,8 +130,8 @@ def serve(socket_path: Path, parent_pid: int | None = None) -> None:
         with conn:
             try:
                 _handle(conn, __version__)
-            except (ConnectionError, OSError, ValueError) as err:
-                log.warning("dropped a ClientApp request: %s", err)
+            except Exception:  # noqa: BLE001 - a bad request must not stop the site's worker
+                log.exception("dropped a ClientApp request")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fedlora.processes import start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
+from fedlora.processes import port_open, start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
 from fedlora.server import fleet_proxy, registry
 from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome, split_address
 from fedlora.server.flwr_cli import FlowerCommandFailed, call_json, flower_env
@@ -64,6 +64,9 @@ def start(home: CoordinatorHome) -> int:
     _check_ready(home)
     stop_on_sigterm()  # uvicorn handles SIGTERM itself while the proxy serves
     listen_host, listen_port = split_address(home.listen)
+    if port_open("127.0.0.1", home.superlink_port):
+        raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
+                               "set superlink-port in coordinator.toml")
     home.logs.mkdir(parents=True, exist_ok=True)
     home.database.parent.mkdir(parents=True, exist_ok=True)
     write_pid_file(home.pid_file)
