@@ -65,26 +65,27 @@ def _coordinator_renew(args: argparse.Namespace) -> int:
 
 
 def _coordinator_register(args: argparse.Namespace) -> int:
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-    from fedlora.server.flwr_cli import FlowerCommandFailed
     from fedlora.server.registry import add_site
 
-    try:
-        print(add_site(CoordinatorHome.load(args.dir), args.name, Path(args.key), args.replace))
-    except (CoordinatorError, FlowerCommandFailed) as err:
-        return _fail("coordinator register-site", err)
-    return 0
+    return _report("coordinator register-site",
+                   lambda home: add_site(home, args.name, Path(args.key), args.replace), args.dir)
 
 
 def _coordinator_unregister(args: argparse.Namespace) -> int:
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-    from fedlora.server.flwr_cli import FlowerCommandFailed
     from fedlora.server.registry import remove_site
 
+    return _report("coordinator unregister-site", lambda home: remove_site(home, args.name), args.dir)
+
+
+def _report(command: str, action, folder: str) -> int:
+    """Run `action(coordinator folder)` and print the line it returns, or the error."""
+    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
+    from fedlora.server.flwr_cli import FlowerCommandFailed
+
     try:
-        print(remove_site(CoordinatorHome.load(args.dir), args.name))
+        print(action(CoordinatorHome.load(folder)))
     except (CoordinatorError, FlowerCommandFailed) as err:
-        return _fail("coordinator unregister-site", err)
+        return _fail(command, err)
     return 0
 
 

@@ -278,12 +278,13 @@ def inprocess_run(tmp_path, tiny_bert_dir):
     from fedlora.simulations.inprocess import RUN_ID, InProcessGrid
     from fedlora.simulations.launcher import infer_labels
 
-    def run(node_configs: list[dict], rounds: int, name: str) -> Path:
+    def run(node_configs: list[dict], rounds: int, name: str, *settings: str) -> Path:
         out = tmp_path / name
         config = cfg.load_config(None, [f'model.name="{tiny_bert_dir}"', "model.max-length=32",
                                         f"federation.num-sites={len(node_configs)}", f"federation.rounds={rounds}",
                                         "federation.min-sites=2", "data.records-per-site=24",
-                                        "train.local-steps=1", "train.batch-size=8", f'output.dir="{out}"'])
+                                        "train.local-steps=1", "train.batch-size=8", f'output.dir="{out}"',
+                                        *settings])
         flat = infer_labels(config).to_flat()
         grid = InProcessGrid(relay_app, flat, len(node_configs))
         for context, extra in zip(grid.contexts.values(), node_configs):
@@ -313,27 +314,41 @@ def test_broken_updates_of_every_kind_are_rejected_and_the_others_aggregated(inp
     assert all(np.isfinite(r["train_loss"]) for r in rows)
 
 
-def test_relay_answers_through_the_site_worker_and_keeps_the_model_loaded(inprocess_run, tmp_path):
+@pytest.fixture()
+def worker_sockets():
+    """Three site workers, each serving on its own Unix socket in a thread of this process."""
     from fedlora.client.worker import serve
 
-    sockets = [Path(f"/tmp/fedlora-test-{os.getpid()}-{i}.sock") for i in range(2)]  # AF_UNIX paths are short
+    sockets = [Path(f"/tmp/fedlora-test-{os.getpid()}-{i}.sock") for i in range(3)]  # AF_UNIX paths are short
     for path in sockets:
         threading.Thread(target=serve, args=(path,), daemon=True).start()
-    try:
-        for path in sockets:
-            _wait_for_socket(path)
-        nodes = [{"worker-socket": str(path), "state-dir": str(tmp_path / f"state{i}")}
-                 for i, path in enumerate(sockets)]
-        out = inprocess_run(nodes, rounds=2, name="worker")
-    finally:
-        for path in sockets:
-            path.unlink(missing_ok=True)
+    for path in sockets:
+        _wait_for_socket(path)
+    yield sockets
+    for path in sockets:
+        path.unlink(missing_ok=True)
+
+
+def test_relay_answers_through_the_site_worker_and_keeps_the_model_loaded(inprocess_run, worker_sockets, tmp_path):
+    nodes = [{"worker-socket": str(path), "state-dir": str(tmp_path / f"state{i}")}
+             for i, path in enumerate(worker_sockets[:2])]
+    out = inprocess_run(nodes, rounds=2, name="worker")
     assert [r["round"] for r in _rows(out)] == [1, 2]
     timings = [json.loads(x) for x in (tmp_path / "state0" / "timings.jsonl").read_text().splitlines()]
     assert [t["type"] for t in timings] == ["train", "evaluate", "train", "evaluate"]
     assert all(t["mode"] == "worker" for t in timings)
     assert all(t["load_seconds"] < 0.5 for t in timings[1:])  # loaded by the first message only
     assert timings[0]["train_seconds"] > 0
+
+
+def test_secure_aggregation_through_the_site_worker_keeps_the_secrets_in_the_context(inprocess_run, worker_sockets,
+                                                                                      tmp_path):
+    # The SecAgg+ stages keep each site's private keys and shares in context.state between
+    # messages: the worker must hand the updated state back, or the later stages fail.
+    nodes = [{"worker-socket": str(path)} for path in worker_sockets]
+    out = inprocess_run(nodes, 1, "secagg", "secagg.enabled=true", "federation.min-sites=3",
+                        "secagg.max-weight=100")
+    assert [(r["round"], r["sites"]) for r in _rows(out)] == [(1, 3)]
 
 
 def _wait_for_socket(path: Path, timeout: float = 120) -> None:
@@ -355,3 +370,18 @@ def test_relay_without_a_worker_runs_the_message_itself(inprocess_run, tmp_path)
     assert [r["sites"] for r in _rows(out)] == [2]
     timings = [json.loads(x) for x in (tmp_path / "s0" / "timings.jsonl").read_text().splitlines()]
     assert {t["mode"] for t in timings} == {"in-process"} and "import_seconds" in timings[0]
+
+
+def test_run_needs_a_running_coordinator_and_the_label_list(tmp_path, capsys):
+    from fedlora.server.submit import resolve
+
+    from fedlora.simulations.loopback import free_ports
+
+    listen, superlink = free_ports(2)  # nothing listens there
+    home = init_coordinator(tmp_path / "c", [], f"127.0.0.1:{listen}", superlink)
+    assert fedlora_main(["run", "--dir", str(home.path), "--set", "task.labels=a,b"]) == 1
+    assert "not running" in capsys.readouterr().err
+    with pytest.raises(cfg.ConfigError, match="task.labels"):
+        resolve(home, cfg.load_config(None, []), None, resume=False)
+    config, out = resolve(home, cfg.load_config(None, ["task.labels=a,b"]), None, resume=True)
+    assert out.parent == home.runs and config.output.dir == str(out) and config.output.resume

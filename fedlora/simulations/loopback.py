@@ -27,8 +27,10 @@ from fedlora.server.flwr_cli import call_json
 from fedlora.server.registry import add_site
 
 LABELS = ",".join(synthetic.LABELS)
+# One torch thread per process: here all sites share one machine (a real site has its own), and
+# several processes each spinning a thread per core slow everyone down (Ray's simulation does the same).
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}
+       "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 
 
 def free_ports(n: int) -> list[int]:
