@@ -7,7 +7,8 @@ from fedlora.data import synthetic
 from fedlora.data.partition import partition_indices, train_eval_split
 from fedlora.data.readers import DataError, read_rows, site_files
 from fedlora.data.sites import simulated_site_data
-from fedlora.tasks import CausalLMTask, ClassificationTask
+from fedlora.simulations.launcher import infer_labels
+from fedlora.tasks import CausalLMTask, ClassificationTask, build_task
 
 TASK = ClassificationTask("text", "label", ["a", "b"])
 
@@ -103,6 +104,27 @@ def test_synthetic_sites_are_deterministic_and_non_iid():
     assert sum("c/o" in r["text"] for r in synthetic.site_records(0, 4, 200)) < 30
     test = synthetic.central_test_records(100)
     assert {r["label"] for r in test} == set(synthetic.LABELS)
+
+
+def _label_spread(alpha):
+    mixes = [[sum(r["label"] == lab for r in synthetic.site_records(k, 4, 400, alpha=alpha)) / 400
+              for lab in synthetic.LABELS] for k in range(4)]
+    return max(max(abs(a - b) for a, b in zip(m1, m2)) for m1 in mixes for m2 in mixes)
+
+
+def test_synthetic_corpus_follows_the_partition_keys():
+    # IID: every site the same label and style mix (only sampling noise and the 8% label noise differ).
+    assert _label_spread(None) < 0.12
+    assert _label_spread(0.1) > _label_spread(1.0) > _label_spread(None)
+    assert sum("c/o" in r["text"] for r in synthetic.site_records(1, 4, 200, alpha=None)) < 100
+    assert synthetic.site_records(2, 4, 50) == synthetic.site_records(2, 4, 50, alpha=0.5)  # the default scenario
+    with pytest.raises(ValueError, match="alpha"):
+        synthetic.site_records(0, 4, 10, alpha=0)
+    iid = cfg.load_config(None, ["data.partition=iid", "data.records-per-site=40"])
+    rows = simulated_site_data(1, 4, iid, build_task(infer_labels(iid)))
+    assert len(rows.train) + len(rows.eval) == 40
+    with pytest.raises(cfg.ConfigError, match="needs data.path"):
+        cfg.load_config(None, ["data.partition=column", "data.partition-column=site"])
 
 
 def test_simulated_site_reads_its_share_of_one_file(tmp_path):

@@ -38,7 +38,8 @@ def deployed_site_data(path: str, site_name: str, config, task) -> SiteData:
 def simulated_site_data(partition_id: int, num_partitions: int, config, task) -> SiteData:
     d = config.data
     if not d.path:
-        rows = synthetic.site_records(partition_id, num_partitions, d.records_per_site, d.seed)
+        alpha = None if d.partition == "iid" else d.dirichlet_alpha  # the corpus honours the partition keys
+        rows = synthetic.site_records(partition_id, num_partitions, d.records_per_site, d.seed, alpha)
         return _split(f"site-{partition_id}", rows, config, source="synthetic triage corpus")
     path = Path(d.path)
     if path.is_dir():

@@ -132,17 +132,20 @@ def site_style(site: int) -> str:
     return STYLES[site % len(STYLES)]
 
 
-def site_records(site: int, num_sites: int, n: int, seed: int = 0) -> list[dict]:
-    """Rows of site `site`: its own label mix, mostly its own writing style."""
+def site_records(site: int, num_sites: int, n: int, seed: int = 0, alpha: float | None = 0.5) -> list[dict]:
+    """Rows of site `site`: its own label mix (Dirichlet(alpha) over departments), mostly its own
+    writing style. alpha=None: IID, every site draws labels and styles from the same distribution."""
     if not 0 <= site < num_sites:
         raise ValueError(f"site {site} not in [0, {num_sites})")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (or None for IID), got {alpha}")
     rng = random.Random(f"site:{seed}:{site}")
-    mix = site_label_mix(num_sites, seed)[site]
+    mix = np.full(len(LABELS), 1 / len(LABELS)) if alpha is None else site_label_mix(num_sites, seed, alpha)[site]
     own = site_style(site)
     rows = []
     for _ in range(n):
         label = rng.choices(LABELS, weights=mix)[0]
-        style = own if rng.random() < 0.9 else rng.choice(STYLES)
+        style = own if alpha is not None and rng.random() < 0.9 else rng.choice(STYLES)
         rows.append({"text": _note(rng, label, style), "label": _noisy(rng, label)})
     return rows
 
