@@ -13,8 +13,8 @@ import logging
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import wire
-from fedlora.arrays import to_record
+from fedlora import compression, wire
+from fedlora.arrays import State, from_record, to_record
 from fedlora.client import secure
 from fedlora.client.runtime import SiteRuntime, site_runtime
 from fedlora.client.site_strategy import SitePlan
@@ -23,6 +23,7 @@ from fedlora.training import evaluate_counts, local_train
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+RESIDUAL = "fedlora-compression-residual"  # context.state: what earlier compressed uploads lost
 
 
 class BaseModelMismatch(RuntimeError):
@@ -36,6 +37,20 @@ def _set_global(rt: SiteRuntime, msg: Message, plan: SitePlan) -> dict:
             f"site {rt.data.name}: base model weights differ from the coordinator's "
             f"(fingerprint {rt.loaded.fingerprint} != {expected}); check model.name and its files")
     return plan.start(msg)  # base correction, site rank, the site's own B (see site_strategy)
+
+
+def _compress(rt: SiteRuntime, context: Context, delta: State) -> State:
+    """The update as [compression] encodes it; with error feedback, the residual of earlier
+    rounds is added first and the new one kept in the node's context state (never sent)."""
+    z = rt.config.compression
+    if z.method == "none" or rt.config.secagg.enabled:  # secure aggregation masks the dense update
+        return delta
+    if not (z.error_feedback and z.method in compression.FEEDBACK_METHODS):
+        return compression.encode(delta, z.method, z.topk_fraction)
+    residual = from_record(context.state[RESIDUAL]) if RESIDUAL in context.state else {}
+    encoded, residual = compression.encode_with_feedback(delta, residual, z.method, z.topk_fraction)
+    context.state[RESIDUAL] = to_record(residual)
+    return encoded
 
 
 def _site_record(rt: SiteRuntime) -> ConfigRecord:
@@ -63,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
             result = local_train(rt.loaded.model, rt.task, plan.examples(), rt.config.train, rt.pad_id, seed,
                                  extra_loss=extra_loss)
     delta = plan.update(global_state)
+    upload = _compress(rt, context, delta)  # [compression]; the update itself when off
     log.info("site %s round %d: %d steps, loss %.4f, %.1fs", rt.data.name, server_round,
              result.steps, result.mean_loss, result.seconds)
     metrics = MetricRecord({
@@ -72,7 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         wire.LOCAL_STEPS: result.steps,
         wire.LORA_RANK: rt.rank,
     })
-    content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
+    content = RecordDict({wire.ARRAYS: to_record(upload), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
     if private is not None:  # the loss is data-dependent and not noised: it stays at the site
         del metrics[wire.TRAIN_LOSS]
         metrics.update(private.metrics)

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from fedlora import wire
 from fedlora.arrays import State, from_record, payload_bytes, to_record
+from fedlora.compression import decode
 from fedlora.frozen_base import set_base_correction
 from fedlora.privacy.server import ServerPrivacy, is_budget_refusal
 from fedlora.server.central import CentralEvaluator
@@ -106,6 +107,17 @@ class Coordinator:
             log.warning("round %d %s: %s", server_round, message_type, failure)
         return result
 
+    def upload(self, reply: Message, global_state: State) -> tuple[State, str | None]:
+        """A train reply's update as dense float32 tensors (decoded under [compression]), or why not."""
+        method = self.config.compression.method
+        if method == "none":
+            return from_record(reply.content[wire.ARRAYS]), None
+        try:  # bounded by the global adapter's size, so a forged encoding cannot exhaust memory
+            return decode(from_record(reply.content[wire.ARRAYS]), method,
+                          max_elements=sum(v.size for v in global_state.values())), None
+        except ValueError as err:
+            return {}, f"malformed {method} upload: {err}"
+
     # -- phases ---------------------------------------------------------------
     def train_round(self, nodes: list[int], global_state: State, server_round: int) -> tuple[State, dict]:
         if self.secure is not None:  # secure aggregation: only the sum is revealed (server/secure_round.py)
@@ -117,8 +129,9 @@ class Coordinator:
             site = _site_name(reply)
             metrics = dict(reply.content[wire.METRICS])
             weight = float(metrics.get(wire.NUM_EXAMPLES, 0))
-            update = SiteUpdate(site, weight, from_record(reply.content[wire.ARRAYS]), metrics)
-            problem = self.strategy.check_upload(update, global_state)  # tensors, shapes, the site's rank
+            delta, problem = self.upload(reply, global_state)
+            update = SiteUpdate(site, weight, delta, metrics)
+            problem = problem or self.strategy.check_upload(update, global_state)  # tensors, shapes, rank
             if problem is None and weight <= 0:
                 problem = f"non-positive weight {weight}"
             if problem:
