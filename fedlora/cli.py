@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedlora.cli_deploy import add_commands as add_deploy_commands
 
     add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
+    from fedlora.bench.runner import add_parser as add_bench_parser
+
+    add_bench_parser(sub)  # `fedlora bench`
     return parser
 
 

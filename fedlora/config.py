@@ -73,7 +73,9 @@ class DataConfig:
         "file split across simulated sites; empty: the built-in synthetic triage corpus."
     )
     partition: str = _opt(
-        "dirichlet", "How one file is split across sites.", ("iid", "dirichlet", "column")
+        "dirichlet", "How one file is split across sites; for the synthetic corpus, iid gives every site "
+        "the same label and style mix, dirichlet a Dirichlet(dirichlet-alpha) label mix and its own style.",
+        ("iid", "dirichlet", "column")
     )
     dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration for label skew (smaller: more skew).")
     partition_column: str = _opt("", "With partition = 'column': the column naming each row's site.")
@@ -134,6 +136,11 @@ class StrategySection:
 class OutputConfig:
     dir: str = _opt("", "Run directory the coordinator writes; empty: runs/<timestamp>.")
     resume: bool = _opt(False, "Resume from the run directory's last checkpoint.")
+    tracking: str = _opt(
+        "none", "Also log each metrics row (numbers only, step = round) to an experiment tracker: "
+        "tensorboard (event files in DIR/tensorboard) or mlflow (a local store in DIR/mlruns). "
+        "Needs `pip install 'fedlora[tracking]'` at the coordinator; sites need nothing.",
+        ("none", "tensorboard", "mlflow"))
 
 
 @dataclass
@@ -241,6 +248,21 @@ class SecAggSection:
         "share-keys, masked-input, unmask), in every round or only the given one. Deployed sites ignore it.")
 
 
+@dataclass
+class CompressionSection:
+    """Compression of the update each site uploads (fedlora/compression.py, docs/compression.md)."""
+
+    method: str = _opt(
+        "none", "Upload compression: none; fp16 (half precision, 1/2 the bytes); int8 (per-tensor "
+        "symmetric 8-bit, round to nearest, ~1/4); topk (per tensor the topk-fraction largest-magnitude "
+        "entries as int32 index + float32 value, ~2*topk-fraction). Not with secagg.enabled.",
+        ("none", "fp16", "int8", "topk"))
+    topk_fraction: float = _opt(0.1, "topk: share of each tensor's entries a site sends, in (0, 1].")
+    error_feedback: bool = _opt(
+        True, "int8/topk: each site adds what earlier uploads lost (its residual, kept in the node's "
+        "context state) to its next update, so compression errors do not accumulate.")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "lora": LoraSection,
@@ -253,6 +275,7 @@ SECTIONS: dict[str, type] = {
     "simulation": SimulationConfig,
     "privacy": PrivacyConfig,
     "secagg": SecAggSection,
+    "compression": CompressionSection,
 }
 
 
@@ -269,6 +292,7 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggSection = field(default_factory=SecAggSection)
+    compression: CompressionSection = field(default_factory=CompressionSection)
 
     # -- derived views -------------------------------------------------------
     @property
@@ -402,6 +426,7 @@ def _semantic_problems(c: RunConfig) -> list[str]:
     need(c.data.records_per_site >= 10, f"data.records-per-site: {c.data.records_per_site} must be >= 10")
     if c.data.partition == "column":
         need(c.data.partition_column != "", "data.partition-column: required when data.partition = 'column'")
+        need(c.data.path != "", "data.partition = 'column' needs data.path (the synthetic corpus has no site column)")
     need(c.federation.num_sites >= 1, f"federation.num-sites: {c.federation.num_sites} must be >= 1")
     need(c.federation.rounds >= 1, f"federation.rounds: {c.federation.rounds} must be >= 1")
     need(0 < c.federation.fraction_train <= 1,
@@ -442,6 +467,12 @@ def _semantic_problems(c: RunConfig) -> list[str]:
     from fedlora.privacy.secagg.validation import secagg_problems  # late: imports config types
 
     p += secagg_problems(c)
+    z = c.compression
+    need(0 < z.topk_fraction <= 1, f"compression.topk-fraction: {z.topk_fraction} not in (0, 1]")
+    need(z.method == "none" or not c.secagg.enabled,
+         f"compression.method = {z.method!r} cannot run with secagg.enabled: secure aggregation already "
+         "fixed-point encodes each update (secagg.bytes-per-param sets its width) and its masks need the "
+         "dense vector; set compression.method = 'none'")
     return p
 
 

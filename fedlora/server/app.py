@@ -58,6 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     config = cfg.from_flat(context.run_config)
     rundir = run_directory(config)
     rundir.write_config(config.to_toml())
+    rundir.start_tracking(config.output.tracking)  # output.tracking: metrics rows mirrored to TensorBoard/MLflow
     task = build_task(config)
     loaded = load_model(config, task)
     strategy = build_strategy(config)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import sys
 from pathlib import Path
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 WIDTH, HEIGHT, PAD, LEGEND = 540, 260, 56, 16
+MAX_X_TICKS = 10  # round labels on the x axis, at most
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "") -> str:
@@ -44,7 +46,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label
     for frac in (0.0, 0.5, 1.0):
         y = y0 + frac * (y1 - y0)
         parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="10">{_tick(y)}</text>')
-    for x in sorted(set(xs)):
+    ticks = sorted(set(xs))
+    for x in ticks[::math.ceil(len(ticks) / MAX_X_TICKS)]:
         parts.append(f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD + 14}" text-anchor="middle" font-size="10">{x:g}</text>')
     parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT - PAD + 30}" text-anchor="middle" font-size="11">round</text>')
     if y_label:
@@ -55,6 +58,9 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(pts))
         parts.append(f'<polyline class="series" data-name="{html.escape(name)}" fill="none" stroke="{colour}" '
                      f'stroke-width="2" points="{path}"/>')
+        if len(pts) == 1:  # one round: a line of one point has no length, so draw the point
+            x, y = pts[0]
+            parts.append(f'<circle class="point" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>')
         legend_y = HEIGHT + LEGEND * i + 4
         parts.append(f'<line x1="{PAD}" y1="{legend_y - 4}" x2="{PAD + 20}" y2="{legend_y - 4}" stroke="{colour}" '
                      f'stroke-width="2"/><text x="{PAD + 26}" y="{legend_y}" font-size="11">{html.escape(name)}</text>')
@@ -70,8 +76,13 @@ def _tick(y: float) -> str:
     return f"{y:.3g}"
 
 
+def _number(v) -> bool:
+    """A value a chart can draw: a finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _series(rows: list[dict], *keys: str) -> dict[str, list[tuple[float, float]]]:
-    return {k: [(r["round"], float(r[k])) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    return {k: [(r["round"], float(r[k])) for r in rows if _number(r.get(k))] for k in keys}
 
 
 def _site_epsilon(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -79,8 +90,9 @@ def _site_epsilon(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         for site, eps in (r.get("epsilon_per_site") or {}).items():
-            out.setdefault(f"ε {site}", []).append((r["round"], float(eps)))
-    return out or _series(rows, "epsilon")
+            if _number(eps):
+                out.setdefault(f"ε {site}", []).append((r["round"], float(eps)))
+    return {**(out or _series(rows, "epsilon")), **_series(rows, "client_epsilon")}  # + client-level DP
 
 
 def _table(rows: list[list], header: list[str]) -> str:
@@ -97,6 +109,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _sites(summary: dict) -> dict[str, dict]:
+    """Per site: what the coordinator saw (last round) and, under DP-SGD, the privacy it reported."""
+    sites = {name: dict(v) for name, v in summary.get("sites", {}).items()}
+    for name, spend in ((summary.get("privacy") or {}).get("site_level", {}).get("sites") or {}).items():
+        row = sites.setdefault(name, {})
+        for key, value in spend.items():
+            if key == "ledger_head":  # a hash: its start is enough to compare with the site's ledger
+                value = str(value)[:16]
+            row.setdefault(key, value)
+    return sites
+
+
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -111,10 +135,10 @@ def render(run_dir: str | Path) -> str:
         line_chart("Bytes per round", _series(rows, "bytes_up", "bytes_down"), "bytes"),
         line_chart("Aggregation error", _series(rows, "aggregation_error"), "relative error"),
     ]
-    keys = [k for k in rows[0] if k not in ("epsilon_per_site",)] if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "epsilon_per_site"))  # columns of any round
     round_table = _table([[r.get(k, "") for k in keys] for r in rows], keys)
-    sites = summary.get("sites", {})
-    site_cols = sorted({k for v in sites.values() for k in v})
+    sites = _sites(summary)
+    site_cols = list(dict.fromkeys(k for v in sites.values() for k in v))
     site_table = _table([[name, *[v.get(k, "") for k in site_cols]] for name, v in sorted(sites.items())],
                         ["site", *site_cols]) if sites else "<p>No per-site information.</p>"
     params = summary.get("parameters", {})
@@ -139,7 +163,7 @@ th {{ background: #f3f3f3; }}
 <div class="plots">{''.join(c for c in charts if c)}</div>
 <div class="wide">{round_table}</div>
 <h2>Per site</h2>
-{site_table}
+<div id="sites" class="wide">{site_table}</div>
 <h2>Run</h2>
 {_table(facts, ["", "value"])}
 </body></html>

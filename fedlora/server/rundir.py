@@ -4,6 +4,7 @@
     metrics.jsonl   one JSON object per round
     summary.json    final figures, totals, parameter counts, versions
     config.toml     the resolved configuration
+    tensorboard/, mlruns/  with output.tracking: the metrics rows mirrored to a tracker
     checkpoints/    what a restarted server needs to resume
     predictions.jsonl  the final adapter's predictions on the central test set
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 State = dict[str, np.ndarray]
+log = logging.getLogger(__name__)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -42,6 +45,9 @@ class RunDirectory:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
+        self.tracking = "none"  # output.tracking: where append_metrics mirrors each row
+        self._tracker = None  # opened at the first row, once a resume (truncate_metrics) is known
+        self._resumed_after: int | None = None
 
     @property
     def metrics_path(self) -> Path:
@@ -50,11 +56,39 @@ class RunDirectory:
     def write_config(self, toml_text: str) -> None:
         _atomic_write(self.path / "config.toml", toml_text)
 
+    def start_tracking(self, kind: str) -> None:
+        """Mirror each metrics row to the tracker `kind` (fedlora.server.tracking); raises a
+        ConfigError naming the pip extra now, at the start of the run, if its package is missing."""
+        from fedlora.server.tracking import require
+
+        require(kind)
+        self.tracking = kind
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+        if self.tracking != "none":
+            self._track(row)
+
+    def _track(self, row: dict[str, Any]) -> None:
+        """A tracker is a view: when it fails the run goes on, metrics.jsonl holds every row."""
+        try:
+            if self._tracker is None:
+                from fedlora.server.tracking import open_tracker
+
+                self._tracker = open_tracker(self.tracking, self.path, self._resumed_after)
+            self._tracker.log(row)
+        except Exception as err:  # any failure of the tracker: reported, and the run goes on
+            log.warning("output.tracking = %r failed at round %s (%s: %s); tracking stops, %s has every row",
+                        self.tracking, row.get("round"), type(err).__name__, err, self.metrics_path)
+            self.tracking, self._tracker = "none", None
+
+    def close_tracking(self) -> None:
+        tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            tracker.close()
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
@@ -65,6 +99,7 @@ class RunDirectory:
         """Drop rows after the checkpoint being resumed, so no round appears twice."""
         rows = [r for r in self.read_metrics() if r["round"] <= last_round]
         _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._resumed_after = last_round  # the tracker logs the rounds after it again
 
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, ckpt: Checkpoint, keep: int = 2) -> None:
@@ -95,7 +130,9 @@ class RunDirectory:
                           _join_arrays(state["strategy"], arrays), state["extra"])
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """The run's final figures; the run is over, so its tracker is closed."""
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))
+        self.close_tracking()
 
 
 def _split_arrays(tree: Any, prefix: str = "") -> tuple[dict[str, np.ndarray], Any]:

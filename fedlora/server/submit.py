@@ -23,7 +23,9 @@ from fedlora.processes import stop_tree
 from fedlora.server.coordinator_home import CoordinatorHome
 from fedlora.server.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
 from fedlora.server.registry import superlink_running
-from fedlora.simulations.launcher import flower_app_pyproject, show_progress
+from fedlora.server.tracking import require as require_tracking
+from fedlora.progress import echo, progress
+from fedlora.simulations.launcher import flower_app_pyproject, round_line, watch_rounds
 
 RELAY_CLIENTAPP = "fedlora.client.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
@@ -43,6 +45,7 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
     if config.task.type == "classification" and not config.label_names:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "
                                "does not see the sites' data); list every label, in the same order at every site"])
+    require_tracking(config.output.tracking)  # the ServerApp runs on this host: check before submitting
     if not resume and (out / "summary.json").exists():
         raise RunFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
     return config, out
@@ -87,15 +90,19 @@ def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None
 def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Path:
     log_path = out / "flower.log"
     command = [flwr_binary(), "run", str(app_dir), CONNECTION, "--stream"]
-    started, shown, run_id = time.perf_counter(), 0, None
+    started, run_id = time.perf_counter(), None
     with log_path.open("a") as log_file:
         runner = subprocess.Popen(command, env=flower_env(home.flwr_home), stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
+
+        def running() -> bool:
+            nonlocal run_id
+            run_id = run_id or _run_id(log_path, out)
+            return runner.poll() is None
+
         try:
-            while runner.poll() is None:
-                time.sleep(1.0)
-                run_id = run_id or _run_id(log_path, out)
-                shown = show_progress(out, shown, rounds)
+            for row in progress(watch_rounds(out, running), "rounds", total=rounds, unit="round"):
+                echo(round_line(row, rounds))
         except KeyboardInterrupt:
             run_id = run_id or _run_id(log_path, out)
             print(f"\nfedlora run: stopped following; run {run_id} goes on at the coordinator. Stop it with "
@@ -104,7 +111,6 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
         finally:
             stop_tree(runner.pid, timeout=5)
     _run_id(log_path, out)
-    show_progress(out, shown, rounds)
     if not (out / "summary.json").exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise RunFailed(f"the run ended without a summary (if the coordinator stopped, continue with "

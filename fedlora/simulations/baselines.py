@@ -59,7 +59,8 @@ def run_baselines(config: cfg.RunConfig) -> dict:
     for k, (site, steps) in enumerate(zip(sites, site_steps)):
         scores = train_and_score(encoded[k], steps, tc.seed + k)
         local.append({"site": site.name, "train_rows": len(encoded[k]), **scores})
-        print(f"  local-only {site.name}: test_accuracy {scores.get('test_accuracy', float('nan')):.4f}", flush=True)
+        headline = next(k for k in ("test_accuracy", "test_perplexity", "test_loss") if k in scores)
+        print(f"  local-only {site.name}: {headline} {scores[headline]:.4f}", flush=True)
     result["local_only"] = local
     return result
 

@@ -2,9 +2,10 @@
 
 It starts a private SuperLink in simulation mode (Ray backend) on a free
 loopback port, submits the fedlora Flower app with `flwr run`, shows one line
-of progress per round from the run directory, and stops the SuperLink when the
-run ends. Sites are Ray actors in separate processes: an update reaches the
-server only as a serialized Flower message, exactly as in deployment.
+of progress per round from the run directory (and a bar, on a terminal:
+fedlora.progress), and stops the SuperLink when the run ends. Sites are Ray
+actors in separate processes: an update reaches the server only as a
+serialized Flower message, exactly as in deployment.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import tomli_w
 
 from fedlora import config as cfg
+from fedlora.progress import echo, progress
+from fedlora.server.tracking import require as require_tracking
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -80,31 +84,45 @@ def infer_labels(config: cfg.RunConfig) -> cfg.RunConfig:
     return cfg.from_nested(config.to_nested(), {"task.labels": ",".join(labels)})
 
 
-def show_progress(rundir: Path, shown: int, rounds: int) -> int:
-    """Print the rows of rundir/metrics.jsonl after the first `shown`; returns the rows shown."""
-    return _progress(rundir, shown, rounds)
+def round_line(row: dict, rounds: int) -> str:
+    """The one line of progress printed for a round's metrics row."""
+    parts = [f"round {row['round']}/{rounds}"]
+    for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "test_accuracy",
+                "test_macro_f1", "eval_perplexity", "epsilon"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"{row['round_seconds']:.1f}s")
+    return "  " + " · ".join(parts)
 
 
-def _progress(rundir: Path, shown: int, rounds: int) -> int:
+def _written_rows(rundir: Path) -> list[dict]:
+    """The complete rows of rundir/metrics.jsonl (a line still being appended is left for later)."""
     metrics = rundir / "metrics.jsonl"
     if not metrics.exists():
-        return shown
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    for row in rows[shown:]:
-        parts = [f"round {row['round']}/{rounds}"]
-        for key in ("train_loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "test_accuracy",
-                    "test_macro_f1", "eval_perplexity", "epsilon"):
-            if key in row:
-                parts.append(f"{key} {row[key]:.4f}")
-        parts.append(f"{row['round_seconds']:.1f}s")
-        print("  " + " · ".join(parts), flush=True)
-    return len(rows)
+        return []
+    return [json.loads(line) for line in metrics.read_text().split("\n")[:-1] if line.strip()]
+
+
+def watch_rounds(rundir: Path, running: Callable[[], bool], poll: float = 1.0) -> Iterator[dict]:
+    """Each row of rundir/metrics.jsonl as the coordinator writes it, while `running()` holds,
+    then the rows written before it stopped."""
+    shown = 0
+    while True:
+        still = running()
+        rows = _written_rows(rundir)
+        shown = min(shown, len(rows))  # a resumed run drops the rows after its checkpoint
+        yield from rows[shown:]
+        shown = len(rows)
+        if not still:
+            return
+        time.sleep(poll)
 
 
 def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False) -> Path:
     """Run a simulated federation; returns the run directory."""
     out = Path(out).expanduser().resolve()
     config = infer_labels(cfg.from_nested(config.to_nested(), {"output.dir": str(out)}))
+    require_tracking(config.output.tracking)  # here, not in Flower's log after the engine started
     if not config.output.resume and (out / "summary.json").exists():
         raise SimulationFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
     out.mkdir(parents=True, exist_ok=True)
@@ -144,14 +162,17 @@ def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False) -> P
                        f"client-resources-num-cpus={config.simulation.cpus_per_site}"]
             runner = subprocess.Popen(run_cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                       start_new_session=True)
-            shown = 0
-            while runner.poll() is None:
-                time.sleep(1.0)
-                shown = _progress(out, shown, fed.rounds)
+
+            def running() -> bool:
+                if runner.poll() is not None:
+                    return False
                 if superlink.poll() is not None:
                     runner.kill()
-                    break
-            shown = _progress(out, shown, fed.rounds)
+                    return False
+                return True
+
+            for row in progress(watch_rounds(out, running), "rounds", total=fed.rounds, unit="round"):
+                echo(round_line(row, fed.rounds))
         finally:
             _stop(superlink)
             shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,90 @@
+"""`fedlora bench`: sections and figures are merged into the files, one suite at a time."""
+
+import json
+import sys
+import types
+
+import pytest
+
+from fedlora.bench import runner
+from fedlora.bench.quality import partition_sets, write_causal_sites
+from fedlora.bench.suite import SuiteResult, cell, markdown_table
+from fedlora.cli import main as fedlora_main
+from fedlora.data import synthetic
+
+
+def test_a_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Issue 2\nhand-written text\n")
+    runner.update_markdown(path, "quality", "### Quality\nfirst")
+    runner.update_markdown(path, "overheads", "### Overheads\nonly")
+    runner.update_markdown(path, "quality", "### Quality\nsecond")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\n## Issue 2\nhand-written text\n")
+    assert text.count(runner.PARENT_HEADING) == 1
+    assert "first" not in text and text.index("second") < text.index("### Overheads")
+    assert text.count("(begin) -->") == text.count("(end) -->") == 2
+
+
+def test_json_entries_are_merged_per_suite(tmp_path):
+    path = tmp_path / "b.json"
+    runner.update_json(path, "a", {"figures": {"x": 1}})
+    runner.update_json(path, "b", {"figures": {"y": 2}})
+    runner.update_json(path, "a", {"figures": {"x": 3}})
+    assert json.loads(path.read_text())["suites"] == {"a": {"figures": {"x": 3}}, "b": {"figures": {"y": 2}}}
+
+
+@pytest.fixture()
+def fake_suites(monkeypatch):
+    def good(ctx):
+        assert ctx.quick and ctx.folder("good").is_dir()
+        return SuiteResult({"ratio": 2.5, "items": list(ctx.progress([1, 2], "items"))}, "| a |\n|---|\n| 1 |",
+                           ["measured on a test"])
+
+    def broken(ctx):
+        raise RuntimeError("out of cheese")
+
+    for name, fn in (("good", good), ("broken", broken)):
+        module = types.ModuleType(f"fake_{name}")
+        module.NAME, module.TITLE, module.run = name, f"The {name} suite", fn
+        monkeypatch.setitem(sys.modules, f"fake_{name}", module)
+    monkeypatch.setattr(runner, "SUITES", {"broken": "fake_broken", "good": "fake_good"})
+
+
+def test_bench_writes_what_finished_and_reports_what_failed(fake_suites, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDLORA_NO_PROGRESS", "1")
+    md = tmp_path / "BENCHMARKS.md"
+    code = fedlora_main(["bench", "--quick", "--workdir", str(tmp_path / "w"), "--markdown", str(md)])
+    assert code == 1
+    assert "suite broken failed: RuntimeError: out of cheese" in capsys.readouterr().err
+    data = json.loads((tmp_path / "BENCHMARKS.quick.json").read_text())
+    entry = data["suites"]["good"]
+    assert list(data["suites"]) == ["good"]
+    assert entry["figures"] == {"ratio": 2.5, "items": [1, 2]} and entry["mode"] == "quick"
+    assert entry["command"].startswith("fedlora bench --quick --workdir") and entry["versions"]["torch"]
+    text = md.read_text()
+    assert "### The good suite (quick mode)" in text and "- measured on a test" in text
+    assert "<!-- fedlora bench: good (quick) (begin) -->" in text and "broken" not in text
+
+
+def test_unknown_suite_is_refused_with_the_list(capsys):
+    assert fedlora_main(["bench", "--only", "speed"]) == 2
+    assert "known: lora-vs-full, communication, overheads, quality" in capsys.readouterr().err
+
+
+def test_causal_scenario_files_are_instruction_rows(tmp_path):
+    sites, test = write_causal_sites(tmp_path, 3, 20, 0.1)
+    files = sorted(sites.iterdir())
+    assert [f.name for f in files] == ["site-0.jsonl", "site-1.jsonl", "site-2.jsonl"]
+    row = json.loads(files[0].read_text().splitlines()[0])
+    assert row["prompt"].startswith("Triage note: ") and row["prompt"].endswith("Department:")
+    assert row["completion"][0] == " " and row["completion"][1:] in synthetic.LABELS
+    assert len(test.read_text().splitlines()) == 200
+    assert partition_sets(None) == ("data.partition=iid",)
+    assert partition_sets(0.1) == ("data.partition=dirichlet", "data.dirichlet-alpha=0.1")
+
+
+def test_table_cells():
+    assert [cell(None), cell(0.8512), cell(30512.4), cell(1.5e-7), cell(0.0), cell("x")] == \
+        ["–", "0.851", "3.05e+04", "1.5e-07", "0.000", "x"]
+    assert markdown_table(["a", "b"], [[1, None]]) == "| a | b |\n|---|---|\n| 1 | – |"
