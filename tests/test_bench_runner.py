@@ -7,7 +7,7 @@ import types
 import pytest
 
 from fedlora.bench import runner
-from fedlora.bench.quality import partition_sets, write_causal_sites
+from fedlora.bench.quality import QUICK, markdown, partition_sets, write_causal_sites
 from fedlora.bench.suite import SuiteResult, cell, markdown_table
 from fedlora.cli import main as fedlora_main
 from fedlora.data import synthetic
@@ -88,3 +88,21 @@ def test_table_cells():
     assert [cell(None), cell(0.8512), cell(30512.4), cell(1.5e-7), cell(0.0), cell("x")] == \
         ["–", "0.851", "3.05e+04", "1.5e-07", "0.000", "x"]
     assert markdown_table(["a", "b"], [[1, None]]) == "| a | b |\n|---|---|\n| 1 | – |"
+
+
+def test_quality_tables_put_each_method_in_a_row_and_name_the_worst_site():
+    def rows(key, values):
+        methods = ["federated fedit", "centralized (pooled)", "local-only, worst site"]
+        return [{"method": m, "partition": p, key: v, **({"site": "site-2"} if "worst" in m else {})}
+                for p, vs in zip(QUICK.partitions, values) for m, v in zip(methods, vs)]
+
+    classification = [{**r, "test_macro_f1": 0.5} for r in rows("test_accuracy", [(0.8, 0.9, 0.6), (0.7, 0.9, 0.3)])]
+    causal = rows("test_perplexity", [(12.0, 10.0, 40000.0), (13.0, 10.0, 50000.0)])
+    private = [{"method": "fedit, non-private", "test_accuracy": 0.8, "test_macro_f1": 0.7},
+               {"method": "fedit, DP-SGD at epsilon 8 per site", "epsilon": 7.9, "test_accuracy": 0.2,
+                "test_macro_f1": 0.07}]
+    text = markdown(classification, causal, private, QUICK)
+    assert "| federated fedit | 0.800 | 0.700 |" in text
+    assert "| local-only, worst site | 0.600 (site-2) | 0.300 (site-2) |" in text
+    assert "| local-only, worst site | 4e+04 (site-2) | 5e+04 (site-2) |" in text
+    assert "| fedit, DP-SGD at epsilon 8 per site | 7.900 | 0.200 | 0.070 |" in text

@@ -57,9 +57,11 @@ QUICK = Plan(
     framework_sets=["model.name=tiny-bert"], repeats=3, ray=False,
     cost_sets=["model.name=tiny-bert", "data.records-per-site=80", "train.local-steps=4"],
     protocol_repeats=3, step_repeats=5, scale_sites=[2, 4, 8, 16, 32])
+# Full: all-MiniLM-L6-v2 at the quality suite's scale (160 notes per site) so the suite fits in ~10 minutes.
 FULL = Plan(
-    framework_sets=[], repeats=3, ray=True,
-    cost_sets=[], protocol_repeats=3, step_repeats=10, scale_sites=[2, 4, 8, 16, 32], scale_repeats=3)
+    framework_sets=["data.records-per-site=160"], repeats=2, ray=True,
+    cost_sets=["data.records-per-site=160"], protocol_repeats=3, step_repeats=10, scale_sites=[2, 4, 8, 16, 32],
+    scale_repeats=3)
 
 
 # -- pure helpers ----------------------------------------------------------------------

@@ -162,12 +162,12 @@ def markdown(classification: list[dict], causal: list[dict], private: list[dict]
     partitions = list(scale.partitions)
 
     def grid(rows: list[dict], key: str) -> list[list]:
-        cell = {(r["method"], r["partition"]): r for r in rows}
+        by_key = {(r["method"], r["partition"]): r for r in rows}
         out = []
         for method in dict.fromkeys(r["method"] for r in rows):
             values = []
             for p in partitions:
-                row = cell.get((method, p), {})
+                row = by_key.get((method, p), {})
                 value = row.get(key)
                 values.append(f"{cell(value)} ({row['site']})" if "site" in row and value is not None else value)
             out.append([method, *values])
