@@ -27,6 +27,7 @@ import numpy as np
 
 from fedlora import config as cfg
 from fedlora.arrays import to_record
+from fedlora.bench.lora_vs_full import full_model, update_state
 from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table
 from fedlora.compression import encode
 from fedlora.server.rundir import RunDirectory
@@ -46,16 +47,11 @@ FULL_VARIANTS = (("none", False), ("fp16", False), ("int8", True), ("int8", Fals
 
 
 def full_model_state(config) -> dict[str, np.ndarray]:
-    """Every floating-point weight of the run's base model (with its task head), as float32."""
-    from fedlora.models import load_base_model, load_tokenizer
+    """Every weight of the run's base model (with its task head), as float32: what full-model FedAvg sends."""
     from fedlora.tasks import build_task
 
-    task = build_task(config)
-    m = config.model
-    tokenizer = load_tokenizer(m.name, m.allow_download)
-    base = load_base_model(m.name, task.peft_task_type, getattr(task, "num_labels", 0), tokenizer, m.seed,
-                           m.allow_download)
-    return {k: v.detach().float().cpu().numpy() for k, v in base.state_dict().items() if v.is_floating_point()}
+    model, _ = full_model(config, build_task(config))
+    return update_state(model, full=True)
 
 
 def label(method: str, feedback: bool) -> str:

@@ -85,9 +85,11 @@ def marginal_seconds(sites: list[int], seconds: list[float]) -> tuple[float, flo
 
 
 def fedavg(global_state: dict, deltas: list[dict], weights: list[float]) -> dict:
-    """global + the weighted mean of the updates (what fedit does, without its diagnostics)."""
-    total = float(sum(weights))
-    return {k: global_state[k] + sum(w * d[k] for w, d in zip(weights, deltas)) / total for k in global_state}
+    """global + the weighted mean of the updates: fedit's own arithmetic, without its diagnostics."""
+    from fedlora.strategies.base import SiteUpdate, add_delta, weighted_mean
+
+    return add_delta(global_state, weighted_mean([SiteUpdate(f"site-{i}", w, d)
+                                                  for i, (w, d) in enumerate(zip(weights, deltas))]))
 
 
 # -- one run ----------------------------------------------------------------------------

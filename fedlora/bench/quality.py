@@ -96,7 +96,7 @@ def federated(folder: Path, sets: list[str]) -> dict:
     final = summary["final"]
     site_level = summary.get("privacy", {}).get("site_level", {})
     return {"test_accuracy": final.get("test_accuracy"), "test_macro_f1": final.get("test_macro_f1"),
-            "test_perplexity": final.get("test_perplexity"), "bytes_up_per_round": final.get("bytes_up"),
+            "test_perplexity": final.get("test_perplexity"), "bytes_up_last_round": final.get("bytes_up"),
             "epsilon": site_level.get("epsilon"), "seconds": summary["totals"]["seconds"]}
 
 

@@ -43,7 +43,7 @@ def _compress(rt: SiteRuntime, context: Context, delta: State) -> State:
     """The update as [compression] encodes it; with error feedback, the residual of earlier
     rounds is added first and the new one kept in the node's context state (never sent)."""
     z = rt.config.compression
-    if z.method == "none" or rt.config.secagg.enabled:  # secure aggregation masks the dense update
+    if z.method == "none":  # the config refuses compression with secure aggregation (dense masks)
         return delta
     if not (z.error_feedback and z.method in compression.FEEDBACK_METHODS):
         return compression.encode(delta, z.method, z.topk_fraction)
