@@ -3,9 +3,11 @@ the Fleet-only proxy's routing, the data check, the site worker protocol, fault 
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import tomllib
 from pathlib import Path
@@ -327,6 +329,29 @@ def worker_sockets():
     yield sockets
     for path in sockets:
         path.unlink(missing_ok=True)
+
+
+def test_site_workers_started_together_bind_private_sockets_and_leave_the_umask_alone():
+    # The workers once set a restrictive umask around bind(): started concurrently they
+    # left the whole process at 0o177, so every folder it made later was unusable.
+    from fedlora.client.worker import serve
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    folder = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))  # AF_UNIX paths are short
+    sockets = [folder / f"w{i}.sock" for i in range(4)]
+    for path in sockets:
+        threading.Thread(target=serve, args=(path,), daemon=True).start()
+    for path in sockets:
+        _wait_for_socket(path)
+    now = os.umask(umask)
+    assert now == umask
+    for path in sockets:
+        assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in sockets)  # no staging folder left
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(sockets[0]))  # the renamed socket is the one being served
+    shutil.rmtree(folder)
 
 
 def test_relay_answers_through_the_site_worker_and_keeps_the_model_loaded(inprocess_run, worker_sockets, tmp_path):

@@ -73,8 +73,19 @@ def run_dir(chromium, tiny_bert_dir, tmp_path_factory):
 
 def _browse(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"  # a fresh profile per call
-    return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120, check=True)
+    done = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                          text=True, timeout=120)
+    if done.returncode != 0:
+        # Chromium logs dozens of harmless D-Bus errors here (no system bus); show what else it said
+        said = [line for line in done.stderr.splitlines() if "dbus" not in line]
+        pytest.fail(f"Chromium exited with {done.returncode} (umask {_umask():#o}); it said:\n" + "\n".join(said[-15:]))
+    return done
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_the_report_is_plain_html_without_script(run_dir):

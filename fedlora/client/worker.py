@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -107,6 +108,24 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _bind_private(server: socket.socket, socket_path: Path) -> None:
+    """Bind `server` at `socket_path` so that no other user can connect, ever.
+
+    The socket is bound inside a fresh 0700 folder, restricted to 0600, then renamed
+    into place. Setting the umask instead would change it for every thread of the
+    process, and concurrent callers could leave it restricted for good.
+    """
+    private = Path(tempfile.mkdtemp(prefix=".bind-", dir=socket_path.parent))
+    staged = private / "s"
+    try:
+        server.bind(str(staged))
+        staged.chmod(0o600)
+        staged.rename(socket_path)
+    finally:
+        staged.unlink(missing_ok=True)
+        private.rmdir()
+
+
 def serve(socket_path: Path, parent_pid: int | None = None) -> None:
     """Serve ClientApp requests on a Unix socket until killed."""
     from fedlora import __version__
@@ -116,11 +135,7 @@ def serve(socket_path: Path, parent_pid: int | None = None) -> None:
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket is the site user's only
-    try:
-        server.bind(str(socket_path))
-    finally:
-        os.umask(old_umask)
+    _bind_private(server, socket_path)
     server.listen(4)
     if parent_pid:
         _exit_with_parent(parent_pid)
