@@ -1,5 +1,6 @@
 """End to end on Flower's real Simulation Engine (Ray): the run directory contract."""
 
+import importlib.metadata
 import json
 import tomllib
 
@@ -35,6 +36,8 @@ def test_run_directory_is_complete(classification_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["parameters"]["adapter"] > 0
     assert set(summary["sites"]) == {"site-0", "site-1"}
+    assert summary["versions"]["torch"] == importlib.metadata.version("torch")  # what the result depends on
+    assert {"python", "fedlora", "flwr", "transformers", "peft", "opacus"} <= summary["versions"].keys()
     assert (out / "checkpoints" / "latest").read_text().strip() == "round-0002"
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 

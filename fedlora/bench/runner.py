@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedlora.bench.suite import BenchContext, SuiteResult
-from fedlora.privacy.site import library_versions
+from fedlora.versions import library_versions
 
 SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "lora-vs-full": "fedlora.bench.lora_vs_full",

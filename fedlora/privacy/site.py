@@ -9,9 +9,7 @@ resets it: whatever was recorded stays spent.
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
-import platform
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +19,7 @@ from fedlora.privacy.accounting import (CalibrationError, History, Mechanism, ca
                                         epsilon, epsilon_prv, epsilon_rdp)
 from fedlora.privacy.budget import Budget
 from fedlora.privacy.ledger import Ledger
+from fedlora.versions import library_versions
 
 TRAIN = "train"
 REFUSED = "refused"
@@ -40,16 +39,6 @@ class RoundPlan:
     epsilon_prv: float
     epsilon_rdp: float
     calibrated: bool          # sigma chosen by the site to fit its budget
-
-
-def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("fedlora", "opacus", "torch", "peft", "transformers", "flwr"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "absent"
-    return out
 
 
 class SiteAccountant:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import __version__
 from fedlora import config as cfg
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
@@ -22,6 +20,7 @@ from fedlora.server.rounds import Coordinator
 from fedlora.server.rundir import RunDirectory
 from fedlora.strategies import build_strategy
 from fedlora.tasks import build_task
+from fedlora.versions import library_versions
 
 log = logging.getLogger("fedlora")
 app = ServerApp()
@@ -33,17 +32,6 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s fedlora %(levelname)s: %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-
-
-def versions() -> dict[str, str]:
-    import flwr
-    import peft
-    import torch
-    import transformers
-
-    return {"fedlora": __version__, "flwr": flwr.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
 
 
 def run_directory(config) -> RunDirectory:
@@ -101,7 +89,7 @@ def main(grid: Grid, context: Context) -> None:
         "sites": coordinator.sites_seen,
         "privacy": coordinator.privacy.summary(),
         "base_fingerprint": loaded.fingerprint,
-        "versions": versions(),
+        "versions": library_versions(),
     })
     write_report(rundir.path)
     log.info("done: adapter in %s, report %s", rundir.path / "adapter", rundir.path / "report.html")
