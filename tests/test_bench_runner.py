@@ -1,16 +1,22 @@
 """`fedlora bench`: sections and figures are merged into the files, one suite at a time."""
 
+import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
+from fedlora import config as cfg
 from fedlora.bench import runner
-from fedlora.bench.quality import QUICK, markdown, partition_sets, write_causal_sites
+from fedlora.bench.quality import QUICK, classification_test_sets, markdown, partition_sets, write_causal_sites
 from fedlora.bench.suite import SuiteResult, cell, markdown_table
 from fedlora.cli import main as fedlora_main
 from fedlora.data import synthetic
+from fedlora.data.sites import central_test_rows
+from fedlora.simulations.launcher import infer_labels
+from fedlora.tasks import build_task
 
 
 def test_a_section_is_replaced_in_place_and_the_rest_kept(tmp_path):
@@ -73,14 +79,25 @@ def test_unknown_suite_is_refused_with_the_list(capsys):
 
 
 def test_causal_scenario_files_are_instruction_rows(tmp_path):
-    sites, test = write_causal_sites(tmp_path, 3, 20, 0.1)
+    sites, test = write_causal_sites(tmp_path, 3, 20, 0.1, 30)
     files = sorted(sites.iterdir())
     assert [f.name for f in files] == ["site-0.jsonl", "site-1.jsonl", "site-2.jsonl"]
     row = json.loads(files[0].read_text().splitlines()[0])
     assert row["prompt"].startswith("Triage note: ") and row["prompt"].endswith("Department:")
     assert row["completion"][0] == " " and row["completion"][1:] in synthetic.LABELS
-    assert len(test.read_text().splitlines()) == 200
+    assert len(test.read_text().splitlines()) == 30
     assert partition_sets(None) == ("data.partition=iid",)
+
+
+def test_quick_classification_scores_a_smaller_balanced_test_file_and_full_mode_the_scenario_set(tmp_path):
+    assert classification_test_sets(tmp_path, None) == []
+    (setting,) = classification_test_sets(tmp_path, 100)
+    path = Path(setting.split("=", 1)[1].strip('"'))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 100 and {r["label"] for r in rows} == set(synthetic.LABELS)
+    assert all(sum(r["label"] == label for r in rows) == 20 for label in synthetic.LABELS)  # balanced
+    config = infer_labels(cfg.load_config(None, [setting]))
+    assert len(central_test_rows(config, build_task(config))) == 100  # the coordinator scores this file
     assert partition_sets(0.1) == ("data.partition=dirichlet", "data.dirichlet-alpha=0.1")
 
 
@@ -91,17 +108,19 @@ def test_table_cells():
 
 
 def test_quality_tables_put_each_method_in_a_row_and_name_the_worst_site():
+    scale = dataclasses.replace(QUICK, partitions=("IID", "Dirichlet 0.1"))
+
     def rows(key, values):
         methods = ["federated fedit", "centralized (pooled)", "local-only, worst site"]
         return [{"method": m, "partition": p, key: v, **({"site": "site-2"} if "worst" in m else {})}
-                for p, vs in zip(QUICK.partitions, values) for m, v in zip(methods, vs)]
+                for p, vs in zip(scale.partitions, values) for m, v in zip(methods, vs)]
 
     classification = [{**r, "test_macro_f1": 0.5} for r in rows("test_accuracy", [(0.8, 0.9, 0.6), (0.7, 0.9, 0.3)])]
     causal = rows("test_perplexity", [(12.0, 10.0, 40000.0), (13.0, 10.0, 50000.0)])
     private = [{"method": "fedit, non-private", "test_accuracy": 0.8, "test_macro_f1": 0.7},
                {"method": "fedit, DP-SGD at epsilon 8 per site", "epsilon": 7.9, "test_accuracy": 0.2,
                 "test_macro_f1": 0.07}]
-    text = markdown(classification, causal, private, QUICK)
+    text = markdown(classification, causal, private, scale)
     assert "| federated fedit | 0.800 | 0.700 |" in text
     assert "| local-only, worst site | 0.600 (site-2) | 0.300 (site-2) |" in text
     assert "| local-only, worst site | 4e+04 (site-2) | 5e+04 (site-2) |" in text

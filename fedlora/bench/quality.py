@@ -47,14 +47,23 @@ class Scale:
     causal_records: int  # per site
     partitions: tuple[str, ...]
     epsilons: tuple[float, ...]
+    test_notes: int | None  # central test notes; None: the default scenario's 500
+    causal_test_notes: int
+    dp: tuple[str, ...]  # settings added to the DP-SGD runs
 
 
+# Quick mode: a smoke test of every kind of run the full suite makes, in a few minutes. One partition (the
+# code paths do not depend on it); scoring the central test set is most of a tiny run's time (twice per run,
+# plus the final predictions), so 100 notes; DP-SGD steps of 16 records instead of 64.
 QUICK = Scale(
     classification=("federation.rounds=2", "data.records-per-site=96", "train.local-steps=4"),
-    causal=("federation.rounds=2", "train.local-steps=6"),
+    causal=("federation.rounds=2", "train.local-steps=3"),
     causal_records=96,
-    partitions=("IID", "Dirichlet 0.1"),
+    partitions=("Dirichlet 0.1",),
     epsilons=(8.0,),
+    test_notes=100,
+    causal_test_notes=100,
+    dp=("privacy.batch-size=16",),
 )
 # Full mode: the default scenario's corpus, model and 4 sites, with 3 rounds of 160 notes per site (8 local
 # steps) so the 23 classification runs fit in about 20 minutes on 2 cores.
@@ -64,6 +73,9 @@ FULL = Scale(
     causal_records=160,
     partitions=tuple(PARTITIONS),
     epsilons=(1.0, 3.0, 8.0),
+    test_notes=None,
+    causal_test_notes=200,
+    dp=(),
 )
 CAUSAL = ("model.name=tiny-llama", "task.type=causal-lm", "model.max-length=96", "train.learning-rate=0.01")
 
@@ -72,7 +84,8 @@ def partition_sets(alpha: float | None) -> tuple[str, ...]:
     return ("data.partition=iid",) if alpha is None else ("data.partition=dirichlet", f"data.dirichlet-alpha={alpha:g}")
 
 
-def write_causal_sites(folder: Path, num_sites: int, records: int, alpha: float | None) -> tuple[Path, Path]:
+def write_causal_sites(folder: Path, num_sites: int, records: int, alpha: float | None,
+                       test_notes: int) -> tuple[Path, Path]:
     """The triage notes as instruction data: one prompt/completion file per site, and a central test file."""
     def rows(records_: list[dict]) -> str:
         return "".join(json.dumps({"prompt": f"Triage note: {r['text']}\nDepartment:",
@@ -83,8 +96,18 @@ def write_causal_sites(folder: Path, num_sites: int, records: int, alpha: float 
     for k in range(num_sites):
         (sites / f"site-{k}.jsonl").write_text(rows(synthetic.site_records(k, num_sites, records, 0, alpha)))
     test = folder / "test.jsonl"
-    test.write_text(rows(synthetic.central_test_records(200)))
+    test.write_text(rows(synthetic.central_test_records(test_notes)))
     return sites, test
+
+
+def classification_test_sets(folder: Path, test_notes: int | None) -> list[str]:
+    """The central test set: the default scenario's, or its first `test_notes` notes written to a file."""
+    if test_notes is None:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    test = folder / f"test-{test_notes}.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in synthetic.central_test_records(test_notes)))
+    return [f'data.test-path="{test}"']
 
 
 def federated(folder: Path, sets: list[str]) -> dict:
@@ -129,11 +152,13 @@ def scenario_rows(ctx: BenchContext, scenario: str, partition: str, sets: list[s
 
 def dp_rows(ctx: BenchContext, scale: Scale) -> list[dict]:
     root = ctx.folder(NAME) / "dp"
-    sets = [*scale.classification, *partition_sets(DP_PARTITION), "strategy.name=fedit"]
+    sets = [*scale.classification, *classification_test_sets(ctx.folder(NAME), scale.test_notes),
+            *partition_sets(DP_PARTITION), "strategy.name=fedit"]
     rows = [{"scenario": "classification", "partition": f"Dirichlet {DP_PARTITION:g}", "method": "fedit, non-private",
              **federated(root / "non-private", sets)}]
     for eps in ctx.progress(scale.epsilons, "DP epsilons"):
-        result = federated(root / f"eps-{eps:g}", [*sets, "privacy.enabled=true", f"privacy.epsilon={eps:g}"])
+        result = federated(root / f"eps-{eps:g}",
+                           [*sets, "privacy.enabled=true", f"privacy.epsilon={eps:g}", *scale.dp])
         rows.append({"scenario": "classification", "partition": f"Dirichlet {DP_PARTITION:g}",
                      "method": f"fedit, DP-SGD at epsilon {eps:g} per site", "target_epsilon": eps, **result})
     return rows
@@ -142,12 +167,13 @@ def dp_rows(ctx: BenchContext, scale: Scale) -> list[dict]:
 def run(ctx: BenchContext) -> SuiteResult:
     scale = QUICK if ctx.quick else FULL
     classification, causal = [], []
+    test_sets = classification_test_sets(ctx.folder(NAME), scale.test_notes)
     for partition in scale.partitions:
         alpha = PARTITIONS[partition]
         classification += scenario_rows(ctx, "classification", partition,
-                                        [*scale.classification, *partition_sets(alpha)], "test_accuracy")
+                                        [*scale.classification, *test_sets, *partition_sets(alpha)], "test_accuracy")
         sites, test = write_causal_sites(ctx.folder(NAME) / "causal-data" / partition.replace(" ", "-"), 4,
-                                         scale.causal_records, alpha)
+                                         scale.causal_records, alpha, scale.causal_test_notes)
         causal += scenario_rows(ctx, "causal-lm", partition,
                                 [*CAUSAL, *scale.causal, f'data.path="{sites}"', f'data.test-path="{test}"'],
                                 "test_perplexity")
@@ -174,14 +200,16 @@ def markdown(classification: list[dict], causal: list[dict], private: list[dict]
         return out
 
     settings = "4 sites, " + ", ".join(scale.classification)
-    parts = [f"Classification (all-MiniLM-L6-v2 + LoRA r=8 unless set otherwise; {settings}), central test "
-             "accuracy (local-only, worst site: the site in brackets):", "",
+    parts = [f"Classification (all-MiniLM-L6-v2 + LoRA r=8 unless set otherwise; {settings}), accuracy on "
+             f"a balanced central test set of {scale.test_notes or 500} notes (local-only, worst site: the site in "
+             "brackets):", "",
              markdown_table(["method", *partitions], grid(classification, "test_accuracy")), "",
              "Central test macro-F1:", "", markdown_table(["method", *partitions], grid(classification, "test_macro_f1")),
              "", "Causal-LM instruction scenario (random 2-layer Llama, loss on the completion), "
-             "central test perplexity (lower is better):", "",
+             f"perplexity on {scale.causal_test_notes} central test notes (lower is better):", "",
              markdown_table(["method", *partitions], grid(causal, "test_perplexity")), "",
-             f"Under DP-SGD at each site (FedIT, Dirichlet {DP_PARTITION:g}, same settings):", "",
+             f"Under DP-SGD at each site (FedIT, Dirichlet {DP_PARTITION:g}, same settings"
+             + "".join(f", {x}" for x in scale.dp) + "):", "",
              markdown_table(["run", "epsilon spent (largest site)", "test accuracy", "test macro-F1"],
                             [[r["method"], r.get("epsilon"), r["test_accuracy"], r["test_macro_f1"]]
                              for r in private])]
