@@ -87,6 +87,7 @@ def test_causal_scenario_files_are_instruction_rows(tmp_path):
     assert row["completion"][0] == " " and row["completion"][1:] in synthetic.LABELS
     assert len(test.read_text().splitlines()) == 30
     assert partition_sets(None) == ("data.partition=iid",)
+    assert partition_sets(0.1) == ("data.partition=dirichlet", "data.dirichlet-alpha=0.1")
 
 
 def test_quick_classification_scores_a_smaller_balanced_test_file_and_full_mode_the_scenario_set(tmp_path):
@@ -98,7 +99,6 @@ def test_quick_classification_scores_a_smaller_balanced_test_file_and_full_mode_
     assert all(sum(r["label"] == label for r in rows) == 20 for label in synthetic.LABELS)  # balanced
     config = infer_labels(cfg.load_config(None, [setting]))
     assert len(central_test_rows(config, build_task(config))) == 100  # the coordinator scores this file
-    assert partition_sets(0.1) == ("data.partition=dirichlet", "data.dirichlet-alpha=0.1")
 
 
 def test_table_cells():
@@ -125,3 +125,32 @@ def test_quality_tables_put_each_method_in_a_row_and_name_the_worst_site():
     assert "| local-only, worst site | 0.600 (site-2) | 0.300 (site-2) |" in text
     assert "| local-only, worst site | 4e+04 (site-2) | 5e+04 (site-2) |" in text
     assert "| fedit, DP-SGD at epsilon 8 per site | 7.900 | 0.200 | 0.070 |" in text
+
+
+def test_quick_quality_runs_every_kind_of_run_once_against_the_small_test_file(tmp_path, monkeypatch):
+    from fedlora.bench import quality
+    from fedlora.bench.suite import BenchContext
+
+    runs = []
+
+    def federated(folder, sets):
+        runs.append(list(sets))
+        return {"test_accuracy": 0.5, "test_macro_f1": 0.4, "test_perplexity": 10.0, "epsilon": 7.9}
+
+    def baselines(folder, sets):
+        scores = {"test_accuracy": 0.6, "test_macro_f1": 0.5, "test_perplexity": 9.0}
+        return {"centralized": scores, "local_only": [{"site": "site-0", **scores}]}
+
+    monkeypatch.setattr(quality, "federated", federated)
+    monkeypatch.setattr(quality, "baselines", baselines)
+    result = quality.run(BenchContext(quick=True, workdir=tmp_path))
+
+    causal = [r for r in runs if "task.type=causal-lm" in r]
+    classification = [r for r in runs if r not in causal]
+    assert len(causal) == len(quality.STRATEGIES)  # one partition
+    assert len(classification) == len(quality.STRATEGIES) + 1 + len(quality.QUICK.epsilons)  # + DP rows
+    test_file = [s for s in classification[0] if s.startswith("data.test-path=")]
+    assert test_file and all(test_file[0] in r for r in classification)  # every run scores the same file
+    dp = [r for r in classification if "privacy.enabled=true" in r]
+    assert dp and all("privacy.batch-size=16" in r for r in dp)
+    assert "balanced central test set of 100 notes" in result.markdown

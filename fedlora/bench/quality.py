@@ -150,10 +150,9 @@ def scenario_rows(ctx: BenchContext, scenario: str, partition: str, sets: list[s
     return rows
 
 
-def dp_rows(ctx: BenchContext, scale: Scale) -> list[dict]:
+def dp_rows(ctx: BenchContext, scale: Scale, test_sets: list[str]) -> list[dict]:
     root = ctx.folder(NAME) / "dp"
-    sets = [*scale.classification, *classification_test_sets(ctx.folder(NAME), scale.test_notes),
-            *partition_sets(DP_PARTITION), "strategy.name=fedit"]
+    sets = [*scale.classification, *test_sets, *partition_sets(DP_PARTITION), "strategy.name=fedit"]
     rows = [{"scenario": "classification", "partition": f"Dirichlet {DP_PARTITION:g}", "method": "fedit, non-private",
              **federated(root / "non-private", sets)}]
     for eps in ctx.progress(scale.epsilons, "DP epsilons"):
@@ -177,7 +176,7 @@ def run(ctx: BenchContext) -> SuiteResult:
         causal += scenario_rows(ctx, "causal-lm", partition,
                                 [*CAUSAL, *scale.causal, f'data.path="{sites}"', f'data.test-path="{test}"'],
                                 "test_perplexity")
-    private = dp_rows(ctx, scale)
+    private = dp_rows(ctx, scale, test_sets)
     return SuiteResult(figures={"classification": classification, "causal_lm": causal, "dp": private,
                                 "settings": {"classification": list(scale.classification),
                                              "causal_lm": [*CAUSAL, *scale.causal], "strategies": list(STRATEGIES)}},
