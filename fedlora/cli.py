@@ -8,11 +8,13 @@ from datetime import datetime, timezone
 
 from fedlora import __version__
 from fedlora import config as cfg
+from fedlora.bench.runner import add_parser as add_bench_parser
+from fedlora.deploy.cli import add_commands as add_deploy_commands
+from fedlora.privacy.plan import add_parsers as add_privacy_parsers
+from fedlora.simulations.launcher import SimulationFailed, simulate
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from fedlora.simulations.launcher import SimulationFailed, simulate
-
     overrides = list(args.set or [])
     if args.resume and not args.out:
         print("fedlora simulate: --resume needs --out, the run directory to continue", file=sys.stderr)
@@ -51,14 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", "-v", action="store_true", help="print Flower's full log at the end")
     sim.set_defaults(func=_simulate)
 
-    from fedlora.privacy.plan import add_parsers as add_privacy_parsers
-
     add_privacy_parsers(sub)  # `fedlora privacy plan`, `fedlora privacy plan-clients`
-    from fedlora.cli_deploy import add_commands as add_deploy_commands
-
     add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
-    from fedlora.bench.runner import add_parser as add_bench_parser
-
     add_bench_parser(sub)  # `fedlora bench`
     return parser
 

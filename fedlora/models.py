@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                          GPT2Config, LlamaConfig)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ def demo_model_dir() -> Path:
 
 
 def _tiny_config(name: str, vocab_size: int, pad_id: int):
-    from transformers import BertConfig, GPT2Config, LlamaConfig
-
     if name == "tiny-bert":
         return BertConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                           intermediate_size=128, max_position_embeddings=512, pad_token_id=pad_id)
@@ -52,8 +53,6 @@ def _tiny_config(name: str, vocab_size: int, pad_id: int):
 
 
 def load_tokenizer(name: str, allow_download: bool = False):
-    from transformers import AutoTokenizer
-
     # Tiny models borrow the demo model's WordPiece vocabulary: nothing to download.
     source = demo_model_dir() if name in TINY_MODELS or name == DEMO_MODEL else name
     try:
@@ -77,8 +76,6 @@ def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed:
                     allow_download: bool = False):
     """The frozen base model for a task. Weights missing from a checkpoint (a new
     classification head) are drawn from `seed`, so every site draws the same."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     kwargs = {"num_labels": num_labels} if task_type == "SEQ_CLS" else {}
     torch.manual_seed(seed)
@@ -100,8 +97,6 @@ def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed:
 
 def wrap_with_lora(base, task_type: str, rank: int, alpha: float, dropout: float,
                    target_modules: list[str] | None):
-    from peft import LoraConfig, get_peft_model
-
     try:
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                             target_modules=target_modules, task_type=task_type)

@@ -1,9 +1,11 @@
-"""Start and stop the long-running processes of a deployment (SuperLink, SuperNode, site worker).
+"""Start and stop the processes fedlora supervises (SuperLink, SuperNode, site worker, a simulation's
+SuperLink), wait for their ports, and find free ones.
 
 Children are started so that they die with their supervisor even when it is
 killed outright (Linux: the parent-death signal), and stopped together with
 every process they started (Flower's SuperExec, ServerApp and ClientApp
-processes), so that a stopped coordinator or site leaves nothing behind.
+processes, Ray's workers), so that a stopped coordinator, site or simulation
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -36,25 +38,59 @@ def start_child(command: list[str], log: IO, env: dict[str, str] | None = None,
                             preexec_fn=preexec)  # noqa: PLW1509 - called before any thread starts
 
 
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM a process and all its descendants, then SIGKILL what is left after `timeout`."""
+def _family(pid: int) -> list[psutil.Process]:
+    """A process, its descendants, and when it leads a process group (a child started with
+    start_new_session) every other member of that group: a descendant that lost its parent."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
+        family = {root, *root.children(recursive=True)}
+        if os.getpgid(pid) == pid:
+            for proc in psutil.process_iter():
+                try:
+                    if os.getpgid(proc.pid) == pid:
+                        family.add(proc)
+                except (ProcessLookupError, psutil.NoSuchProcess):
+                    pass
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return []
+    return list(family)
+
+
+def _signal_all(procs: list[psutil.Process], kill: bool) -> None:
     for proc in procs:
         try:
-            proc.terminate()
+            proc.kill() if kill else proc.terminate()
         except psutil.NoSuchProcess:
             pass
+
+
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL what is left after `timeout`."""
+    procs = _family(pid)
+    _signal_all(procs, kill=False)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
+    _signal_all(alive, kill=True)
     psutil.wait_procs(alive, timeout=5)
+
+
+def kill_tree(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL a process and all its descendants at once, as a crash would end them."""
+    procs = _family(pid)
+    _signal_all(procs, kill=True)
+    psutil.wait_procs(procs, timeout=timeout)
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports that were free a moment ago."""
+    sockets, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+        ports.append(s.getsockname()[1])
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def port_open(host: str, port: int) -> bool:

@@ -15,7 +15,7 @@ from fedlora.bench.suite import SuiteResult, cell, markdown_table
 from fedlora.cli import main as fedlora_main
 from fedlora.data import synthetic
 from fedlora.data.sites import central_test_rows
-from fedlora.simulations.launcher import infer_labels
+from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
 
 

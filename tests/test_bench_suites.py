@@ -10,7 +10,7 @@ from fedlora.bench import lora_vs_full as lvf
 from fedlora.bench import overheads as ovh
 from fedlora.data.sites import simulated_site_data
 from fedlora.models import count_parameters, trainable_state
-from fedlora.simulations.launcher import infer_labels
+from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
 from fedlora.training import local_train
 

@@ -7,7 +7,7 @@ from fedlora.data import synthetic
 from fedlora.data.partition import partition_indices, train_eval_split
 from fedlora.data.readers import DataError, read_rows, site_files
 from fedlora.data.sites import simulated_site_data
-from fedlora.simulations.launcher import infer_labels
+from fedlora.data.labels import infer_labels
 from fedlora.tasks import CausalLMTask, ClassificationTask, build_task
 
 TASK = ClassificationTask("text", "label", ["a", "b"])

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedlora.client.site_home import init_site
-from fedlora.server.flwr_cli import flwr_binary
-from fedlora.simulations.loopback import LABELS, LoopbackFederation, cli, free_ports, metrics, wait_until
+from fedlora.deploy.site_home import init_site
+from fedlora.deploy.flwr_cli import flwr_binary
+from fedlora.processes import free_ports
+from fedlora.simulations.loopback import LABELS, LoopbackFederation, cli, metrics, wait_until
 
 pytestmark = pytest.mark.deployment
 
@@ -81,7 +82,7 @@ def test_run_submission_to_the_sites_address_is_refused(federation, tmp_path, ti
     app = tmp_path / "app"
     app.mkdir()
     from fedlora import config as cfg
-    from fedlora.simulations.launcher import flower_app_pyproject
+    from fedlora.flower_app import flower_app_pyproject
 
     (app / "pyproject.toml").write_text(flower_app_pyproject(cfg.load_config(None, base_settings(tiny_bert_dir))))
     (app / "LICENSE").write_text("Apache-2.0\n")
@@ -201,7 +202,7 @@ def faulty_run(federation, tiny_bert_dir):
         return supernode_log.read_text(errors="replace").count("Receiving: train message")
 
     received = train_messages()
-    follower = fed.spawn("run-faulty", *fed.run_command(out, *settings))
+    follower = fed.spawn("run-faulty", *fed.run_command(out, *settings, faulty=True))
     wait_until(lambda: train_messages() >= received + 2 or follower.poll() is not None, RUN_TIMEOUT,
                "site2 to receive round 2")
     assert follower.poll() is None and [r["round"] for r in metrics(out)] == [1]

@@ -22,17 +22,17 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from fedlora import config as cfg
 from fedlora.arrays import check_update
 from fedlora.cli import main as fedlora_main
-from fedlora.client import faults
-from fedlora.client.data_check import check_data, format_report
-from fedlora.client.deploy import supernode_command
-from fedlora.client.keys import fingerprint, generate_key_pair, load_public_key
-from fedlora.client.site_home import SiteHome, init_site
+from fedlora.simulations import faults
+from fedlora.deploy.data_check import check_data, format_report
+from fedlora.deploy.site import supernode_command
+from fedlora.deploy.keys import fingerprint, generate_key_pair, load_public_key
+from fedlora.deploy.site_home import SiteHome, init_site
 from fedlora.data.pii import find_identifiers, mask
-from fedlora.server.certificates import certificate_names, create_tls, renew_server_cert
-from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
-from fedlora.server.deploy import superlink_command
-from fedlora.server.fleet_proxy import create_proxy_app, fleet_paths, is_forwarded
-from fedlora.server.registry import add_site, read_registry, remove_site
+from fedlora.deploy.certificates import certificate_names, create_tls, renew_server_cert
+from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
+from fedlora.deploy.coordinator import superlink_command
+from fedlora.deploy.fleet_proxy import create_proxy_app, fleet_paths, is_forwarded
+from fedlora.deploy.registry import add_site, read_registry, remove_site
 
 
 # -- certificates ------------------------------------------------------------------------
@@ -275,10 +275,10 @@ def inprocess_run(tmp_path, tiny_bert_dir):
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
 
-    from fedlora.client.relay import app as relay_app
+    from fedlora.simulations.faults import relay_app
     from fedlora.server.app import main
     from fedlora.simulations.inprocess import RUN_ID, InProcessGrid
-    from fedlora.simulations.launcher import infer_labels
+    from fedlora.data.labels import infer_labels
 
     def run(node_configs: list[dict], rounds: int, name: str, *settings: str) -> Path:
         out = tmp_path / name
@@ -319,7 +319,7 @@ def test_broken_updates_of_every_kind_are_rejected_and_the_others_aggregated(inp
 @pytest.fixture()
 def worker_sockets():
     """Three site workers, each serving on its own Unix socket in a thread of this process."""
-    from fedlora.client.worker import serve
+    from fedlora.deploy.worker import serve
 
     sockets = [Path(f"/tmp/fedlora-test-{os.getpid()}-{i}.sock") for i in range(3)]  # AF_UNIX paths are short
     for path in sockets:
@@ -334,7 +334,7 @@ def worker_sockets():
 def test_site_workers_started_together_bind_private_sockets_and_leave_the_umask_alone():
     # The workers once set a restrictive umask around bind(): started concurrently they
     # left the whole process at 0o177, so every folder it made later was unusable.
-    from fedlora.client.worker import serve
+    from fedlora.deploy.worker import serve
 
     umask = os.umask(0o022)
     os.umask(umask)
@@ -398,9 +398,9 @@ def test_relay_without_a_worker_runs_the_message_itself(inprocess_run, tmp_path)
 
 
 def test_run_needs_a_running_coordinator_and_the_label_list(tmp_path, capsys):
-    from fedlora.server.submit import resolve
+    from fedlora.deploy.submit import resolve
 
-    from fedlora.simulations.loopback import free_ports
+    from fedlora.processes import free_ports
 
     listen, superlink = free_ports(2)  # nothing listens there
     home = init_coordinator(tmp_path / "c", [], f"127.0.0.1:{listen}", superlink)

@@ -4,7 +4,7 @@ import io
 import json
 
 from fedlora.progress import echo, progress
-from fedlora.simulations.launcher import round_line, watch_rounds
+from fedlora.progress import round_line, watch_rounds
 
 
 class Terminal(io.StringIO):

@@ -19,7 +19,7 @@ from fedlora.privacy.secagg.records import from_config_record
 from fedlora.server.rounds import Coordinator
 from fedlora.server.rundir import RunDirectory
 from fedlora.simulations.inprocess import InProcessGrid, run_inprocess
-from fedlora.simulations.launcher import infer_labels
+from fedlora.data.labels import infer_labels
 from fedlora.strategies import build_strategy
 from fedlora.tasks import build_task
 

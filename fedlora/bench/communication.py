@@ -32,6 +32,7 @@ from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table
 from fedlora.compression import encode
 from fedlora.server.rundir import RunDirectory
 from fedlora.simulations.inprocess import run_inprocess
+from fedlora.tasks import build_task
 
 NAME = "communication"
 TITLE = "Communication: LoRA vs full-model updates, and upload compression"
@@ -48,7 +49,6 @@ FULL_VARIANTS = (("none", False), ("fp16", False), ("int8", True), ("int8", Fals
 
 def full_model_state(config) -> dict[str, np.ndarray]:
     """Every weight of the run's base model (with its task head), as float32: what full-model FedAvg sends."""
-    from fedlora.tasks import build_task
 
     model, _ = full_model(config, build_task(config))
     return update_state(model, full=True)

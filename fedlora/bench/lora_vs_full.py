@@ -32,7 +32,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedlora import config as cfg
+from fedlora.arrays import to_record
 from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table, torch_threads
+from fedlora.data.labels import infer_labels
+from fedlora.data.sites import central_test_rows, simulated_site_data
+from fedlora.models import (
+    count_parameters,
+    export_adapter,
+    load_base_model,
+    load_model,
+    load_tokenizer,
+    trainable_state,
+)
+from fedlora.tasks import build_task
+from fedlora.training import _batches, evaluate_counts, planned_steps
 
 NAME = "lora-vs-full"
 TITLE = "LoRA against full fine-tuning"
@@ -80,7 +94,6 @@ def against(value: float, low: float, high: float) -> str:
 def full_model(config, task):
     """(model, tokenizer) for full fine-tuning: the base model fedlora would wrap with LoRA,
     unwrapped, every parameter trainable."""
-    from fedlora.models import load_base_model, load_tokenizer
 
     m = config.model
     tokenizer = load_tokenizer(m.name, m.allow_download)
@@ -93,7 +106,6 @@ def full_model(config, task):
 
 def lora_model(config, task):
     """(model, tokenizer) for LoRA: exactly what a fedlora site trains."""
-    from fedlora.models import load_model
 
     loaded = load_model(config, task)
     return loaded.model, loaded.tokenizer
@@ -102,7 +114,6 @@ def lora_model(config, task):
 def update_state(model, full: bool) -> dict[str, np.ndarray]:
     """What one site would send per round: the trainable tensors (LoRA factors and head), or for
     full fine-tuning the whole state dict, float32."""
-    from fedlora.models import trainable_state
 
     if not full:
         return trainable_state(model)
@@ -111,7 +122,6 @@ def update_state(model, full: bool) -> dict[str, np.ndarray]:
 
 def update_bytes(state: dict[str, np.ndarray]) -> int:
     """Bytes of the update as a Flower ArrayRecord, the payload of a site's reply."""
-    from fedlora.arrays import to_record
 
     return to_record(state).count_bytes()
 
@@ -125,7 +135,6 @@ class Trainer:
     step at a time, so that two variants can take turns."""
 
     def __init__(self, model, task, examples, train_cfg, pad_id: int, seed: int, steps: int):
-        from fedlora.training import _batches
 
         torch.manual_seed(seed)  # dropout, as local_train seeds it
         self.model, self.task, self.examples, self.pad_id = model, task, examples, pad_id
@@ -169,8 +178,6 @@ def peak_rss_bytes() -> int:
 # -- one variant, in its own process ----------------------------------------------------
 def run_config(plan: Plan, full: bool):
     """The run configuration a variant trains with: the plan's settings at the variant's learning rate."""
-    from fedlora import config as cfg
-    from fedlora.simulations.launcher import infer_labels
 
     lr = FULL_LR if full else LORA_LR
     return infer_labels(cfg.load_config(None, [*plan.overrides(), f"train.learning-rate={lr:g}"]))
@@ -178,7 +185,6 @@ def run_config(plan: Plan, full: bool):
 
 def pooled_rows(config, task) -> list[dict]:
     """All simulated sites' training rows, pooled (the centralized baseline's data)."""
-    from fedlora.data.sites import simulated_site_data
 
     n = config.federation.num_sites
     return [row for k in range(n) for row in simulated_site_data(k, n, config, task).train]
@@ -186,8 +192,6 @@ def pooled_rows(config, task) -> list[dict]:
 
 def federation_steps(config, task) -> int:
     """Optimizer steps of the whole federation (Σ sites and rounds), as the centralized baseline takes."""
-    from fedlora.data.sites import simulated_site_data
-    from fedlora.training import planned_steps
 
     n, tc = config.federation.num_sites, config.train
     return config.federation.rounds * sum(
@@ -199,10 +203,6 @@ def _serve(conn, plan_dict: dict, full: bool, steps: int, export_dir: str) -> No
     """A variant's process: load, then answer ('train', n) and ('finish',) until ('stop',)."""
     try:
         torch.set_num_threads(torch_threads())
-        from fedlora.data.sites import central_test_rows
-        from fedlora.models import count_parameters, export_adapter
-        from fedlora.tasks import build_task
-        from fedlora.training import evaluate_counts
 
         plan = Plan(**plan_dict)
         config = run_config(plan, full)
@@ -291,7 +291,6 @@ class Variant:
 
 # -- the suite ------------------------------------------------------------------------
 def measure(plan: Plan, workdir: Path, progress=lambda items, label: items) -> dict:
-    from fedlora.tasks import build_task
 
     base = run_config(plan, full=False)
     steps = plan.steps or federation_steps(base, build_task(base))

@@ -20,6 +20,7 @@ median is kept, so load from other processes hits every variant alike.
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -31,6 +32,16 @@ import numpy as np
 from fedlora import config as cfg
 from fedlora.bench.lora_vs_full import ratio
 from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table
+from fedlora.data.labels import infer_labels
+from fedlora.data.sites import central_test_rows, simulated_site_data
+from fedlora.models import load_model, set_trainable_state, trainable_state
+from fedlora.server.rundir import RunDirectory
+from fedlora.simulations import dp_benchmark, secagg_benchmark
+from fedlora.simulations.inprocess import run_inprocess
+from fedlora.simulations.launcher import simulate
+from fedlora.strategies.base import SiteUpdate, add_delta, weighted_mean
+from fedlora.tasks import build_task
+from fedlora.training import evaluate_counts, local_train, planned_steps
 
 NAME = "overheads"
 TITLE = "Overheads: framework, secure aggregation, DP, number of sites"
@@ -86,7 +97,6 @@ def marginal_seconds(sites: list[int], seconds: list[float]) -> tuple[float, flo
 
 def fedavg(global_state: dict, deltas: list[dict], weights: list[float]) -> dict:
     """global + the weighted mean of the updates: fedit's own arithmetic, without its diagnostics."""
-    from fedlora.strategies.base import SiteUpdate, add_delta, weighted_mean
 
     return add_delta(global_state, weighted_mean([SiteUpdate(f"site-{i}", w, d)
                                                   for i, (w, d) in enumerate(zip(weights, deltas))]))
@@ -95,8 +105,6 @@ def fedavg(global_state: dict, deltas: list[dict], weights: list[float]) -> dict
 # -- one run ----------------------------------------------------------------------------
 def inprocess(config: cfg.RunConfig, out: Path) -> tuple[list[dict], float]:
     """A whole in-process run in a fresh directory (a DP ledger must not carry over); rows, wall seconds."""
-    from fedlora.server.rundir import RunDirectory
-    from fedlora.simulations.inprocess import run_inprocess
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -111,10 +119,6 @@ class PlainRound:
     serves every site, as in-process; loading and tokenizing happen once, outside the timing."""
 
     def __init__(self, config: cfg.RunConfig):
-        from fedlora.data.sites import central_test_rows, simulated_site_data
-        from fedlora.models import load_model, trainable_state
-        from fedlora.simulations.launcher import infer_labels
-        from fedlora.tasks import build_task
 
         self.config = config = infer_labels(config)
         self.task = task = build_task(config)
@@ -128,8 +132,6 @@ class PlainRound:
         self.global_state = trainable_state(self.model)
 
     def __call__(self, server_round: int = ROUNDS) -> dict[str, float]:
-        from fedlora.models import set_trainable_state, trainable_state
-        from fedlora.training import evaluate_counts, local_train
 
         tc, model, task = self.config.train, self.model, self.task
         started = time.perf_counter()
@@ -180,7 +182,6 @@ def framework_cost(plan: Plan, folder: Path, progress) -> dict:
 
 
 def _steps(config: cfg.RunConfig, rows: int) -> int:
-    from fedlora.training import planned_steps
 
     tc = config.train
     return planned_steps(rows, tc.batch_size, tc.local_epochs, tc.local_steps)
@@ -188,8 +189,6 @@ def _steps(config: cfg.RunConfig, rows: int) -> int:
 
 def ray_round(config: cfg.RunConfig, out: Path, plain: PlainRound) -> dict:
     """One `fedlora simulate` run (Ray; sites are actors in parallel), then a plain round beside it."""
-    from fedlora.server.rundir import RunDirectory
-    from fedlora.simulations.launcher import simulate
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -213,8 +212,6 @@ VARIANTS = {
 
 
 def security_costs(plan: Plan, folder: Path, progress) -> dict:
-    from fedlora.simulations import dp_benchmark, secagg_benchmark
-    from fedlora.simulations.launcher import infer_labels
 
     base = [*plan.cost_sets, "federation.num-sites=3", "federation.min-sites=3"]
     configs = {name: with_rounds(base, *sets) for name, sets in VARIANTS.items()}
@@ -251,7 +248,6 @@ def security_costs(plan: Plan, folder: Path, progress) -> dict:
 
 
 def _adapter_params(rundir: Path) -> int:
-    import json
 
     return int(json.loads((rundir / "summary.json").read_text())["parameters"]["adapter"])
 

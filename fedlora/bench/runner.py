@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fedlora.bench.suite import BenchContext, SuiteResult
+from fedlora.progress import progress
 from fedlora.versions import library_versions
 
 SUITES = {  # name -> module, in the order they run (the cheap ones first)
@@ -87,8 +88,6 @@ def section(title: str, result: SuiteResult, entry: dict) -> str:
 
 
 def progress_bar(items, label: str):
-    from fedlora.progress import progress
-
     return progress(items, label)
 
 

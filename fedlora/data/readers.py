@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
+
 SUFFIXES = (".jsonl", ".csv", ".parquet")
 
 Row = dict
@@ -57,8 +59,6 @@ def _raw_rows(path: Path):
                 else:
                     yield lineno, row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as err:  # pyarrow raises several types for corrupt files

@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import config as cfg
+from fedlora import logs
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
 from fedlora.server.central import CentralEvaluator
@@ -26,14 +27,6 @@ log = logging.getLogger("fedlora")
 app = ServerApp()
 
 
-def _setup_logging() -> None:
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s fedlora %(levelname)s: %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-
-
 def run_directory(config) -> RunDirectory:
     out = config.output.dir or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     return RunDirectory(Path(out).expanduser().resolve())
@@ -41,7 +34,7 @@ def run_directory(config) -> RunDirectory:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _setup_logging()
+    logs.setup()
     started = time.perf_counter()
     config = cfg.from_flat(context.run_config)
     rundir = run_directory(config)

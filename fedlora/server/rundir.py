@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fedlora.server.tracking import open_tracker, require
+
 State = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,6 @@ class RunDirectory:
     def start_tracking(self, kind: str) -> None:
         """Mirror each metrics row to the tracker `kind` (fedlora.server.tracking); raises a
         ConfigError naming the pip extra now, at the start of the run, if its package is missing."""
-        from fedlora.server.tracking import require
-
         require(kind)
         self.tracking = kind
 
@@ -76,8 +76,6 @@ class RunDirectory:
         """A tracker is a view: when it fails the run goes on, metrics.jsonl holds every row."""
         try:
             if self._tracker is None:
-                from fedlora.server.tracking import open_tracker
-
                 self._tracker = open_tracker(self.tracking, self.path, self._resumed_after)
             self._tracker.log(row)
         except Exception as err:  # any failure of the tracker: reported, and the run goes on

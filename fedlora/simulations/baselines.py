@@ -19,7 +19,7 @@ from pathlib import Path
 from fedlora import config as cfg
 from fedlora.data.sites import central_test_rows, simulated_site_data
 from fedlora.models import load_model, set_trainable_state, trainable_state
-from fedlora.simulations.launcher import infer_labels
+from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
 from fedlora.training import evaluate_counts, local_train, planned_steps
 

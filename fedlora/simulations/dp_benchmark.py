@@ -28,7 +28,8 @@ from fedlora import config as cfg
 from fedlora.data.sites import simulated_site_data
 from fedlora.models import load_model
 from fedlora.privacy.dpsgd import DPSettings, dp_step, private, trainable
-from fedlora.simulations.launcher import infer_labels, simulate
+from fedlora.data.labels import infer_labels
+from fedlora.simulations.launcher import simulate
 from fedlora.tasks import build_task
 
 

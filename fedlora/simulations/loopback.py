@@ -11,38 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
-
-from fedlora.client.site_home import init_site
 from fedlora.data import synthetic
-from fedlora.server.coordinator_home import init_coordinator
-from fedlora.server.flwr_cli import call_json
-from fedlora.server.registry import add_site
+from fedlora.deploy.coordinator_home import init_coordinator
+from fedlora.deploy.flwr_cli import call_json
+from fedlora.deploy.registry import add_site
+from fedlora.deploy.site_home import init_site
+from fedlora.flower import FLOWER_ENV
+from fedlora.processes import free_ports, kill_tree
 
 LABELS = ",".join(synthetic.LABELS)
 # One torch thread per process: here all sites share one machine (a real site has its own), and
 # several processes each spinning a thread per core slow everyone down (Ray's simulation does the same).
-ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-
-
-def free_ports(n: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
+ENV = {**FLOWER_ENV, "OMP_NUM_THREADS": "1"}
 
 
 def cli(*args: str) -> list[str]:
@@ -142,21 +127,8 @@ class LoopbackFederation:
         process = self.processes.pop(name, None)
         if process is None:
             return
-        try:
-            family = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_tree(process.pid)
         process.wait(timeout=30)
-        psutil.wait_procs(family, timeout=30)
 
     def close(self) -> None:
         for name in list(self.processes):
@@ -169,8 +141,10 @@ class LoopbackFederation:
     def runs(self) -> list[dict]:
         return call_json(self.coord / "flwr-home", "ls").get("runs", [])
 
-    def run_command(self, out: Path, *settings: str, resume: bool = False) -> list[str]:
-        command = cli("run", "--dir", str(self.coord), "--out", str(out))
+    def run_command(self, out: Path, *settings: str, resume: bool = False, faulty: bool = False) -> list[str]:
+        """`fedlora run` for this coordinator; `faulty`: with the test relay that honours `test-fault`."""
+        runner = [sys.executable, "-m", "fedlora.simulations.faults"] if faulty else cli()
+        command = [*runner, "run", "--dir", str(self.coord), "--out", str(out)]
         for setting in settings:
             command += ["--set", setting]
         return command + (["--resume"] if resume else [])

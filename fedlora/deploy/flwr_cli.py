@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedlora.simulations.launcher import FLOWER_ENV
+from fedlora.flower import FLOWER_ENV
 
 CONNECTION = "fedlora"
 

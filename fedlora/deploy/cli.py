@@ -1,30 +1,29 @@
 """The deployment commands of `fedlora`: `coordinator ...`, `site ...` and `run`.
 
 Each command parses its arguments here and calls one module that does the
-work (fedlora.server.* at the coordinator, fedlora.client.* at a site).
+work (in fedlora.deploy).
 Step-by-step use: docs/deployment.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from fedlora import config as cfg
+from fedlora import logs
+from fedlora.data.readers import DataError
+from fedlora.deploy import coordinator, site
+from fedlora.deploy.certificates import certificate_names, renew_server_cert
+from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
+from fedlora.deploy.flwr_cli import FlowerCommandFailed
+from fedlora.deploy.registry import add_site, remove_site
+from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_line
+from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
+from fedlora.processes import signal_pid_file
 
 RAW = argparse.RawDescriptionHelpFormatter
-
-
-def _logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("fedlora")
-    if not logger.handlers:
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # Flower puts a handler on the root logger: one line per record is enough
 
 
 def _fail(command: str, err: Exception) -> int:
@@ -34,7 +33,6 @@ def _fail(command: str, err: Exception) -> int:
 
 # -- coordinator --------------------------------------------------------------
 def _coordinator_init(args: argparse.Namespace) -> int:
-    from fedlora.server.coordinator_home import CoordinatorError, init_coordinator
 
     try:
         home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port)
@@ -51,8 +49,6 @@ def _coordinator_init(args: argparse.Namespace) -> int:
 
 
 def _coordinator_renew(args: argparse.Namespace) -> int:
-    from fedlora.server.certificates import certificate_names, renew_server_cert
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
 
     try:
         home = CoordinatorHome.load(args.dir)
@@ -65,22 +61,18 @@ def _coordinator_renew(args: argparse.Namespace) -> int:
 
 
 def _coordinator_register(args: argparse.Namespace) -> int:
-    from fedlora.server.registry import add_site
 
     return _report("coordinator register-site",
                    lambda home: add_site(home, args.name, Path(args.key), args.replace), args.dir)
 
 
 def _coordinator_unregister(args: argparse.Namespace) -> int:
-    from fedlora.server.registry import remove_site
 
     return _report("coordinator unregister-site", lambda home: remove_site(home, args.name), args.dir)
 
 
 def _report(command: str, action, folder: str) -> int:
     """Run `action(coordinator folder)` and print the line it returns, or the error."""
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-    from fedlora.server.flwr_cli import FlowerCommandFailed
 
     try:
         print(action(CoordinatorHome.load(folder)))
@@ -91,7 +83,6 @@ def _report(command: str, action, folder: str) -> int:
 
 # -- site ---------------------------------------------------------------------
 def _site_init(args: argparse.Namespace) -> int:
-    from fedlora.client.site_home import SiteError, init_site, public_key_line
 
     try:
         home = init_site(args.dir, args.name, Path(args.data), args.superlink, Path(args.ca),
@@ -107,8 +98,10 @@ def _site_init(args: argparse.Namespace) -> int:
 
 
 def _site_check_data(args: argparse.Namespace) -> int:
-    from fedlora.client.data_check import check_data, format_report, report_json
-    from fedlora.data.readers import DataError
+    # Imported here alone: its tokenizer brings transformers and peft (4 s), which no other
+    # deployment command needs, so `fedlora site stop` and the rest start without them.
+    from fedlora.deploy.data_check import check_data, format_report, report_json
+
 
     labels = [x.strip() for x in (args.labels or "").split(",") if x.strip()]
     try:
@@ -125,35 +118,20 @@ def _site_check_data(args: argparse.Namespace) -> int:
 # -- start / stop (coordinator and site alike) ------------------------------------
 def _home(what: str, folder: str):
     """The coordinator's or the site's folder, loaded."""
-    if what == "coordinator":
-        from fedlora.server.coordinator_home import CoordinatorHome
-
-        return CoordinatorHome.load(folder)
-    from fedlora.client.site_home import SiteHome
-
-    return SiteHome.load(folder)
+    return (CoordinatorHome if what == "coordinator" else SiteHome).load(folder)
 
 
 def _start(args: argparse.Namespace) -> int:
-    from fedlora.client.site_home import SiteError
-    from fedlora.server.coordinator_home import CoordinatorError
 
-    _logging()
+    logs.setup(propagate=False)
     try:
         home = _home(args.what, args.dir)
-        if args.what == "coordinator":
-            from fedlora.server.deploy import start
-        else:
-            from fedlora.client.deploy import start
-        return start(home)
+        return (coordinator.start if args.what == "coordinator" else site.start)(home)
     except (CoordinatorError, SiteError, RuntimeError, FileNotFoundError) as err:
         return _fail(f"{args.what} start", err)
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from fedlora.client.site_home import SiteError
-    from fedlora.processes import signal_pid_file
-    from fedlora.server.coordinator_home import CoordinatorError
 
     try:
         pid = signal_pid_file(_home(args.what, args.dir).pid_file)
@@ -164,9 +142,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 # -- run ----------------------------------------------------------------------
-def _run(args: argparse.Namespace) -> int:
-    from fedlora.server.coordinator_home import CoordinatorError, CoordinatorHome
-    from fedlora.server.submit import RunFailed, submit
+def run_command(args: argparse.Namespace, clientapp: str = RELAY_CLIENTAPP) -> int:
+    """`fedlora run`: submit a run with `clientapp` as the sites' ClientApp."""
 
     try:
         home = CoordinatorHome.load(args.dir)
@@ -181,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         config_file = out / "config.toml"  # continue with the configuration the run started with
     config = cfg.load_config(config_file, list(args.set or []))
     try:
-        submit(home, config, out, args.resume)
+        submit(home, config, out, args.resume, clientapp)
     except RunFailed as err:
         return _fail("run", err)
     except KeyboardInterrupt:
@@ -329,4 +306,4 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", "-o", help="run directory (default: <coordinator>/runs/<UTC timestamp>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its last checkpoint (after a coordinator restart)")
-    run.set_defaults(func=_run)
+    run.set_defaults(func=run_command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedlora.models import load_tokenizer
 from fedlora.data.quality import MAX_EXAMPLES, Columns, Report, analyse
 from fedlora.tasks import CausalLMTask, ClassificationTask
 
@@ -20,8 +21,6 @@ def check_data(path: Path, task: str = "classification", text_column: str = "tex
     checker = ClassificationTask(text_column, label_column, []) if task == "classification" else CausalLMTask()
     count_tokens = None
     if tokenizer_model:
-        from fedlora.models import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer_model)
         count_tokens = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
     return analyse(path, columns, checker.check_row, labels, max_length, count_tokens)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.client.keys import fingerprint, generate_key_pair
-from fedlora.client.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
+from fedlora.deploy.keys import fingerprint, generate_key_pair
+from fedlora.deploy.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
 from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, NODE_UNIT_COLUMN
 
 SETTINGS = "site.toml"

@@ -11,16 +11,17 @@ off (Flower's default at a SuperNode).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
 import tomli_w
 
-from fedlora.client.session import end_stale_session, remember_node_id
-from fedlora.client.site_home import SiteHome
+from fedlora.deploy.session import end_stale_session, remember_node_id
+from fedlora.deploy.site_home import SiteHome
 from fedlora.processes import start_child, stop_on_sigterm, stop_tree, write_pid_file
-from fedlora.simulations.launcher import FLOWER_ENV
+from fedlora.flower import FLOWER_ENV
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def supernode_command(home: SiteHome) -> list[str]:
 
 
 def worker_command(home: SiteHome, parent_pid: int) -> list[str]:
-    return [sys.executable, "-m", "fedlora.client.worker", "--socket", str(home.state / "worker.sock"),
+    return [sys.executable, "-m", "fedlora.deploy.worker", "--socket", str(home.state / "worker.sock"),
             "--parent-pid", str(parent_pid)]
 
 
@@ -58,8 +59,6 @@ def _check(home: SiteHome) -> None:
 
 def start(home: SiteHome, env: dict[str, str] | None = None) -> int:
     """Run the site in the foreground until SIGINT/SIGTERM or the SuperNode exits; returns its exit code."""
-    import os
-
     _check(home)
     stop_on_sigterm()
     home.state.mkdir(parents=True, exist_ok=True)

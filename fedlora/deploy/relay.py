@@ -2,7 +2,7 @@
 
 Flower starts one ClientApp process per message. This module imports only
 Flower (not torch), and hands the message to the site's worker process
-(fedlora.client.worker), which keeps the base model loaded between messages.
+(fedlora.deploy.worker), which keeps the base model loaded between messages.
 When the site runs no worker (node config without `worker-socket`, or the
 worker is down) it runs fedlora.client.app itself, exactly as a cold process.
 Either way the same ClientApp handlers answer.
@@ -22,33 +22,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora import __version__, wire
-from fedlora.client import faults
-from fedlora.client.worker import WorkerUnavailable, recv_frame, send_frames
+from fedlora import __version__, flower, wire
+from fedlora.privacy.budget import NODE_STATE_DIR  # the site's persistent folder
+from fedlora.deploy.frames import WorkerUnavailable, recv_frame, send_frames
 
 log = logging.getLogger(__name__)
 
 NODE_WORKER_SOCKET = "worker-socket"  # node config: the site worker's Unix socket
-NODE_STATE_DIR = "state-dir"          # node config: the site's persistent folder (also the privacy ledger's)
 TIMINGS_FILE = "timings.jsonl"
 
 
 def _process_age() -> float:
     """Seconds since this ClientApp process started (interpreter start, Flower's setup, the FAB)."""
-    import psutil
-
     return time.time() - psutil.Process().create_time()
 
 
 def _via_worker(path: str, message: Message, context: Context) -> tuple[Message, dict[str, Any]]:
-    from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
-    from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=no-name-in-module
-    from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
-    from flwr.supercore.task_identity import TaskIdentity
-
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(10.0)
@@ -57,19 +50,15 @@ def _via_worker(path: str, message: Message, context: Context) -> tuple[Message,
         except (FileNotFoundError, ConnectionRefusedError, socket.timeout) as err:
             raise WorkerUnavailable(f"{path}: {err}") from None
         sock.settimeout(None)  # training may take long; a dead worker closes the socket
-        try:
-            task_id = TaskIdentity.task_id
-        except RuntimeError:
-            task_id = 0
-        send_frames(sock, json.dumps({"version": __version__, "task_id": task_id}).encode(),
-                    message_to_proto(message).SerializeToString(), context_to_proto(context).SerializeToString())
+        send_frames(sock, json.dumps({"version": __version__, "task_id": flower.current_task_id()}).encode(),
+                    flower.message_to_bytes(message), flower.context_to_bytes(context))
         header = json.loads(recv_frame(sock))
         if not header["ok"]:
             if header.get("stale"):
                 raise WorkerUnavailable(header["error"])
             raise RuntimeError(f"site worker: {header['error']}")
-        reply = message_from_proto(MessageProto.FromString(recv_frame(sock)))
-        updated = context_from_proto(ContextProto.FromString(recv_frame(sock)))
+        reply = flower.message_from_bytes(recv_frame(sock))
+        updated = flower.context_from_bytes(recv_frame(sock))
     finally:
         sock.close()
     context.state = updated.state  # Flower stores this context for the node's next message
@@ -79,6 +68,8 @@ def _via_worker(path: str, message: Message, context: Context) -> tuple[Message,
 
 def _in_process(message: Message, context: Context) -> tuple[Message, dict[str, Any]]:
     started = time.perf_counter()
+    # Imported here, not at the top: this process relays to the worker, which has torch loaded,
+    # and imports torch and transformers (seconds) only when it must answer the message itself.
     from fedlora.client.app import app as site_app
     from fedlora.client.runtime import site_runtime
 
@@ -93,7 +84,8 @@ def _in_process(message: Message, context: Context) -> tuple[Message, dict[str, 
                    "handler_seconds": time.perf_counter() - loaded}
 
 
-def _server_round(message: Message) -> int:
+def server_round(message: Message) -> int:
+    """The round a message belongs to (-1 when it names none)."""
     try:
         return int(message.content.config_records[wire.CONFIG][wire.SERVER_ROUND])
     except (KeyError, TypeError, ValueError):
@@ -104,7 +96,7 @@ def _record(context: Context, message: Message, reply: Message, timings: dict[st
     folder = context.node_config.get(NODE_STATE_DIR)
     if not folder:
         return
-    row = {"time": time.time(), "run": context.run_id, "round": _server_round(message),
+    row = {"time": time.time(), "run": context.run_id, "round": server_round(message),
            "type": message.metadata.message_type, **timings}
     if not reply.has_error() and wire.METRICS in reply.content.metric_records:
         seconds = reply.content.metric_records[wire.METRICS].get(wire.TRAIN_SECONDS)
@@ -130,7 +122,6 @@ class RelayClientApp(ClientApp):
                 log.warning("site worker unavailable (%s): running this message in the ClientApp process", err)
         if reply is None:
             reply, timings = _in_process(message, context)
-        reply = faults.maybe_corrupt(reply, _server_round(message), context.node_config)
         _record(context, message, reply, {"process_seconds": process_seconds, **timings})
         return reply
 

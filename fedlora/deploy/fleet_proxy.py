@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
+
+from fedlora import flower
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 
 def fleet_paths() -> frozenset[str]:
     """The Fleet API's POST routes in the installed Flower, e.g. /v1/fleet/pull-messages."""
-    from flwr.superlink.routers.fleet.router import router
-
-    paths = frozenset(r.path for r in router.routes if "POST" in getattr(r, "methods", ()))
+    paths = flower.fleet_post_paths()
     if not paths or not all(p.startswith(FLEET_PREFIX) for p in paths):
         raise RuntimeError(f"unexpected Fleet routes in this Flower version: {sorted(paths)}")
     return paths
@@ -98,8 +99,6 @@ def create_proxy_app(upstream: str, ca_cert: Path, timeout: float = 120.0) -> St
 def serve(listen_host: str, listen_port: int, upstream: str, cert: Path, key: Path, ca_cert: Path,
           keep_running: Callable[[], bool] = lambda: True) -> None:
     """Serve the proxy over TLS until SIGINT/SIGTERM or until keep_running() turns false (blocking)."""
-    import uvicorn
-
     config = uvicorn.Config(create_proxy_app(upstream, ca_cert), host=listen_host, port=listen_port,
                             ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning",
                             access_log=False, lifespan="on")

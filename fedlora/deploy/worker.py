@@ -3,7 +3,7 @@
 In deployment Flower starts a fresh ClientApp process for every message, so a
 site would import torch/transformers and load the base model twice per round
 (train and evaluate). `fedlora site start` therefore runs this worker next to
-the SuperNode; the ClientApp that `fedlora run` deploys (fedlora.client.relay)
+the SuperNode; the ClientApp that `fedlora run` deploys (fedlora.deploy.relay)
 is a thin process that hands each message and its Context to the worker over
 a Unix socket readable by the site's user only, and returns the worker's reply.
 
@@ -19,67 +19,34 @@ then (when ok) the reply Message and the updated Context.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import socket
-import struct
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("fedlora.client.worker")  # also when run as __main__
+from fedlora import __version__, flower, logs
+from fedlora.client.app import app as site_app
+from fedlora.client.runtime import site_runtime
+from fedlora.deploy.frames import recv_frame, send_frames
 
-_LENGTH = struct.Struct("!Q")
-
-
-class WorkerUnavailable(RuntimeError):
-    """No worker answers on the socket; the caller may run the message itself."""
-
-
-# -- framing ------------------------------------------------------------------
-def send_frames(sock: socket.socket, *frames: bytes) -> None:
-    for frame in frames:
-        sock.sendall(_LENGTH.pack(len(frame)) + frame)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the peer closed the connection mid-frame")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_frame(sock: socket.socket) -> bytes:
-    (size,) = _LENGTH.unpack(_recv_exact(sock, _LENGTH.size))
-    return _recv_exact(sock, size)
-
+log = logging.getLogger("fedlora.deploy.worker")  # also when run as __main__
 
 # -- the worker ---------------------------------------------------------------
 def _handle(conn: socket.socket, version: str) -> None:
-    from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
-    from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=no-name-in-module
-    from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedlora.client.app import app as site_app
-    from fedlora.client.runtime import site_runtime
-
     header = json.loads(recv_frame(conn))
-    message = message_from_proto(MessageProto.FromString(recv_frame(conn)))
-    context = context_from_proto(ContextProto.FromString(recv_frame(conn)))
+    message = flower.message_from_bytes(recv_frame(conn))
+    context = flower.context_from_bytes(recv_frame(conn))
     if header.get("version") != version:  # the site upgraded fedlora: this worker runs old code
         send_frames(conn, json.dumps({"ok": False, "stale": True,
                                       "error": f"worker runs fedlora {version}, relay {header.get('version')}"}).encode())
         return
-    TaskIdentity.run_id, TaskIdentity.node_id = context.run_id, context.node_id
-    TaskIdentity.task_id = int(header.get("task_id", 0))
+    flower.set_task_identity(context.run_id, context.node_id, int(header.get("task_id", 0)))
     started = time.perf_counter()
     try:
         site_runtime(context)  # the model load, timed apart (cached after the first message of a run)
@@ -95,7 +62,7 @@ def _handle(conn: socket.socket, version: str) -> None:
     done = time.perf_counter()
     send_frames(conn, json.dumps({"ok": True, "load_seconds": loaded - started,
                                   "handler_seconds": done - loaded}).encode(),
-                message_to_proto(reply).SerializeToString(), context_to_proto(context).SerializeToString())
+                flower.message_to_bytes(reply), flower.context_to_bytes(context))
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -128,9 +95,6 @@ def _bind_private(server: socket.socket, socket_path: Path) -> None:
 
 def serve(socket_path: Path, parent_pid: int | None = None) -> None:
     """Serve ClientApp requests on a Unix socket until killed."""
-    from fedlora import __version__
-    import fedlora.client.app  # noqa: F401 - the heavy imports happen once, here, not per message
-
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
@@ -150,19 +114,12 @@ def serve(socket_path: Path, parent_pid: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m fedlora.client.worker",
+    parser = argparse.ArgumentParser(prog="python -m fedlora.deploy.worker",
                                      description="Keep the site's base model loaded for the fedlora ClientApp.")
     parser.add_argument("--socket", required=True, help="Unix socket path (in the site's state folder)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the site supervisor) exits")
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s fedlora-site %(levelname)s: %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("fedlora")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # Flower puts a handler on the root logger: one line per record is enough
+    logs.setup("fedlora-site", propagate=False)
     serve(Path(args.socket), args.parent_pid)
     return 0
 

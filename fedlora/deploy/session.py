@@ -16,7 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-from fedlora.client.site_home import SiteHome
+from fedlora import flower
+from fedlora.deploy.site_home import SiteHome
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,9 @@ def end_stale_session(home: SiteHome) -> bool:
     path = home.state / NODE_ID_FILE
     if not path.exists():
         return False
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
-    from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-    from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
-
-    key = load_ssh_private_key(home.private_key.read_bytes(), None)
-    client = FleetHttpClient.from_server_address(
-        home.superlink, insecure=False, root_certificates=str(home.root_certificates),
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                      NodeAuthHttpInterceptor(key, key.public_key())])
+    client = flower.fleet_client(home.superlink, str(home.root_certificates), home.private_key.read_bytes())
     try:
-        client.DeactivateNode(DeactivateNodeRequest(node_id=int(path.read_text())))
+        flower.deactivate_node(client, int(path.read_text()))
     except Exception as err:  # noqa: BLE001 - nothing to end (offline already, coordinator down): start anyway
         log.info("no previous session to end (%s)", err)
         return False

@@ -17,8 +17,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlora.server.certificates import TlsFiles, create_tls
-from fedlora.server.flwr_cli import write_connection
+from fedlora.deploy.certificates import TlsFiles, create_tls
+from fedlora.deploy.flwr_cli import write_connection
 
 SETTINGS = "coordinator.toml"
 DEFAULT_LISTEN = "0.0.0.0:9092"

@@ -1,9 +1,9 @@
 """`fedlora run`: submit a training run to the coordinator's SuperLink and follow it.
 
 Works on the coordinator host only: the SuperLink's Control API listens on
-127.0.0.1 (fedlora.server.deploy). The run's configuration is the resolved
+127.0.0.1 (fedlora.deploy.coordinator). The run's configuration is the resolved
 fedlora configuration, shipped as the Flower app's run-config defaults; the
-sites' ClientApp is the relay (fedlora.client.relay), which answers through the
+sites' ClientApp is the relay (fedlora.deploy.relay), which answers through the
 site's worker process when there is one. Progress is printed one line per
 round from the run directory, which the ServerApp writes on this host.
 """
@@ -20,14 +20,14 @@ from pathlib import Path
 
 from fedlora import config as cfg
 from fedlora.processes import stop_tree
-from fedlora.server.coordinator_home import CoordinatorHome
-from fedlora.server.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
-from fedlora.server.registry import superlink_running
+from fedlora.deploy.coordinator_home import CoordinatorHome
+from fedlora.deploy.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
+from fedlora.deploy.registry import superlink_running
 from fedlora.server.tracking import require as require_tracking
-from fedlora.progress import echo, progress
-from fedlora.simulations.launcher import flower_app_pyproject, round_line, watch_rounds
+from fedlora.flower_app import write_app
+from fedlora.progress import echo, progress, round_line, watch_rounds
 
-RELAY_CLIENTAPP = "fedlora.client.relay:app"
+RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
 STARTED = re.compile(r"Successfully started run (\d+)")
 
@@ -66,8 +66,10 @@ def _stop_previous(home: CoordinatorHome, out: Path) -> None:
         pass  # unknown to this SuperLink (e.g. a fresh database): nothing to stop
 
 
-def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None, resume: bool = False) -> Path:
-    """Submit a run and follow it until it ends; returns the run directory."""
+def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None, resume: bool = False,
+           clientapp: str = RELAY_CLIENTAPP) -> Path:
+    """Submit a run and follow it until it ends; returns the run directory. `clientapp`: the
+    ClientApp component the sites run (tests pass one that injects faults)."""
     if not superlink_running(home):
         raise RunFailed(f"the coordinator is not running (nothing on 127.0.0.1:{home.superlink_port}); "
                         f"start it with `fedlora coordinator start {home.path}`")
@@ -77,8 +79,7 @@ def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None
         _stop_previous(home, out)
     work = Path(tempfile.mkdtemp(prefix="fedlora-run-"))
     try:
-        (work / "pyproject.toml").write_text(flower_app_pyproject(config, clientapp=RELAY_CLIENTAPP))
-        (work / "LICENSE").write_text("Apache-2.0\n")
+        write_app(work, config, clientapp)
         fed = config.federation
         print(f"fedlora run: {fed.rounds} rounds, model {config.model.name}, strategy {config.strategy.name}, "
               f"min {fed.min_sites} sites → {out}", flush=True)

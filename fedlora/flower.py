@@ -1,0 +1,129 @@
+"""Every use of Flower's private modules, in one place.
+
+fedlora builds on Flower's public Message API (`flwr.app`, `flwr.clientapp`,
+`flwr.serverapp`). A few jobs need more than that: serializing a Message and a
+Context to bytes (the site worker's socket, the in-process grid), the process-
+wide task identity a Message is stamped with, the Fleet API's route list (the
+Fleet-only proxy), and the signed `deactivate-node` call a site makes to end a
+crashed session. Those reach into Flower's private modules, which change
+between releases; they are imported here and nowhere else, so a Flower upgrade
+breaks in this one file, with the message below, and tests/test_flower.py
+exercises each of them.
+"""
+
+from __future__ import annotations
+
+import flwr
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.app import Context, Message, RecordDict
+
+try:
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+    from flwr.common.serde import (context_from_proto, context_to_proto, message_from_proto, message_to_proto,
+                                   recorddict_to_proto)
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
+    from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=no-name-in-module
+    from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+except ImportError as err:  # pragma: no cover - only with a Flower other than the one fedlora targets
+    raise ImportError(_moved(err)) from err
+
+
+
+def _moved(err: ImportError) -> str:
+    return (f"fedlora needs flwr 1.42 (installed: {flwr.__version__}); a private Flower module it uses "
+            f"changed: {err}. Install the flwr version fedlora's pyproject.toml pins.")
+
+
+# How every Flower process fedlora starts is run: no telemetry or update check (hospitals want no
+# egress, and there is no network here), nothing fetched from a hub, Ray's usage stats off.
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+SERVER_NODE_ID = SUPERLINK_NODE_ID
+CLIENT_APP_RAISED = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+# -- Message and Context as bytes ---------------------------------------------------------
+def message_to_bytes(message: Message) -> bytes:
+    return message_to_proto(message).SerializeToString()
+
+
+def message_from_bytes(data: bytes) -> Message:
+    return message_from_proto(MessageProto.FromString(data))
+
+
+def context_to_bytes(context: Context) -> bytes:
+    return context_to_proto(context).SerializeToString()
+
+
+def context_from_bytes(data: bytes) -> Context:
+    return context_from_proto(ContextProto.FromString(data))
+
+
+def transmit(message: Message) -> Message:
+    """The message as the other side receives it: serialized and parsed again."""
+    return message_from_proto(message_to_proto(message))
+
+
+def serialized_size(content: RecordDict) -> int:
+    """Serialized bytes of a message's records (robust where `count_bytes` is not: an empty
+    list in a ConfigRecord)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+# -- the task identity a Message is stamped with -------------------------------------------
+def set_task_identity(run_id: int, node_id: int, task_id: int) -> None:
+    """Who this process is, for the Messages it creates (Flower keeps it process-wide)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+
+
+def current_task_id() -> int:
+    """The task id of this process (0 when Flower has not set one)."""
+    try:
+        return int(TaskIdentity.task_id)
+    except RuntimeError:
+        return 0
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Give a Message the id a SuperLink would (the public Metadata has no setter for it)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def empty_run(run_id: int) -> Run:
+    return Run.create_empty(run_id)
+
+
+# -- the Fleet API -------------------------------------------------------------------------
+# The Fleet router and the HTTP interceptors are imported when needed (at the coordinator's proxy and a
+# site's start): together they take 0.6 s to import, and the relay ClientApp, which Flower starts
+# afresh for every message, never needs them.
+def fleet_post_paths() -> frozenset[str]:
+    """The Fleet API's POST routes in the installed Flower, e.g. /v1/fleet/pull-messages."""
+    try:
+        from flwr.superlink.routers.fleet.router import router as fleet_router
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(_moved(err)) from err
+    return frozenset(r.path for r in fleet_router.routes if "POST" in getattr(r, "methods", ()))
+
+
+def fleet_client(superlink: str, root_certificates: str, private_key_pem: bytes):
+    """A Fleet API client that signs its requests with a site's key, as a SuperNode does."""
+    try:
+        from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+        from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(_moved(err)) from err
+    key = load_ssh_private_key(private_key_pem, None)
+    return FleetHttpClient.from_server_address(
+        superlink, insecure=False, root_certificates=root_certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                      NodeAuthHttpInterceptor(key, key.public_key())])
+
+
+def deactivate_node(client, node_id: int) -> None:
+    """End a node's session at the SuperLink (what a SuperNode sends when it stops cleanly)."""
+    client.DeactivateNode(DeactivateNodeRequest(node_id=node_id))

@@ -1,0 +1,80 @@
+"""Each private Flower API fedlora uses (all in fedlora/flower.py), exercised against the installed Flower.
+
+When a Flower upgrade moves or changes one of them, these tests say which.
+"""
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedlora import flower
+from fedlora.arrays import to_record
+from fedlora.deploy.certificates import create_tls
+from fedlora.processes import free_ports
+
+
+def _message() -> Message:
+    flower.set_task_identity(7, flower.SERVER_NODE_ID, 3)
+    content = RecordDict({"arrays": to_record({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}),
+                          "config": ConfigRecord({"server-round": 2, "names": ["a", "b"]})})
+    return Message(content, dst_node_id=42, message_type="train")
+
+
+def test_a_message_survives_bytes_with_its_records_and_identity():
+    message = _message()
+    flower.set_message_id(message, "m-1")
+    back = flower.message_from_bytes(flower.message_to_bytes(message))
+    assert back.metadata.message_id == "m-1" and back.metadata.run_id == 7
+    assert back.metadata.dst_node_id == 42 and back.metadata.message_type == "train"
+    np.testing.assert_array_equal(back.content["arrays"]["w"].numpy(), message.content["arrays"]["w"].numpy())
+    assert list(back.content["config"]["names"]) == ["a", "b"]
+    assert flower.transmit(message).content["config"]["server-round"] == 2
+
+
+def test_the_task_identity_is_process_wide():
+    flower.set_task_identity(1, 5, 11)
+    assert flower.current_task_id() == 11
+    assert _message().metadata.src_node_id == flower.SERVER_NODE_ID
+
+
+def test_a_context_survives_bytes_with_its_state():
+    context = Context(run_id=3, node_id=9, node_config={"partition-id": 1}, state=RecordDict(),
+                      run_config={"model.name": "tiny-bert"})
+    context.state["kept"] = ConfigRecord({"x": 1})
+    back = flower.context_from_bytes(flower.context_to_bytes(context))
+    assert (back.run_id, back.node_id, back.node_config["partition-id"]) == (3, 9, 1)
+    assert back.state["kept"]["x"] == 1 and back.run_config["model.name"] == "tiny-bert"
+
+
+def test_serialized_size_counts_records_including_an_empty_list():
+    small = RecordDict({"c": ConfigRecord({"empty": []})})
+    big = RecordDict({"a": to_record({"w": np.zeros(1000, dtype=np.float32)})})
+    assert 0 < flower.serialized_size(small) < 100 and flower.serialized_size(big) > 4000
+
+
+def test_an_empty_run_has_the_id():
+    assert flower.empty_run(5).run_id == 5
+
+
+def test_the_fleet_routes_are_posts_under_v1_fleet():
+    paths = flower.fleet_post_paths()
+    assert "/v1/fleet/pull-messages" in paths and "/v1/fleet/push-messages" in paths
+    assert all(p.startswith("/v1/fleet/") for p in paths)
+
+
+def test_a_signed_fleet_client_reaches_for_its_superlink(tmp_path):
+    """The client builds from a site's key and CA, and deactivating a node is a network call
+    (here to a closed port, so it fails with a connection error, not a programming error)."""
+    tls = create_tls(tmp_path, ["127.0.0.1"])
+    key = ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    (port,) = free_ports(1)
+    client = flower.fleet_client(f"127.0.0.1:{port}", str(tls.ca_cert), key)
+    try:
+        with pytest.raises(Exception) as caught:
+            flower.deactivate_node(client, 12345)
+        assert not isinstance(caught.value, (AttributeError, TypeError, ImportError))
+    finally:
+        client.close()
