@@ -26,6 +26,10 @@ the next residual (`encode_with_feedback`). The sum of what the coordinator
 decodes then tracks the sum of the site's true updates up to one bounded
 residual, instead of drifting by the compression error of every round.
 
+Sites encode in a ClientApp mod (fedlora.client.mods.compression_mod); the
+coordinator decodes in a strategy wrapper (`DecodedUploads`, below), before the
+update is checked or any strategy sees it.
+
 Each encoded part is named ``<tensor name>#<part>``. Adapter tensor names are
 PyTorch parameter paths (identifiers joined by dots), which never contain '#',
 so the parts cannot collide with a tensor name, and `decode` rejects any name
@@ -36,8 +40,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
+
+from fedlora.strategies.base import SiteUpdate, Strategy, StrategyWrapper
 
 State = dict[str, np.ndarray]
 
@@ -216,3 +223,24 @@ def encode_with_feedback(update: Mapping[str, np.ndarray], residual: Mapping[str
     encoded = encode(corrected, method, topk_fraction)
     decoded = decode(encoded, method)
     return encoded, {name: (corrected[name] - decoded[name]).astype(np.float32) for name in corrected}
+
+
+class DecodedUploads(StrategyWrapper):
+    """The server side of upload compression: each update is decoded into dense float32 tensors
+    before it is checked and aggregated; a malformed encoding is a rejected update."""
+
+    needs_individual = "the coordinator decodes each site's upload on its own"
+    under_secure_aggregation = ("; secure aggregation already fixed-point encodes each update (secagg.bytes-per-param "
+                                "sets its width): set compression.method = 'none'")
+
+    def __init__(self, inner: Strategy, method: str):
+        super().__init__(inner)
+        _check_method(method)
+        self.method = method
+
+    def accept(self, update: SiteUpdate, global_state: State) -> tuple[SiteUpdate, str | None]:
+        try:  # bounded by the global adapter's size, so a forged encoding cannot exhaust memory
+            delta = decode(update.delta, self.method, max_elements=sum(v.size for v in global_state.values()))
+        except ValueError as err:
+            return update, f"malformed {self.method} upload: {err}"
+        return self.inner.accept(replace(update, delta=delta), global_state)

@@ -1,21 +1,59 @@
 """One typed, validated run configuration.
 
 A run is described by a TOML file whose tables are the sections below
-(`[model]`, `[lora]`, ...). `--set section.key=value` overrides single keys.
+(`[model]`, `[lora]`, ...), plus one table per strategy with parameters
+(`[strategy.fedprox]`, declared in that strategy's own file). `--set
+section.key=value` overrides single keys; a list is a TOML array
+(`--set 'lora.target-modules=["query", "value"]'`) or a comma-separated string.
+
 The same configuration travels to every site as Flower's flat run config
-(`"model.name" -> value`), so server and clients parse it with this module and
-cannot disagree. Every problem is reported together in one `ConfigError`.
+(`"model.name" -> value`, lists as comma-separated strings), so server and
+clients parse it with this module and cannot disagree. Each section checks its
+own values (`problems()`, naming the key); `RunConfig.problems()` adds what
+only the sections together can tell (which features compose, fedlora.strategies.compose).
+Every problem is reported together in one `ConfigError`.
+
+When `data.path` is an existing folder of site files, those files define the
+simulated sites: `federation.num-sites` = 0 (the default) takes their number,
+and any other number that disagrees is a problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import tomli_w
+
+from fedlora.data.readers import SUFFIXES
+from fedlora.options import Problems, Section, option
+from fedlora.privacy.secagg.config import MIN_CLIENTS
+from fedlora.privacy.secagg.errors import SecAggConfigError
+from fedlora.privacy.secagg.session import session_config
+from fedlora.strategies import STRATEGIES, available
+from fedlora.strategies.compose import composition_problems
+from fedlora.strategies.ranks import site_ranks_problems
+
+DEFAULT_SITES = 4  # simulated sites when nothing else says how many
+SECAGG_STAGES = ("setup", "share-keys", "masked-input", "unmask")
+
+# Keys that moved, and where to: the error names the new key.
+MOVED = {
+    "strategy.proximal-mu": "strategy.fedprox.mu",
+    "strategy.server-lr": "strategy.<fedavgm|fedadam|fedyogi|fedadagrad>.server-lr",
+    "strategy.server-momentum": "strategy.fedavgm.momentum",
+    "strategy.beta1": "strategy.<fedadam|fedyogi|fedadagrad>.beta1",
+    "strategy.beta2": "strategy.<fedadam|fedyogi>.beta2",
+    "strategy.tau": "strategy.<fedadam|fedyogi|fedadagrad>.tau",
+    "strategy.trim-fraction": "strategy.trimmed-mean.fraction",
+    "strategy.byzantine": "strategy.<krum|multi-krum>.byzantine",
+    "strategy.multi-krum-keep": "strategy.multi-krum.keep",
+    "secagg.simulate-dropouts": "simulation.secagg-dropouts",
+}
 
 
 class ConfigError(ValueError):
@@ -26,117 +64,182 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
-class ModelConfig:
-    name: str = _opt(
+class ModelSection(Section):
+    NAME = "model"
+    name: str = option(
         "minilm",
         "Base model: a local directory, a model id already in the local Hugging Face "
         "cache, or a built-in name: 'minilm' (pretrained all-MiniLM-L6-v2 from the "
         "demo extra), 'tiny-bert', 'tiny-llama', 'tiny-gpt2' (random, for tests).",
     )
-    max_length: int = _opt(64, "Tokens per example after truncation.")
-    allow_download: bool = _opt(
+    max_length: int = option(64, "Tokens per example after truncation.")
+    allow_download: bool = option(
         False, "Allow fetching a hub model id over the network (off: cache or local dir only)."
     )
-    seed: int = _opt(0, "Seed for weights the checkpoint lacks (task heads, tiny models).")
+    seed: int = option(0, "Seed for weights the checkpoint lacks (task heads, tiny models).")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.name.strip() != "", "model.name: must not be empty")
+        p.need(8 <= self.max_length <= 8192, f"model.max-length: {self.max_length} not in [8, 8192]")
+        return p
 
 
 @dataclass
-class LoraSection:
-    rank: int = _opt(8, "LoRA rank r.")
-    alpha: float = _opt(16.0, "LoRA alpha; updates are scaled by alpha / rank.")
-    dropout: float = _opt(0.05, "Dropout on the LoRA input.")
-    target_modules: str = _opt(
-        "", "Comma-separated module names to adapt; empty: PEFT's default for the architecture."
-    )
+class LoraSection(Section):
+    NAME = "lora"
+    rank: int = option(8, "LoRA rank r.")
+    alpha: float = option(16.0, "LoRA alpha; updates are scaled by alpha / rank.")
+    dropout: float = option(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = option([], "Module names to adapt; empty: PEFT's default for the architecture.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.rank >= 1, f"lora.rank: {self.rank} must be >= 1")
+        p.need(self.alpha > 0, f"lora.alpha: {self.alpha} must be > 0")
+        p.need(0 <= self.dropout < 1, f"lora.dropout: {self.dropout} not in [0, 1)")
+        return p
 
 
 @dataclass
-class TaskConfig:
-    type: str = _opt("classification", "What is learned.", ("classification", "causal-lm"))
-    text_column: str = _opt("text", "Classification: the column holding the text.")
-    label_column: str = _opt("label", "Classification: the column holding the label.")
-    labels: str = _opt(
-        "", "Classification: comma-separated label names (every site must use this list); "
-        "empty: taken from the data by `fedlora simulate`."
-    )
+class TaskSection(Section):
+    NAME = "task"
+    type: str = option("classification", "What is learned.", ("classification", "causal-lm"))
+    text_column: str = option("text", "Classification: the column holding the text.")
+    label_column: str = option("label", "Classification: the column holding the label.")
+    labels: list[str] = option(
+        [], "Classification: the label names (every site uses this list, in this order); empty: taken from "
+        "the data when the run starts (all of data.path's labels, sorted; the synthetic corpus' departments).")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(len(self.labels) == len(set(self.labels)), f"task.labels: duplicate names in {self.labels}")
+        if self.type == "classification" and self.labels:
+            p.need(len(self.labels) >= 2, "task.labels: classification needs at least 2 labels")
+        return p
 
 
 @dataclass
-class DataConfig:
-    path: str = _opt(
+class DataSection(Section):
+    NAME = "data"
+    path: str = option(
         "", "Site data: a folder with one file per site (<site>.jsonl/.csv/.parquet), or one "
         "file split across simulated sites; empty: the built-in synthetic triage corpus."
     )
-    partition: str = _opt(
+    partition: str = option(
         "dirichlet", "How one file is split across sites; for the synthetic corpus, iid gives every site "
         "the same label and style mix, dirichlet a Dirichlet(dirichlet-alpha) label mix and its own style.",
         ("iid", "dirichlet", "column")
     )
-    dirichlet_alpha: float = _opt(0.5, "Dirichlet concentration for label skew (smaller: more skew).")
-    partition_column: str = _opt("", "With partition = 'column': the column naming each row's site.")
-    eval_fraction: float = _opt(0.2, "Share of each site's rows held out for evaluation at that site.")
-    test_path: str = _opt("", "Optional central test file the coordinator evaluates on.")
-    skip_bad_rows: bool = _opt(
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration for label skew (smaller: more skew).")
+    partition_column: str = option("", "With partition = 'column': the column naming each row's site.")
+    eval_fraction: float = option(0.2, "Share of each site's rows held out for evaluation at that site.")
+    test_path: str = option("", "Optional central test file the coordinator evaluates on.")
+    skip_bad_rows: bool = option(
         False, "Skip (and count) malformed rows instead of failing on the first one."
     )
-    records_per_site: int = _opt(320, "Synthetic corpus: records generated per site.")
-    seed: int = _opt(0, "Seed for partitioning, splits and the synthetic corpus.")
+    records_per_site: int = option(320, "Synthetic corpus: records generated per site.")
+    seed: int = option(0, "Seed for partitioning, splits and the synthetic corpus.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.dirichlet_alpha > 0, f"data.dirichlet-alpha: {self.dirichlet_alpha} must be > 0")
+        p.need(0 <= self.eval_fraction < 1, f"data.eval-fraction: {self.eval_fraction} not in [0, 1)")
+        p.need(self.records_per_site >= 10, f"data.records-per-site: {self.records_per_site} must be >= 10")
+        if self.partition == "column":
+            p.need(self.partition_column != "", "data.partition-column: required when data.partition = 'column'")
+            p.need(self.path != "", "data.partition = 'column' needs data.path (the synthetic corpus has no "
+                                    "site column)")
+        return p
+
+    def site_files(self) -> list[str] | None:
+        """The site file names when `path` is an existing folder (it defines the sites), else None."""
+        folder = Path(self.path).expanduser() if self.path else None
+        if folder is None or not folder.is_dir():
+            return None
+        return sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix.lower() in SUFFIXES)
 
 
 @dataclass
-class FederationConfig:
-    num_sites: int = _opt(4, "Simulated sites (simulation only).")
-    rounds: int = _opt(5, "Federated rounds.")
-    fraction_train: float = _opt(1.0, "Share of connected sites sampled for each round.")
-    min_sites: int = _opt(2, "Fewest sites a round needs; the run ends when fewer remain.")
-    round_timeout: float = _opt(900.0, "Seconds to wait for replies in one round.")
-    wait_for_sites: float = _opt(300.0, "Seconds to wait at start for min-sites to connect.")
+class FederationSection(Section):
+    NAME = "federation"
+    num_sites: int = option(
+        0, f"Simulated sites (simulation only). 0: one per file when data.path is a folder of site files, "
+        f"else {DEFAULT_SITES}. A folder's files define the sites: another number is an error.")
+    rounds: int = option(5, "Federated rounds.")
+    fraction_train: float = option(1.0, "Share of connected sites sampled for each round.")
+    min_sites: int = option(2, "Fewest sites a round needs; the run ends when fewer remain.")
+    round_timeout: float = option(900.0, "Seconds to wait for replies in one round.")
+    wait_for_sites: float = option(300.0, "Seconds to wait at start for min-sites to connect.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.num_sites >= 0, f"federation.num-sites: {self.num_sites} must be >= 1 (or 0: automatic)")
+        p.need(self.rounds >= 1, f"federation.rounds: {self.rounds} must be >= 1")
+        p.need(0 < self.fraction_train <= 1, f"federation.fraction-train: {self.fraction_train} not in (0, 1]")
+        p.need(self.min_sites >= 1, f"federation.min-sites: {self.min_sites} must be >= 1")
+        p.need(self.round_timeout > 0, "federation.round-timeout: must be > 0")
+        return p
 
 
 @dataclass
-class TrainConfig:
-    local_epochs: float = _opt(1.0, "Local passes over the site's training rows per round.")
-    local_steps: int = _opt(0, "Local optimizer steps per round; 0: use local-epochs.")
-    batch_size: int = _opt(16, "Examples per local step.")
-    learning_rate: float = _opt(3e-3, "AdamW learning rate at the sites.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _opt(1.0, "Gradient clipping for non-private training; 0: off.")
-    seed: int = _opt(0, "Seed for local shuffling and dropout (mixed with site and round).")
+class TrainSection(Section):
+    NAME = "train"
+    local_epochs: float = option(1.0, "Local passes over the site's training rows per round.")
+    local_steps: int = option(0, "Local optimizer steps per round; 0: use local-epochs.")
+    batch_size: int = option(16, "Examples per local step.")
+    learning_rate: float = option(3e-3, "AdamW learning rate at the sites.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping for non-private training; 0: off.")
+    seed: int = option(0, "Seed for local shuffling and dropout (mixed with site and round).")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.local_epochs > 0 or self.local_steps > 0, "train: set local-epochs > 0 or local-steps > 0")
+        p.need(self.local_steps >= 0, f"train.local-steps: {self.local_steps} must be >= 0")
+        p.need(self.batch_size >= 1, f"train.batch-size: {self.batch_size} must be >= 1")
+        p.need(self.learning_rate > 0, f"train.learning-rate: {self.learning_rate} must be > 0")
+        p.need(self.max_grad_norm >= 0, f"train.max-grad-norm: {self.max_grad_norm} must be >= 0")
+        return p
+
+
+def _strategy_params() -> dict[str, Section]:
+    return {name: cls.params() for name, cls in STRATEGIES.items() if cls.params}
 
 
 @dataclass
-class StrategySection:
-    name: str = _opt(
-        "fedit", "Aggregation strategy (docs/strategies.md): fedit, ffa, flora, fedex, fedsa, fedprox, "
-        "fedavgm, fedadam, fedyogi, fedadagrad, median, trimmed-mean, krum, multi-krum.")
-    proximal_mu: float = _opt(0.01, "fedprox: weight mu of the proximal term mu/2*||theta - theta_global||^2 "
-                                    "on the adapter at the sites.")
-    server_lr: float = _opt(0.0, "Server learning rate eta of fedavgm, fedadam, fedyogi, fedadagrad; "
-                                 "0: the strategy's default (1.0 for fedavgm, 0.01 for the adaptive ones).")
-    server_momentum: float = _opt(0.9, "fedavgm: server momentum beta.")
-    beta1: float = _opt(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay.")
-    beta2: float = _opt(0.99, "fedadam/fedyogi: second-moment decay.")
-    tau: float = _opt(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity tau (added to sqrt(v); v starts at tau^2).")
-    trim_fraction: float = _opt(0.2, "trimmed-mean: share of the sites' values dropped at each end, per "
-                                     "coordinate (in [0, 0.5)).")
-    byzantine: int = _opt(1, "krum/multi-krum: faulty sites f tolerated; needs federation.min-sites >= 2f + 3.")
-    multi_krum_keep: int = _opt(0, "multi-krum: updates averaged (the best Krum scores); 0: sites - f.")
-    norm_bound: float = _opt(0.0, "Any strategy: the coordinator scales each site's update down to this "
-                                  "L2 norm before aggregating; 0: off.")
-    norm_bound_relative: float = _opt(0.0, "Any strategy: bound each update's L2 norm at this multiple of the "
-                                           "round's median update norm (e.g. 2); 0: off.")
+class StrategySection(Section):
+    NAME = "strategy"
+    # Sub-tables: each strategy's own parameters, declared in its file (`[strategy.<name>]`).
+    SUBTABLES: ClassVar[dict[str, type[Section]]] = {n: c.params for n, c in STRATEGIES.items() if c.params}
+    name: str = option(
+        "fedit", "Aggregation strategy (docs/strategies.md): " + ", ".join(STRATEGIES) + ". Its parameters, if "
+        "any, are the table [strategy.<name>].")
+    norm_bound: float = option(0.0, "Any strategy: the coordinator scales each site's update down to this "
+                                    "L2 norm before aggregating; 0: off.")
+    norm_bound_relative: float = option(0.0, "Any strategy: bound each update's L2 norm at this multiple of "
+                                             "the round's median update norm (e.g. 2); 0: off.")
+    params: dict[str, Section] = field(default_factory=_strategy_params)
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.name in STRATEGIES, f"strategy.name: unknown strategy {self.name!r}; available: {available()}")
+        p.need(self.norm_bound >= 0 and self.norm_bound_relative >= 0,
+               "strategy.norm-bound, norm-bound-relative: must be >= 0")
+        p.need(not (self.norm_bound > 0 and self.norm_bound_relative > 0),
+               "strategy.norm-bound and norm-bound-relative: set at most one")
+        for params in self.params.values():
+            p += params.problems()
+        return p
 
 
 @dataclass
-class OutputConfig:
-    dir: str = _opt("", "Run directory the coordinator writes; empty: runs/<timestamp>.")
-    resume: bool = _opt(False, "Resume from the run directory's last checkpoint.")
-    tracking: str = _opt(
+class OutputSection(Section):
+    NAME = "output"
+    dir: str = option("", "Run directory the coordinator writes; empty: runs/<timestamp>.")
+    resume: bool = option(False, "Resume from the run directory's last checkpoint.")
+    tracking: str = option(
         "none", "Also log each metrics row (numbers only, step = round) to an experiment tracker: "
         "tensorboard (event files in DIR/tensorboard) or mlflow (a local store in DIR/mlruns). "
         "Needs `pip install 'fedlora[tracking]'` at the coordinator; sites need nothing.",
@@ -144,176 +247,297 @@ class OutputConfig:
 
 
 @dataclass
-class SimulationConfig:
-    cpus_per_site: int = _opt(1, "CPU cores Ray reserves per simulated site (sites run in parallel "
-                                 "up to the machine's cores / this).")
-    site_ranks: str = _opt("", "Comma-separated LoRA rank per simulated site (e.g. '8,4,4,2'), each <= "
-                               "lora.rank; empty: all use lora.rank. A deployed site sets `lora-rank` in "
-                               "its node config.")
-    attack: str = _opt("none", "ATTACK, for testing robust aggregation only: the sites in attack-sites "
-                               "flip their training labels or scale their update by attack-scale.",
-                       ("none", "flip-labels", "scale-update"))
-    attack_sites: str = _opt("0", "ATTACK: comma-separated simulated site indices (partition ids) that attack.")
-    attack_scale: float = _opt(10.0, "ATTACK scale-update: factor applied to the attackers' updates.")
+class SimulationSection(Section):
+    """Simulated federations only: resources, ranks, and misbehaving sites for tests."""
+
+    NAME = "simulation"
+    cpus_per_site: int = option(1, "CPU cores Ray reserves per simulated site (sites run in parallel "
+                                   "up to the machine's cores / this).")
+    site_ranks: list[int] = option([], "LoRA rank per simulated site (e.g. [8, 4, 4, 2]), each <= lora.rank; "
+                                       "empty: all use lora.rank. A deployed site sets `lora-rank` in its node "
+                                       "config.")
+    attack: str = option("none", "ATTACK, for testing robust aggregation only: the sites in attack-sites "
+                                 "flip their training labels or scale their update by attack-scale.",
+                         ("none", "flip-labels", "scale-update"))
+    attack_sites: list[int] = option([0], "ATTACK: the simulated site indices (partition ids) that attack.")
+    attack_scale: float = option(10.0, "ATTACK scale-update: factor applied to the attackers' updates.")
+    secagg_dropouts: list[str] = option(
+        [], "FAULT INJECTION, for tests: site@stage[@round] entries (e.g. '1@masked-input'): that simulated "
+        "site (partition id) fails at that secure-aggregation stage (setup, share-keys, masked-input, unmask), "
+        "in every round or only the given one.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.cpus_per_site > 0, "simulation.cpus-per-site: must be > 0")
+        p.need(self.attack_scale == self.attack_scale and abs(self.attack_scale) != float("inf"),
+               f"simulation.attack-scale: {self.attack_scale} must be finite")
+        if self.attack != "none":
+            p.need(bool(self.attack_sites), "simulation.attack-sites: name at least one attacking site")
+        for entry in self.secagg_dropouts:
+            p += [f"simulation.secagg-dropouts: {why}" for why in dropout_problems(entry)]
+        return p
+
+    def dropouts(self) -> list[tuple[int, str, int | None]]:
+        """(site, stage, round or None) of each valid `secagg-dropouts` entry."""
+        out = []
+        for entry in self.secagg_dropouts:
+            if not dropout_problems(entry):
+                parts = entry.strip().split("@")
+                out.append((int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else None))
+        return out
+
+
+def dropout_problems(entry: str) -> list[str]:
+    parts = entry.strip().split("@")
+    if len(parts) not in (2, 3) or parts[1] not in SECAGG_STAGES:
+        return [f"{entry!r} is not site@stage[@round] with stage one of {', '.join(SECAGG_STAGES)}"]
+    try:
+        site, server_round = int(parts[0]), (int(parts[2]) if len(parts) == 3 else None)
+    except ValueError:
+        return [f"{entry!r}: site and round must be integers"]
+    if site < 0 or (server_round is not None and server_round < 1):
+        return [f"{entry!r}: site must be >= 0 and round >= 1"]
+    return []
 
 
 @dataclass
-class PrivacyConfig:
-    enabled: bool = _opt(
+class PrivacySection(Section):
+    NAME = "privacy"
+    enabled: bool = option(
         False, "DP-SGD (Opacus) at every site. Each site enforces its own (epsilon, delta) budget, "
         "keeps a hash-chained ledger of its spend on its own disk and refuses to train past it.")
-    epsilon: float = _opt(
+    epsilon: float = option(
         8.0, "Target epsilon per site for the whole collaboration. A site's node config "
         "`privacy-epsilon` may impose a smaller one: the stricter wins.")
-    delta: float = _opt(
+    delta: float = option(
         1e-5, "Target delta per site; keep it well below 1 / (units at the site). Node config "
         "`privacy-delta` may impose a smaller one.")
-    noise_multiplier: float = _opt(
+    noise_multiplier: float = option(
         0.0, "DP-SGD noise multiplier sigma; 0: each site calibrates sigma so that federation.rounds "
         "rounds of its local steps just fit its budget.")
-    max_grad_norm: float = _opt(1.0, "Per-record gradient clipping norm C of DP-SGD.")
-    accountant: str = _opt(
+    max_grad_norm: float = option(1.0, "Per-record gradient clipping norm C of DP-SGD.")
+    accountant: str = option(
         "prv", "Accountant that enforces the budget (both are written to the ledger): prv = numerical "
         "privacy-loss composition (tight upper bound), rdp = Renyi DP (looser).", ("prv", "rdp"))
-    grad_sample_mode: str = _opt(
+    grad_sample_mode: str = option(
         "hooks", "Per-sample clipping: hooks = per-sample gradients in memory; ghost = ghost clipping "
         "(only per-sample norms, two backward passes, less memory).", ("hooks", "ghost"))
-    unit_column: str = _opt(
+    unit_column: str = option(
         "", "Unit of privacy. Empty: one record. A column name (e.g. patient-id): all records "
         "sharing its value form one unit (a patient); sampling is by unit and each unit's "
         "contribution to a step is bounded, so the guarantee is per patient. Node config "
         "`privacy-unit-column` overrides it at a site.")
-    max_records_per_unit: int = _opt(
+    max_records_per_unit: int = option(
         1, "With unit-column: most records of one unit used in one step; the noise scales with it.")
-    batch_size: int = _opt(
+    batch_size: int = option(
         64, "Expected units (records, or patients) per DP-SGD step under Poisson sampling; "
         "0: train.batch-size.")
-    learning_rate: float = _opt(
+    learning_rate: float = option(
         5e-3, "Site learning rate under DP-SGD (noisy steps need a larger one); 0: train.learning-rate.")
-    local_epochs: float = _opt(
+    local_epochs: float = option(
         2.0, "Local epochs per round under DP-SGD; 0: train.local-epochs (train.local-steps, when set, wins).")
-    client_dp: bool = _opt(
+    client_dp: bool = option(
         False, "Client-level DP at the coordinator (unit = a whole site): clip each site's update, "
         "add Gaussian noise to the aggregate. Only useful with many sites (hundreds).")
-    client_noise_multiplier: float = _opt(
+    client_noise_multiplier: float = option(
         1.0, "Client-level DP: noise std on the sum of updates / clip norm (the accounted multiplier).")
-    client_clip_norm: float = _opt(
+    client_clip_norm: float = option(
         0.1, "Client-level DP: L2 bound on one site's update (initial value under adaptive clipping).")
-    client_clipping: str = _opt(
+    client_clipping: str = option(
         "fixed", "Client-level DP clipping: fixed, or adaptive (the clip norm tracks a quantile of "
         "update norms, Andrew et al. 2021).", ("fixed", "adaptive"))
-    client_target_quantile: float = _opt(
+    client_target_quantile: float = option(
         0.5, "Adaptive clipping: share of site updates that should fall under the clip norm.")
-    client_clip_learning_rate: float = _opt(0.2, "Adaptive clipping: geometric step size of the clip norm.")
-    client_clipped_count_stddev: float = _opt(
+    client_clip_learning_rate: float = option(0.2, "Adaptive clipping: geometric step size of the clip norm.")
+    client_clipped_count_stddev: float = option(
         0.0, "Adaptive clipping: noise std on the count of unclipped sites; 0: max(sites/20, "
         "client-noise-multiplier).")
 
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.epsilon > 0, f"privacy.epsilon: {self.epsilon} must be > 0")
+        p.need(0 < self.delta < 1, f"privacy.delta: {self.delta} not in (0, 1)")
+        p.need(self.noise_multiplier >= 0,
+               f"privacy.noise-multiplier: {self.noise_multiplier} must be >= 0 (0: calibrate)")
+        p.need(self.max_grad_norm > 0, f"privacy.max-grad-norm: {self.max_grad_norm} must be > 0")
+        p.need(self.max_records_per_unit >= 1,
+               f"privacy.max-records-per-unit: {self.max_records_per_unit} must be >= 1")
+        p.need(self.batch_size >= 0, f"privacy.batch-size: {self.batch_size} must be >= 0 (0: train.batch-size)")
+        p.need(self.learning_rate >= 0,
+               f"privacy.learning-rate: {self.learning_rate} must be >= 0 (0: train.learning-rate)")
+        p.need(self.local_epochs >= 0,
+               f"privacy.local-epochs: {self.local_epochs} must be >= 0 (0: train.local-epochs)")
+        p.need(self.client_noise_multiplier > 0,
+               f"privacy.client-noise-multiplier: {self.client_noise_multiplier} must be > 0")
+        p.need(self.client_clip_norm > 0, f"privacy.client-clip-norm: {self.client_clip_norm} must be > 0")
+        p.need(0 < self.client_target_quantile < 1,
+               f"privacy.client-target-quantile: {self.client_target_quantile} not in (0, 1)")
+        p.need(self.client_clip_learning_rate > 0,
+               f"privacy.client-clip-learning-rate: {self.client_clip_learning_rate} must be > 0")
+        p.need(self.client_clipped_count_stddev >= 0,
+               f"privacy.client-clipped-count-stddev: {self.client_clipped_count_stddev} must be >= 0 (0: automatic)")
+        if self.client_dp and self.client_clipping == "adaptive" and self.client_clipped_count_stddev > 0:
+            p.need(2 * self.client_clipped_count_stddev > self.client_noise_multiplier,
+                   f"privacy.client-clipped-count-stddev: {self.client_clipped_count_stddev} must exceed "
+                   f"client-noise-multiplier / 2 = {self.client_noise_multiplier / 2:g} (the count's noise is "
+                   "part of the accounted noise)")
+        return p
+
 
 @dataclass
-class SecAggSection:
+class SecAggSection(Section):
     """Secure aggregation (fedlora/privacy/secagg, docs/threat-model.md)."""
 
-    enabled: bool = _opt(
+    NAME = "secagg"
+    enabled: bool = option(
         False, "Secure aggregation: the coordinator learns only the weighted sum of the site updates, "
         "never one site's update. Needs >= 3 sites (federation.min-sites >= 3) and a linear strategy.")
-    threshold: int = _opt(
+    threshold: int = option(
         0, "Shares t needed to rebuild a site's secrets: fewer than t colluding sites (with the "
         "coordinator) learn nothing about one update, and a round survives while >= t sites of each "
         "neighbourhood finish. 0: a strict majority of the neighbourhood.")
-    degree: int = _opt(0, "Neighbours each site masks with (SecAgg+ graph); 0: all sites up to 32, "
-                          "about 4*log2(sites) beyond.")
-    clip_range: float = _opt(
+    degree: int = option(0, "Neighbours each site masks with (SecAgg+ graph); 0: all sites up to 32, "
+                            "about 4*log2(sites) beyond.")
+    clip_range: float = option(
         1.0, "R: each uploaded coordinate is clipped to [-R, R] before fixed-point encoding; the mean's "
         "error per coordinate is about sites * R / 2^(8*bytes-per-param - log2(sites)) / total weight.")
-    bytes_per_param: int = _opt(
+    bytes_per_param: int = option(
         4, "Upload width of one masked parameter (1-4 bytes); fewer bytes: coarser fixed point.")
-    max_weight: float = _opt(
+    max_weight: float = option(
         10000.0, "M: public bound on a site's aggregation weight (its training examples). Sites upload "
         "(w/M)*update and w/M, so only the total weight is learned; a larger w is capped at M; the "
         "error of the mean grows with M / total weight: keep M near the largest site.")
-    stage_timeout: float = _opt(
+    stage_timeout: float = option(
         120.0, "Seconds to wait for replies in the key, share and unmask stages (the masked-input "
         "stage, which trains, uses federation.round-timeout).")
-    dp_noise_multiplier: float = _opt(
+    dp_noise_multiplier: float = option(
         0.0, "Distributed DP (unit: a whole site): sigma > 0 makes every site clip its update to L2 norm "
         "dp-clip and add Gaussian noise of std sigma*dp-clip/sqrt(threshold) before masking, so the "
         "revealed sum carries std >= sigma*dp-clip and the coordinator never sees an un-noised sum. "
         "All sites then weigh 1. Useful only with many sites. 0: off.")
-    dp_clip: float = _opt(0.1, "Distributed DP: L2 bound C on one site's update (keep <= clip-range).")
-    dp_delta: float = _opt(1e-5, "Distributed DP: delta of the reported site-level epsilon (keep < 1/sites).")
-    simulate_dropouts: str = _opt(
-        "", "SIMULATION ONLY fault injection, for tests: comma-separated site@stage[@round] "
-        "(e.g. '1@masked-input'): that simulated site (partition id) fails at that stage (setup, "
-        "share-keys, masked-input, unmask), in every round or only the given one. Deployed sites ignore it.")
+    dp_clip: float = option(0.1, "Distributed DP: L2 bound C on one site's update (keep <= clip-range).")
+    dp_delta: float = option(1e-5, "Distributed DP: delta of the reported site-level epsilon (keep < 1/sites).")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.threshold == 0 or self.threshold >= 2,
+               f"secagg.threshold: {self.threshold} must be 0 (default) or >= 2")
+        p.need(self.degree == 0 or self.degree >= 2, f"secagg.degree: {self.degree} must be 0 (default) or >= 2")
+        p.need(self.clip_range == self.clip_range and 0 < self.clip_range < float("inf"),
+               f"secagg.clip-range: {self.clip_range} must be > 0")
+        p.need(self.bytes_per_param in (1, 2, 3, 4),
+               f"secagg.bytes-per-param: {self.bytes_per_param} must be 1, 2, 3 or 4")
+        p.need(self.max_weight == self.max_weight and 0 < self.max_weight < float("inf"),
+               f"secagg.max-weight: {self.max_weight} must be > 0")
+        p.need(self.stage_timeout > 0, f"secagg.stage-timeout: {self.stage_timeout} must be > 0")
+        p.need(self.dp_noise_multiplier >= 0,
+               f"secagg.dp-noise-multiplier: {self.dp_noise_multiplier} must be >= 0 (0: off)")
+        p.need(self.dp_clip > 0, f"secagg.dp-clip: {self.dp_clip} must be > 0")
+        p.need(0 < self.dp_delta < 1, f"secagg.dp-delta: {self.dp_delta} not in (0, 1)")
+        if self.enabled and self.dp_noise_multiplier > 0:
+            p.need(self.dp_clip <= self.clip_range, f"secagg.dp-clip: {self.dp_clip} exceeds secagg.clip-range "
+                                                   f"{self.clip_range}: clipped updates must fit the fixed-point range")
+        if not self.enabled:
+            p.need(self.dp_noise_multiplier == 0, "secagg.dp-noise-multiplier: only applies with secagg.enabled = true")
+        return p
 
 
 @dataclass
-class CompressionSection:
+class CompressionSection(Section):
     """Compression of the update each site uploads (fedlora/compression.py, docs/compression.md)."""
 
-    method: str = _opt(
+    NAME = "compression"
+    method: str = option(
         "none", "Upload compression: none; fp16 (half precision, 1/2 the bytes); int8 (per-tensor "
         "symmetric 8-bit, round to nearest, ~1/4); topk (per tensor the topk-fraction largest-magnitude "
         "entries as int32 index + float32 value, ~2*topk-fraction). Not with secagg.enabled.",
         ("none", "fp16", "int8", "topk"))
-    topk_fraction: float = _opt(0.1, "topk: share of each tensor's entries a site sends, in (0, 1].")
-    error_feedback: bool = _opt(
+    topk_fraction: float = option(0.1, "topk: share of each tensor's entries a site sends, in (0, 1].")
+    error_feedback: bool = option(
         True, "int8/topk: each site adds what earlier uploads lost (its residual, kept in the node's "
         "context state) to its next update, so compression errors do not accumulate.")
 
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(0 < self.topk_fraction <= 1, f"compression.topk-fraction: {self.topk_fraction} not in (0, 1]")
+        return p
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "lora": LoraSection,
-    "task": TaskConfig,
-    "data": DataConfig,
-    "federation": FederationConfig,
-    "train": TrainConfig,
-    "strategy": StrategySection,
-    "output": OutputConfig,
-    "simulation": SimulationConfig,
-    "privacy": PrivacyConfig,
-    "secagg": SecAggSection,
-    "compression": CompressionSection,
-}
+
+SECTIONS: dict[str, type[Section]] = {cls.NAME: cls for cls in (
+    ModelSection, LoraSection, TaskSection, DataSection, FederationSection, TrainSection, StrategySection,
+    OutputSection, SimulationSection, PrivacySection, SecAggSection, CompressionSection)}
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskSection = field(default_factory=TaskSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    train: TrainSection = field(default_factory=TrainSection)
     strategy: StrategySection = field(default_factory=StrategySection)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    output: OutputSection = field(default_factory=OutputSection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     secagg: SecAggSection = field(default_factory=SecAggSection)
     compression: CompressionSection = field(default_factory=CompressionSection)
 
-    # -- derived views -------------------------------------------------------
-    @property
-    def label_names(self) -> list[str]:
-        return _split_list(self.task.labels)
-
     @property
     def target_modules(self) -> list[str] | None:
-        return _split_list(self.lora.target_modules) or None
+        return list(self.lora.target_modules) or None
+
+    # -- checks ------------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every problem: each section's own, then those only the sections together can tell."""
+        p = Problems()
+        for name in SECTIONS:
+            p += getattr(self, name).problems()
+        c = self
+        fed = c.federation
+        files = c.data.site_files()
+        if files is not None:
+            p.need(bool(files), f"data.path: {c.data.path} holds no site files ({', '.join('*' + s for s in SUFFIXES)})")
+            p.need(not files or fed.num_sites == len(files),
+                   f"federation.num-sites = {fed.num_sites}, but data.path {c.data.path} holds {len(files)} site "
+                   f"files ({', '.join(files[:5])}{', …' if len(files) > 5 else ''}): a folder of site files "
+                   "defines the sites; leave federation.num-sites at 0")
+        if c.simulation.attack == "flip-labels":
+            p.need(c.task.type == "classification", "simulation.attack = flip-labels needs task.type = classification")
+        if c.simulation.attack != "none":
+            bad = [i for i in c.simulation.attack_sites if not 0 <= i < fed.num_sites]
+            p.need(not bad, f"simulation.attack-sites: {bad} not in 0..{fed.num_sites - 1}")
+        bad = sorted({site for site, _, _ in c.simulation.dropouts() if site >= fed.num_sites})
+        p.need(not bad, f"simulation.secagg-dropouts: site(s) {bad} not in 0..{fed.num_sites - 1}")
+        p.need(not c.simulation.secagg_dropouts or c.secagg.enabled,
+               "simulation.secagg-dropouts: only applies with secagg.enabled = true")
+        p += site_ranks_problems(c)
+        if c.privacy.enabled and not c.data.path:
+            records = c.data.records_per_site
+            p.need(c.privacy.delta < 1 / records, f"privacy.delta: {c.privacy.delta} is not below 1 / records per "
+                                                  f"site ({records}); such a delta allows releasing a record outright")
+        if c.secagg.enabled:
+            p += _secure_aggregation_problems(c)
+        p += composition_problems(c)
+        return p
 
     # -- serialisation -------------------------------------------------------
     def to_nested(self) -> dict[str, dict[str, Any]]:
-        return {
-            section: {_key(f.name): getattr(getattr(self, section), f.name)
-                      for f in dataclasses.fields(SECTIONS[section])}
-            for section in SECTIONS
-        }
+        return {name: _table(getattr(self, name)) for name in SECTIONS}
 
     def to_flat(self) -> dict[str, Any]:
-        """Flower's run-config form: `{"section.key": value}`."""
-        return {f"{s}.{k}": v for s, table in self.to_nested().items() for k, v in table.items()}
+        """Flower's run-config form: `{"section.key": value}`, lists as comma-separated strings."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, table: dict[str, Any]) -> None:
+            for key, value in table.items():
+                if isinstance(value, dict):
+                    walk(f"{prefix}{key}.", value)
+                else:
+                    flat[f"{prefix}{key}"] = ",".join(str(v) for v in value) if isinstance(value, list) else value
+
+        walk("", self.to_nested())
+        return flat
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_nested())
@@ -322,16 +546,51 @@ class RunConfig:
         Path(path).write_text(self.to_toml())
 
 
+def _secure_aggregation_problems(c: RunConfig) -> list[str]:
+    p = Problems()
+    fed = c.federation
+    why = "with two sites, each learns the other's update from the sum"
+    p.need(fed.num_sites >= MIN_CLIENTS, f"secagg.enabled: needs federation.num-sites >= {MIN_CLIENTS} ({why}); "
+                                         f"got {fed.num_sites}")
+    p.need(fed.min_sites >= MIN_CLIENTS, f"secagg.enabled: needs federation.min-sites >= {MIN_CLIENTS} ({why}); "
+                                         f"got {fed.min_sites}")
+    sampled = max(1, math.ceil(fed.fraction_train * fed.num_sites))
+    if fed.num_sites >= MIN_CLIENTS:
+        p.need(sampled >= MIN_CLIENTS, f"federation.fraction-train: {fed.fraction_train} samples {sampled} of "
+                                       f"{fed.num_sites} sites per round; secure aggregation needs >= {MIN_CLIENTS}")
+    if not p and not c.secagg.problems() and sampled >= MIN_CLIENTS:
+        try:  # the protocol's own parameter checks, for the simulated federation's round size
+            session_config(c).resolve(sampled)
+        except SecAggConfigError as err:
+            p.append(f"secagg: {err} (for {sampled} sites per round)")
+    return p
+
+
 def _key(attr: str) -> str:
     return attr.replace("_", "-")
 
 
-def _split_list(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _table(section: Section) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if f.name == "params" and getattr(section, "SUBTABLES", None) is not None:
+            out.update({name: _table(sub) for name, sub in value.items()})
+        else:
+            out[_key(f.name)] = list(value) if isinstance(value, list) else value
+    return out
 
 
-def _coerce(value: Any, kind: type, where: str, problems: list[str]) -> Any:
-    """Convert a TOML / --set value to the field's type, or record why not."""
+def _coerce(value: Any, kind: Any, where: str, problems: list[str]) -> Any:
+    """Convert a TOML / --set / flat value to the field's type, or record why not."""
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        if isinstance(value, str):  # Flower's flat form and --set: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif not isinstance(value, list):
+            value = [value]
+        items = [_coerce(v, item, where, problems) for v in value]
+        return None if any(i is None for i in items) else items
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -356,13 +615,60 @@ def _coerce(value: Any, kind: type, where: str, problems: list[str]) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-        # TOML arrays of names or integers are accepted too (e.g. site ranks [8, 4]); so is one
-        # integer, which is what `--set simulation.attack-sites=0` parses to.
-        items = value if isinstance(value, list) else [value]
-        if all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items):
-            return ",".join(str(v) for v in items)
-    problems.append(f"{where}: expected {kind.__name__}, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # `--set model.name=123` parses as an integer
+    name = kind.__name__ if isinstance(kind, type) else str(kind)
+    problems.append(f"{where}: expected {name}, got {value!r}")
     return None
+
+
+def _build(cls: type[Section], table: dict[str, Any], where: str, problems: list[str]) -> Section:
+    """One section from its TOML-shaped table (sub-tables for a section that has them)."""
+    hints = get_type_hints(cls)
+    known = {_key(f.name): f for f in dataclasses.fields(cls) if f.name != "params"}
+    subtables = getattr(cls, "SUBTABLES", None)
+    values: dict[str, Any] = {}
+    params: dict[str, Section] = {}
+    for key, value in table.items():
+        if subtables is not None and key in subtables:
+            if isinstance(value, dict):
+                params[key] = _build(subtables[key], value, f"{where}.{key}", problems)
+            else:
+                problems.append(f"[{where}.{key}] must be a table")
+            continue
+        if f"{where}.{key}" in MOVED:
+            problems.append(f"{where}.{key} is now {MOVED[f'{where}.{key}']}")
+            continue
+        if key not in known:
+            tables = f"; tables: {', '.join(f'[{where}.{s}]' for s in subtables)}" if subtables else ""
+            problems.append(f"unknown key {where}.{key}; known: {', '.join(known)}{tables}")
+            continue
+        f = known[key]
+        coerced = _coerce(value, hints[f.name], f"{where}.{key}", problems)
+        choices = f.metadata.get("choices")
+        if coerced is not None and choices and coerced not in choices:
+            problems.append(f"{where}.{key}: {coerced!r} is not one of {', '.join(choices)}")
+        if coerced is not None:
+            values[f.name] = coerced
+    section = cls(**values)
+    if subtables is not None:
+        section.params = {**section.params, **params}
+    return section
+
+
+def _nest(merged: dict[str, dict[str, Any]], dotted: str, value: Any, problems: list[str]) -> None:
+    """Put one flat `section.key` (or `section.sub.key`) override into the nested tables."""
+    section, _, key = dotted.partition(".")
+    if not key:
+        problems.append(f"override {dotted!r}: expected section.key=value")
+        return
+    table = merged.setdefault(section, {})
+    sub, _, subkey = key.partition(".")
+    cls = SECTIONS.get(section)
+    if subkey and cls is not None and sub in (getattr(cls, "SUBTABLES", None) or {}):
+        table.setdefault(sub, {})[subkey] = value
+    else:
+        table[key] = value
 
 
 def from_nested(tables: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -370,110 +676,33 @@ def from_nested(tables: dict[str, Any], overrides: dict[str, Any] | None = None)
     problems: list[str] = []
     merged: dict[str, dict[str, Any]] = {}
     for section, table in tables.items():
+        if not isinstance(table, dict):
+            problems.append(f"[{section}] must be a table")
+            continue
+        for key, value in table.items():
+            if isinstance(value, dict):
+                merged.setdefault(section, {}).setdefault(key, {}).update(value)
+            else:
+                merged.setdefault(section, {})[key] = value
+    for dotted, value in (overrides or {}).items():
+        _nest(merged, dotted, value, problems)
+    for section in merged:
         if section not in SECTIONS:
             problems.append(f"unknown section [{section}]; known: {', '.join(SECTIONS)}")
-        elif not isinstance(table, dict):
-            problems.append(f"[{section}] must be a table")
-        else:
-            merged.setdefault(section, {}).update(table)
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
-            problems.append(f"override {dotted!r}: expected section.key=value")
-            continue
-        merged.setdefault(section, {})[key] = value
-        if section not in SECTIONS and f"unknown section [{section}]" not in " ".join(problems):
-            problems.append(f"unknown section [{section}]; known: {', '.join(SECTIONS)}")
-
-    built: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        hints = get_type_hints(cls)
-        known = {_key(f.name): f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in merged.get(section, {}).items():
-            if key not in known:
-                problems.append(f"unknown key {section}.{key}; known: {', '.join(known)}")
-                continue
-            f = known[key]
-            coerced = _coerce(value, hints[f.name], f"{section}.{key}", problems)
-            choices = f.metadata.get("choices")
-            if coerced is not None and choices and coerced not in choices:
-                problems.append(f"{section}.{key}: {coerced!r} is not one of {', '.join(choices)}")
-            if coerced is not None:
-                values[f.name] = coerced
-        built[section] = cls(**values)
+    built = {name: _build(cls, merged.get(name, {}), name, problems) for name, cls in SECTIONS.items()}
     config = RunConfig(**built)
-    problems += _semantic_problems(config)
+    _resolve_sites(config)
+    problems += config.problems()  # on the values that parsed: every problem at once
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _semantic_problems(c: RunConfig) -> list[str]:
-    p: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
-    need(c.model.name.strip() != "", "model.name: must not be empty")
-    need(8 <= c.model.max_length <= 8192, f"model.max-length: {c.model.max_length} not in [8, 8192]")
-    need(c.lora.rank >= 1, f"lora.rank: {c.lora.rank} must be >= 1")
-    need(c.lora.alpha > 0, f"lora.alpha: {c.lora.alpha} must be > 0")
-    need(0 <= c.lora.dropout < 1, f"lora.dropout: {c.lora.dropout} not in [0, 1)")
-    need(c.data.dirichlet_alpha > 0, f"data.dirichlet-alpha: {c.data.dirichlet_alpha} must be > 0")
-    need(0 <= c.data.eval_fraction < 1, f"data.eval-fraction: {c.data.eval_fraction} not in [0, 1)")
-    need(c.data.records_per_site >= 10, f"data.records-per-site: {c.data.records_per_site} must be >= 10")
-    if c.data.partition == "column":
-        need(c.data.partition_column != "", "data.partition-column: required when data.partition = 'column'")
-        need(c.data.path != "", "data.partition = 'column' needs data.path (the synthetic corpus has no site column)")
-    need(c.federation.num_sites >= 1, f"federation.num-sites: {c.federation.num_sites} must be >= 1")
-    need(c.federation.rounds >= 1, f"federation.rounds: {c.federation.rounds} must be >= 1")
-    need(0 < c.federation.fraction_train <= 1,
-         f"federation.fraction-train: {c.federation.fraction_train} not in (0, 1]")
-    need(c.federation.min_sites >= 1, f"federation.min-sites: {c.federation.min_sites} must be >= 1")
-    need(c.federation.round_timeout > 0, "federation.round-timeout: must be > 0")
-    need(c.train.local_epochs > 0 or c.train.local_steps > 0,
-         "train: set local-epochs > 0 or local-steps > 0")
-    need(c.train.local_steps >= 0, f"train.local-steps: {c.train.local_steps} must be >= 0")
-    need(c.train.batch_size >= 1, f"train.batch-size: {c.train.batch_size} must be >= 1")
-    need(c.train.learning_rate > 0, f"train.learning-rate: {c.train.learning_rate} must be > 0")
-    need(c.train.max_grad_norm >= 0, f"train.max-grad-norm: {c.train.max_grad_norm} must be >= 0")
-    need(c.simulation.cpus_per_site > 0, "simulation.cpus-per-site: must be > 0")
-    labels = c.label_names
-    need(len(labels) == len(set(labels)), f"task.labels: duplicate names in {c.task.labels!r}")
-    if c.task.type == "classification" and labels:
-        need(len(labels) >= 2, "task.labels: classification needs at least 2 labels")
-    s = c.strategy
-    need(s.proximal_mu >= 0, f"strategy.proximal-mu: {s.proximal_mu} must be >= 0")
-    need(s.server_lr >= 0, f"strategy.server-lr: {s.server_lr} must be >= 0")
-    for key, value in (("server-momentum", s.server_momentum), ("beta1", s.beta1), ("beta2", s.beta2)):
-        need(0 <= value < 1, f"strategy.{key}: {value} not in [0, 1)")
-    need(s.tau > 0, f"strategy.tau: {s.tau} must be > 0")
-    need(0 <= s.trim_fraction < 0.5, f"strategy.trim-fraction: {s.trim_fraction} not in [0, 0.5)")
-    need(s.byzantine >= 0, f"strategy.byzantine: {s.byzantine} must be >= 0")
-    need(s.multi_krum_keep >= 0, f"strategy.multi-krum-keep: {s.multi_krum_keep} must be >= 0")
-    need(s.norm_bound >= 0 and s.norm_bound_relative >= 0, "strategy.norm-bound, norm-bound-relative: must be >= 0")
-    need(not (s.norm_bound > 0 and s.norm_bound_relative > 0),
-         "strategy.norm-bound and norm-bound-relative: set at most one")
-    from fedlora.simulations.attacks import attack_problems  # late: these import config types
-    from fedlora.strategies.compat import strategy_problems
-    from fedlora.strategies.ranks import site_ranks_problems
-
-    p += site_ranks_problems(c) + attack_problems(c) + strategy_problems(c)
-    from fedlora.privacy.validation import privacy_problems  # late: privacy imports config types
-
-    p += privacy_problems(c)
-    from fedlora.privacy.secagg.validation import secagg_problems  # late: imports config types
-
-    p += secagg_problems(c)
-    z = c.compression
-    need(0 < z.topk_fraction <= 1, f"compression.topk-fraction: {z.topk_fraction} not in (0, 1]")
-    need(z.method == "none" or not c.secagg.enabled,
-         f"compression.method = {z.method!r} cannot run with secagg.enabled: secure aggregation already "
-         "fixed-point encodes each update (secagg.bytes-per-param sets its width) and its masks need the "
-         "dense vector; set compression.method = 'none'")
-    return p
+def _resolve_sites(config: RunConfig) -> None:
+    """federation.num-sites = 0: one per site file of a data folder, else the default."""
+    if config.federation.num_sites == 0:
+        files = config.data.site_files()
+        config.federation.num_sites = len(files) if files else DEFAULT_SITES
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -521,10 +750,18 @@ def describe_options() -> str:
     """Every configuration key with its default and help, for `--help` and the docs."""
     lines = []
     defaults = RunConfig().to_nested()
-    for section, cls in SECTIONS.items():
-        lines.append(f"[{section}]")
+
+    def describe(cls: type[Section], table: dict[str, Any], heading: str) -> None:
+        lines.append(f"[{heading}]")
         for f in dataclasses.fields(cls):
+            if f.name == "params":
+                continue
             choices = f.metadata.get("choices")
             extra = f" (one of: {', '.join(choices)})" if choices else ""
-            lines.append(f"  {_key(f.name)} = {defaults[section][_key(f.name)]!r}: {f.metadata['help']}{extra}")
+            lines.append(f"  {_key(f.name)} = {table[_key(f.name)]!r}: {f.metadata['help']}{extra}")
+
+    for name, cls in SECTIONS.items():
+        describe(cls, defaults[name], name)
+        for sub, sub_cls in (getattr(cls, "SUBTABLES", None) or {}).items():
+            describe(sub_cls, defaults[name][sub], f"{name}.{sub}")
     return "\n".join(lines)

@@ -17,10 +17,21 @@ import flwr
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.app import Context, Message, RecordDict
 
+
+def _moved(err: ImportError) -> str:
+    return (f"fedlora needs flwr 1.42 (installed: {flwr.__version__}); a private Flower module it uses "
+            f"changed: {err}. Install the flwr version fedlora's pyproject.toml pins.")
+
+
 try:
     from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-    from flwr.common.serde import (context_from_proto, context_to_proto, message_from_proto, message_to_proto,
-                                   recorddict_to_proto)
+    from flwr.common.serde import (
+        context_from_proto,
+        context_to_proto,
+        message_from_proto,
+        message_to_proto,
+        recorddict_to_proto,
+    )
     from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
     from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=no-name-in-module
     from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
@@ -28,13 +39,6 @@ try:
     from flwr.supercore.task_identity import TaskIdentity
 except ImportError as err:  # pragma: no cover - only with a Flower other than the one fedlora targets
     raise ImportError(_moved(err)) from err
-
-
-
-def _moved(err: ImportError) -> str:
-    return (f"fedlora needs flwr 1.42 (installed: {flwr.__version__}); a private Flower module it uses "
-            f"changed: {err}. Install the flwr version fedlora's pyproject.toml pins.")
-
 
 # How every Flower process fedlora starts is run: no telemetry or update check (hospitals want no
 # egress, and there is no network here), nothing fetched from a hub, Ray's usage stats off.

@@ -16,9 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, get_peft_model
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          GPT2Config, LlamaConfig)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,16 @@ def load_tokenizer(name: str, allow_download: bool = False):
     return tok
 
 
-def _not_found(name: str, err: Exception) -> str:
+def check_available(name: str, allow_download: bool = False) -> None:
+    """Raise ModelLoadError now if `name` cannot be loaded, before a federation starts to load it."""
+    if name in TINY_MODELS or name == DEMO_MODEL:
+        demo_model_dir()  # the tiny models borrow its tokenizer
+    elif not (allow_download or Path(name).expanduser().is_dir()
+              or isinstance(try_to_load_from_cache(name, "config.json"), str)):
+        raise ModelLoadError(_not_found(name, "no such local directory, and no config.json in the cache"))
+
+
+def _not_found(name: str, err: Exception | str) -> str:
     return (f"cannot load model {name!r}: not a local directory and not in the local Hugging Face cache "
             f"({err}). Use a local directory, pre-populate the cache, set model.allow-download = true "
             f"where the network is reachable, or a built-in name: {DEMO_MODEL}, {', '.join(TINY_MODELS)}")

@@ -1,31 +1,62 @@
-"""Local training and evaluation loops, shared by sites and the coordinator."""
+"""The one local training loop, and the evaluation loops, shared by sites, the coordinator and benchmarks.
+
+`local_train` takes `steps` AdamW steps on the model's trainable tensors (LoRA
+factors and a task head). What a step is belongs to its `Steps` object:
+
+- `PlainSteps` (the default): batches from successive shuffles of the rows,
+  the mean per-example loss plus any extra term (FedProx's proximal term),
+  gradient-norm clipping;
+- `fedlora.privacy.dpsgd.DPSGD`: Poisson-sampled privacy units, per-unit
+  clipping and Gaussian noise (Opacus), empty batches as noise-only steps, the
+  extra term added after the noise.
+
+Differential privacy wraps this loop, as Opacus' `make_private` wraps a model,
+optimizer and data loader: the loop never knows whether it is private.
+`LocalTraining` is the same loop one step at a time, for benchmarks that time
+steps and interleave variants.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from fedlora.tasks.base import Example, Task
 
+ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]  # a data-independent term, e.g. FedProx's
+
 
 @dataclass
 class TrainResult:
     steps: int
-    mean_loss: float
+    mean_loss: float      # over the non-empty batches; local only under DP (never released)
     seconds: float
+    records: int = 0      # records seen over all steps
+    empty_steps: int = 0  # steps whose batch held no record (DP-SGD's noise-only steps)
+    details: dict[str, Any] = field(default_factory=dict)  # what the step method adds (DP: noise_std)
 
 
-def planned_steps(num_examples: int, batch_size: int, local_epochs: float, local_steps: int) -> int:
+def planned_steps(num_examples: int, batch_size: float, local_epochs: float, local_steps: int) -> int:
+    """Local steps of a round: `local_steps` when set, else enough batches for `local_epochs` passes."""
     if local_steps > 0:
         return local_steps
     return max(1, math.ceil(local_epochs * num_examples / batch_size))
 
 
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+def site_seed(train_seed: int, site_index: int, server_round: int) -> int:
+    """The seed of one site's local training in one round (dropout and plain batch order)."""
+    return train_seed * 1_000_003 + site_index * 10_007 + server_round
+
+
+def trainable(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def shuffled_batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Index batches from successive shuffles of range(n)."""
     order: list[int] = []
     for _ in range(steps):
@@ -35,33 +66,136 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         yield batch
 
 
-def local_train(model, task: Task, examples: list[Example], train_cfg, pad_id: int, seed: int,
-                extra_loss=None) -> TrainResult:
-    """Plain (non-private) local training of the trainable tensors with AdamW.
+class Steps(Protocol):
+    """How the loop draws batches and turns one into an optimizer step."""
 
-    `extra_loss(model)` adds a term to every step's loss (e.g. FedProx's proximal term).
-    """
-    start = time.perf_counter()
-    torch.manual_seed(seed)  # LoRA dropout
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
-    steps = planned_steps(len(examples), train_cfg.batch_size, train_cfg.local_epochs, train_cfg.local_steps)
-    model.train()
-    total = 0.0
-    for index in _batches(len(examples), train_cfg.batch_size, steps, generator):
-        batch = task.collate([examples[i] for i in index], pad_id)
-        loss = task.per_example_loss(model, batch).mean()
-        total += float(loss.detach())
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
-        optimizer.zero_grad(set_to_none=True)
+    def attach(self, model, optimizer: torch.optim.Optimizer, extra_loss: ExtraLoss | None) -> None: ...
+    def batches(self, steps: int) -> Iterator[list[int]]: ...
+    def zero_grad(self) -> None: ...
+    def backward(self, losses: torch.Tensor | None) -> None: ...  # None: a batch without records
+    def step(self) -> None: ...
+    def detach(self, completed_steps: int | None) -> dict[str, Any]: ...  # None: the loop failed
+
+
+class PlainSteps:
+    """Non-private steps: shuffled batches, mean loss (+ extra term), gradient-norm clipping."""
+
+    def __init__(self, num_examples: int, batch_size: int, max_grad_norm: float, generator: torch.Generator):
+        self.num_examples, self.batch_size, self.max_grad_norm = num_examples, batch_size, max_grad_norm
+        self.generator = generator
+
+    def attach(self, model, optimizer, extra_loss) -> None:
+        self.model, self.optimizer, self.extra_loss = model, optimizer, extra_loss
+        self.params = trainable(model)
+
+    def batches(self, steps: int) -> Iterator[list[int]]:
+        return shuffled_batches(self.num_examples, self.batch_size, steps, self.generator)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, losses: torch.Tensor | None) -> None:
+        loss = losses.mean()
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss(self.model)
         loss.backward()
-        if train_cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-        optimizer.step()
-    model.eval()
-    return TrainResult(steps, total / steps, time.perf_counter() - start)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def detach(self, completed_steps: int | None) -> dict[str, Any]:
+        return {}
+
+
+class LocalTraining:
+    """The loop, one step at a time: `with LocalTraining(...) as loop: loop.step()...`, then `loop.result()`
+    (or `start()`, `step()`..., `finish()` where a `with` block does not fit, as in a benchmark that
+    interleaves variants).
+
+    `steps_method` is `PlainSteps` by default; pass `fedlora.privacy.dpsgd.DPSGD` for DP-SGD.
+    """
+
+    def __init__(self, model, task: Task, examples: list[Example], pad_id: int, *, steps: int, seed: int,
+                 learning_rate: float, weight_decay: float = 0.0, batch_size: int = 16, max_grad_norm: float = 0.0,
+                 extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None):
+        self.model, self.task, self.examples, self.pad_id = model, task, examples, pad_id
+        self.steps, self.seed = steps, seed
+        self.learning_rate, self.weight_decay = learning_rate, weight_decay
+        self.extra_loss = extra_loss
+        self._method = steps_method
+        self._batch_size, self._max_grad_norm = batch_size, max_grad_norm
+        self.taken = self.records = self.empty_steps = 0
+        self._loss_sum, self._loss_batches = 0.0, 0
+
+    def __enter__(self) -> "LocalTraining":
+        return self.start()
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.finish(failed=kind is not None)
+
+    def start(self) -> "LocalTraining":
+        self._started = time.perf_counter()
+        torch.manual_seed(self.seed)  # LoRA dropout (DP-SGD draws its noise and batches from secret generators)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.optimizer = torch.optim.AdamW(trainable(self.model), lr=self.learning_rate,
+                                           weight_decay=self.weight_decay)
+        self.method = self._method or PlainSteps(len(self.examples), self._batch_size, self._max_grad_norm, generator)
+        self.method.attach(self.model, self.optimizer, self.extra_loss)
+        self._batches = self.method.batches(self.steps)
+        self.model.train()
+        return self
+
+    def step(self, batch: list[int] | None = None) -> float | None:
+        """One optimizer step on the next batch (or on `batch`, indices into the examples);
+        returns the batch's mean loss, None for a batch without records."""
+        batch = next(self._batches) if batch is None else batch
+        self.method.zero_grad()
+        loss = None
+        if batch:
+            losses = self.task.per_example_loss(self.model, self.task.collate([self.examples[i] for i in batch],
+                                                                              self.pad_id))
+            loss = float(losses.detach().mean())
+            self._loss_sum, self._loss_batches = self._loss_sum + loss, self._loss_batches + 1
+            self.method.backward(losses)
+        else:
+            self.empty_steps += 1
+            self.method.backward(None)
+        self.method.step()
+        self.taken += 1
+        self.records += len(batch)
+        return loss
+
+    def finish(self, failed: bool = False) -> None:
+        """Detach the step method (after a completed loop it checks what it must) and set eval mode."""
+        self.model.eval()
+        self.details = self.method.detach(None if failed else self.taken)
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.taken, self._loss_sum / max(self._loss_batches, 1),
+                           time.perf_counter() - self._started, self.records, self.empty_steps, self.details)
+
+
+def local_train(model, task: Task, examples: list[Example], pad_id: int, *, steps: int, seed: int,
+                learning_rate: float, weight_decay: float = 0.0, batch_size: int = 16, max_grad_norm: float = 0.0,
+                extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None) -> TrainResult:
+    """`steps` optimizer steps of local training (plain, or as `steps_method` takes them)."""
+    with LocalTraining(model, task, examples, pad_id, steps=steps, seed=seed, learning_rate=learning_rate,
+                       weight_decay=weight_decay, batch_size=batch_size, max_grad_norm=max_grad_norm,
+                       extra_loss=extra_loss, steps_method=steps_method) as loop:
+        for _ in range(steps):
+            loop.step()
+    return loop.result()
+
+
+def plain_train(model, task: Task, examples: list[Example], train_cfg, pad_id: int, seed: int,
+                extra_loss: ExtraLoss | None = None) -> TrainResult:
+    """Non-private local training as the `[train]` section configures it."""
+    steps = planned_steps(len(examples), train_cfg.batch_size, train_cfg.local_epochs, train_cfg.local_steps)
+    return local_train(model, task, examples, pad_id, steps=steps, seed=seed, learning_rate=train_cfg.learning_rate,
+                       weight_decay=train_cfg.weight_decay, batch_size=train_cfg.batch_size,
+                       max_grad_norm=train_cfg.max_grad_norm, extra_loss=extra_loss)
 
 
 @torch.no_grad()

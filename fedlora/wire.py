@@ -47,5 +47,6 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_SAMPLE_RATE = "dp-sample-rate"
 DP_UNIT = "unit"                       # in the PRIVACY record: "record" or the grouping column
 DP_LEDGER_HEAD = "ledger-head"         # hash of the site's last ledger entry
-# Error code of a train reply whose site refuses: its privacy budget would be exceeded.
-BUDGET_EXHAUSTED = 4001
+# Error codes of a train reply whose site refuses.
+BUDGET_EXHAUSTED = 4001       # its privacy budget would be exceeded
+CLEAR_UPLOAD_REFUSED = 4002   # the run uses secure aggregation, and the message asks for an update in clear

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from fedlora import config as cfg
-from fedlora.strategies import SiteUpdate, build_strategy
+from fedlora.strategies import SiteUpdate
+from fedlora.strategies.compose import server_strategy
 from fedlora.strategies.factors import truncate
 from fedlora.wire import LORA_RANK
 
@@ -45,7 +46,8 @@ def random_updates(rng, global_state, ranks, weights, scale: float = 0.1, send_a
 
 
 def strategy(name: str, *sets: str, rank: int = 1, alpha: float = 2.0):
-    """A strategy built from a validated configuration (scale = alpha / rank)."""
+    """The coordinator's strategy (with any wrappers `sets` enable) from a validated configuration
+    (scale = alpha / rank)."""
     config = cfg.load_config(None, [f"strategy.name={name}", f"lora.rank={rank}", f"lora.alpha={alpha}",
-                                    "federation.min-sites=5", *sets])
-    return build_strategy(config)
+                                    "federation.num-sites=5", "federation.min-sites=5", *sets])
+    return server_strategy(config)

@@ -12,7 +12,7 @@ from fedlora.data.sites import simulated_site_data
 from fedlora.models import count_parameters, trainable_state
 from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
-from fedlora.training import local_train
+from fedlora.training import plain_train
 
 TINY = ["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=30", "train.batch-size=4"]
 
@@ -52,7 +52,7 @@ def test_full_fine_tuning_changes_every_weight_tensor_in_one_step(tiny):
 def test_trainer_steps_are_local_train_steps(tiny):
     """The stepwise trainer reproduces fedlora.training.local_train exactly (same batches, seeds, AdamW)."""
     config, task = tiny
-    train_cfg = cfg.TrainConfig(**{**config.train.__dict__, "local_steps": 3})
+    train_cfg = cfg.TrainSection(**{**config.train.__dict__, "local_steps": 3})
     states = []
     for stepwise in (False, True):
         model, tok = lvf.lora_model(config, task)
@@ -64,7 +64,7 @@ def test_trainer_steps_are_local_train_steps(tiny):
             with pytest.raises(StopIteration):
                 trainer.step()
         else:
-            local_train(model, task, examples, train_cfg, tok.pad_token_id, seed=7)
+            plain_train(model, task, examples, train_cfg, tok.pad_token_id, seed=7)
         states.append(trainable_state(model))
     assert states[0].keys() == states[1].keys()
     for name in states[0]:

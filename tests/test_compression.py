@@ -2,15 +2,16 @@
 config, the site's residual in its context state, and whole in-process runs per method."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedlora import compression as z
 from fedlora import config as cfg
+from fedlora import flower, wire
 from fedlora.arrays import from_record, to_record
+from fedlora.client import mods
 from fedlora.server.rundir import RunDirectory
 from fedlora.simulations.inprocess import run_inprocess
 
@@ -160,7 +161,8 @@ def test_config_defaults_off_and_refuses_compression_with_secure_aggregation():
         cfg.load_config(None, ["compression.method=int8", "secagg.enabled=true", "federation.min-sites=3",
                                "compression.topk-fraction=1.5"])
     text = str(err.value)
-    assert "cannot run with secagg.enabled" in text and "compression.topk-fraction: 1.5" in text
+    assert "compression.method = 'int8' cannot run under secure aggregation" in text
+    assert "compression.topk-fraction: 1.5" in text
     with pytest.raises(cfg.ConfigError, match="is not one of none, fp16, int8, topk"):
         cfg.load_config(None, ["compression.method=zip"])
     assert cfg.load_config(None, ["secagg.enabled=true", "federation.min-sites=3"]).compression.method == "none"
@@ -168,28 +170,34 @@ def test_config_defaults_off_and_refuses_compression_with_secure_aggregation():
 
 # -- the site: residual in its context state ------------------------------------------------------
 def _site(*settings):
-    from fedlora.client import app
+    """A site's Context for the compression mod, and what the mod sends of an update."""
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                      run_config=cfg.load_config(None, list(settings)).to_flat())
+    flower.set_task_identity(1, 1, 1)
+    request = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
 
-    rt = SimpleNamespace(config=cfg.load_config(None, list(settings)))
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    return app, rt, context
+    def send(update):
+        handler = lambda msg, ctx: Message(RecordDict({wire.ARRAYS: to_record(update)}), reply_to=msg)  # noqa: E731
+        return from_record(mods.compression_mod(request, context, handler).content[wire.ARRAYS])
+
+    return context, send
 
 
 def test_site_keeps_its_residual_in_context_state_only_when_feedback_applies():
-    app, rt, context = _site("compression.method=topk", "compression.topk-fraction=0.25")
+    context, send = _site("compression.method=topk", "compression.topk-fraction=0.25")
     u = _update()
-    first = app._compress(rt, context, u)
-    residual = from_record(context.state[app.RESIDUAL])
+    first = send(u)
+    residual = from_record(context.state[mods.RESIDUAL])
     assert np.allclose(residual[NAMES[0]], u[NAMES[0]] - z.decode(first, "topk")[NAMES[0]])
-    second = z.decode(app._compress(rt, context, u), "topk")  # round 2 sends what round 1 left out first
-    assert np.allclose(second[NAMES[0]] + from_record(context.state[app.RESIDUAL])[NAMES[0]],
+    second = z.decode(send(u), "topk")  # round 2 sends what round 1 left out first
+    assert np.allclose(second[NAMES[0]] + from_record(context.state[mods.RESIDUAL])[NAMES[0]],
                        2 * u[NAMES[0]] - z.decode(first, "topk")[NAMES[0]], atol=1e-6)
     for settings in (["compression.method=fp16"], ["compression.method=int8", "compression.error-feedback=false"],
                      []):
-        app, rt, context = _site(*settings)
-        sent = app._compress(rt, context, u)
-        assert app.RESIDUAL not in context.state
-        assert (sent is u) == (settings == [])  # off: the update itself, untouched
+        context, send = _site(*settings)
+        sent = send(u)
+        assert mods.RESIDUAL not in context.state
+        assert (sent.keys() == u.keys() and all(np.array_equal(sent[k], u[k]) for k in u)) == (settings == [])
 
 
 # -- whole runs -------------------------------------------------------------------------------------

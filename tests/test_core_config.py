@@ -69,5 +69,8 @@ def test_describe_options_lists_every_key_with_help():
     text = cfg.describe_options()
     for section, table in cfg.RunConfig().to_nested().items():
         assert f"[{section}]" in text
-        for key in table:
-            assert f"  {key} = " in text
+        for key, value in table.items():
+            if isinstance(value, dict):  # a strategy's own table
+                assert f"[{section}.{key}]" in text and all(f"  {k} = " in text for k in value)
+            else:
+                assert f"  {key} = " in text

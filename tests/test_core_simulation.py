@@ -32,7 +32,7 @@ def test_run_directory_is_complete(classification_run):
     for row in rows:
         assert REQUIRED <= row.keys() and row["sites"] == 2
     resolved = cfg.from_nested(tomllib.loads((out / "config.toml").read_text()))
-    assert resolved.federation.rounds == 2 and resolved.label_names  # labels were filled in
+    assert resolved.federation.rounds == 2 and resolved.task.labels  # labels were filled in
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["parameters"]["adapter"] > 0
     assert set(summary["sites"]) == {"site-0", "site-1"}
@@ -61,7 +61,7 @@ def test_exported_adapter_reproduces_the_final_evaluation_with_plain_peft(classi
     out, _ = classification_run
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     resolved = cfg.from_nested(tomllib.loads((out / "config.toml").read_text()))
-    labels = resolved.label_names
+    labels = resolved.task.labels
     from fedlora.data import synthetic
 
     rows = synthetic.central_test_records(seed=resolved.data.seed)

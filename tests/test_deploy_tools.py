@@ -103,7 +103,7 @@ def test_coordinator_folder_and_superlink_command(tmp_path):
     assert home.listen == "127.0.0.1:19092" and home.hosts == ["fl.example.org"]
     assert "fl.example.org" in certificate_names(home.tls.server_cert)
     skeleton = cfg.load_config(home.path / "run.toml")  # the run skeleton is a valid configuration
-    assert skeleton.label_names and skeleton.privacy.enabled
+    assert skeleton.task.labels and skeleton.privacy.enabled
     command = superlink_command(home)
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation", "--ssl-certfile",
                  "--ssl-keyfile", "--ssl-ca-certfile", "--database"):

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from fedlora import config as cfg
 from fedlora import wire
 from fedlora.arrays import from_record, to_record
-from fedlora.client.app import train
+from fedlora.client.app import app
 from fedlora.client.runtime import site_runtime
 from fedlora.data import synthetic
 from fedlora.models import trainable_state
@@ -48,7 +48,7 @@ def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
 
     ledger = Ledger(tmp_path / "sites" / rt.data.name)
     for r in range(1, refused_at):
-        reply = train(_message(state, r, rt.loaded.fingerprint), context)
+        reply = app(_message(state, r, rt.loaded.fingerprint), context)
         assert not reply.has_error()
         metrics = reply.content[wire.METRICS]
         assert wire.TRAIN_LOSS not in metrics  # data-dependent and not noised: stays at the site
@@ -59,7 +59,7 @@ def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
         assert privacy[wire.DP_UNIT] == "record"
         delta = from_record(reply.content[wire.ARRAYS])
         assert all(abs(v).max() > 0 for v in delta.values())
-    refusal = train(_message(state, refused_at, rt.loaded.fingerprint), context)
+    refusal = app(_message(state, refused_at, rt.loaded.fingerprint), context)
     assert refusal.has_error() and is_budget_refusal(refusal)
     assert "refuses round" in refusal.error.reason
     entries = ledger.entries()

@@ -10,11 +10,11 @@ from scipy.stats import norm
 
 from fedlora import wire
 from fedlora.privacy.accounting import Mechanism, epsilon_prv, epsilon_rdp
-from fedlora.privacy.client_dp import (ClientLevelDP, clip_update, l2_norm, next_clip_norm, noised_mean,
+from fedlora.privacy.client_dp import (CLIENT_DP_SITE, ClientLevelDP, ClientLevelDPStrategy, clip_update, l2_norm,
+                                       next_clip_norm, noised_mean,
                                        update_noise_multiplier, utility_warning)
-from fedlora.privacy.server import CLIENT_DP_SITE, ServerPrivacy
 from fedlora.config import load_config
-from fedlora.strategies.base import SiteUpdate
+from fedlora.strategies.base import RoundInfo, SiteUpdate, Strategy
 
 SHAPES = {"a": (50, 40), "b": (40, 50)}
 
@@ -41,15 +41,30 @@ def test_noise_on_the_mean_has_std_z_c_over_k():
     assert abs(values.mean()) < 4 * z * clip / k / math.sqrt(values.size)
 
 
-def test_the_strategy_sees_one_noised_mean_of_clipped_updates():
+class Recorder(Strategy):
+    """A strategy that keeps what it was asked to aggregate."""
+
+    name = "recorder"
+
+    def aggregate(self, global_state, updates):
+        self.seen = updates
+        return global_state
+
+    def combine(self, global_state, updates):
+        raise NotImplementedError
+
+
+def test_the_wrapped_strategy_sees_one_noised_mean_of_clipped_updates():
     config = load_config(None, ["privacy.client-dp=true", "privacy.client-clip-norm=0.5",
                                 "privacy.client-noise-multiplier=0.8"])
-    server = ServerPrivacy(config)
-    server.client_dp.rng = np.random.default_rng(7)
+    inner = Recorder()
+    wrapped = ClientLevelDPStrategy(inner, ClientLevelDP.from_config(config.privacy), rounds=5)
+    wrapped.mechanism.rng = np.random.default_rng(7)
     rng = np.random.default_rng(0)
     updates = [SiteUpdate(f"s{i}", 100.0 * (i + 1), _update(1.0, rng)) for i in range(3)]
-    server.eligible([1, 2, 3, 4])  # 4 sites can train; 3 were asked
-    out = server.before_aggregate(updates, sampled=3, server_round=1)
+    wrapped.begin_round(RoundInfo(1, sampled=3, available=4))  # 4 sites could train; 3 were asked
+    wrapped.aggregate({k: np.zeros(shape, np.float32) for k, shape in SHAPES.items()}, updates)
+    out = inner.seen
     assert len(out) == 1 and out[0].site == CLIENT_DP_SITE and out[0].metrics[wire.NUM_EXAMPLES] == 3
     # Same noise, computed by hand: clip to 0.5, sum, N(0, (0.8·0.5)²), / 3 sites asked; weights ignored.
     noise = np.random.default_rng(7)
@@ -57,8 +72,10 @@ def test_the_strategy_sees_one_noised_mean_of_clipped_updates():
         total = sum(clip_update(u.delta, 0.5)[0][k] for u in updates)
         expected = (total + noise.normal(0.0, 0.4, size=shape)) / 3
         np.testing.assert_allclose(out[0].delta[k], expected.astype(np.float32), rtol=1e-5, atol=1e-7)
-    assert server.client_dp.history == [Mechanism(0.8, 0.75, 1)]
-    assert server.row()["client_epsilon"] == pytest.approx(epsilon_prv([Mechanism(0.8, 0.75, 1)], 1e-5))
+    assert wrapped.mechanism.history == [Mechanism(0.8, 0.75, 1)]
+    inner._round_metrics = {}
+    assert wrapped.round_metrics()["client_epsilon"] == pytest.approx(epsilon_prv([Mechanism(0.8, 0.75, 1)], 1e-5))
+    assert wrapped.guarantees()["client_level"]["unit"] == "site"
 
 
 def test_adaptive_clipping_tracks_the_quantile_and_keeps_the_accounted_noise():

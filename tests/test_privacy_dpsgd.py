@@ -1,5 +1,8 @@
 """DP-SGD on a tiny PEFT model: per-sample gradients, clipping, noise, empty
-batches, the did-it-train guard, and hooks that never stack on the cached model."""
+batches, the did-it-train guard, and hooks that never stack on the cached model.
+
+DP-SGD is the step method of the one training loop (fedlora.training.local_train);
+the first tests drive its steps by hand on an SGD optimizer to check the arithmetic."""
 
 import pytest
 import torch
@@ -7,9 +10,10 @@ import torch
 from fedlora import config as cfg
 from fedlora.data import synthetic
 from fedlora.models import load_model
-from fedlora.privacy.dpsgd import DPSettings, ParametersDidNotTrain, dp_local_train, dp_step, private, trainable
+from fedlora.privacy.dpsgd import DPSGD, DPSettings, ParametersDidNotTrain
 from fedlora.privacy.units import build_units, poisson_batches
 from fedlora.tasks import build_task
+from fedlora.training import local_train, trainable
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,31 @@ def _per_example_grads(model, task, examples, pad_id):
     return out
 
 
+def dp_train(model, task, examples, pad_id, units, sigma, sample_rate, steps, lr=1e-3, mode="hooks", clip=1.0,
+             **kwargs):
+    """The training loop with DP-SGD as its step method."""
+    return local_train(model, task, examples, pad_id, steps=steps, seed=0, learning_rate=lr,
+                       extra_loss=kwargs.pop("extra_loss", None),
+                       steps_method=DPSGD(units, sample_rate, sigma, DPSettings(clip, mode), **kwargs))
+
+
+def _one_step(model, task, examples, pad_id, dp, optimizer):
+    """One DP-SGD step on exactly `examples` (none: a noise-only step)."""
+    dp.attach(model, optimizer)
+    try:
+        model.train()
+        dp.zero_grad()
+        dp.backward(task.per_example_loss(model, task.collate(examples, pad_id)) if examples else None)
+        dp.step()
+    finally:
+        dp.detach(None)
+        model.eval()
+
+
+def _records(n):
+    return build_units([{} for _ in range(n)], "", 1)
+
+
 def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
@@ -59,15 +88,18 @@ def test_per_sample_gradients_match_a_per_example_loop(tiny):
     model, task, examples, pad_id, _ = tiny
     batch_examples = examples[:6]
     expected = _per_example_grads(model, task, batch_examples, pad_id)
-    optimizer = torch.optim.SGD(trainable(model), lr=0.0)
-    with private(model, optimizer, DPSettings(1.0), 0.0, 6, torch.Generator()) as _:
+    dp = DPSGD(_records(6), 1.0, 0.0, DPSettings(1.0))
+    dp.attach(model, torch.optim.SGD(trainable(model), lr=0.0))
+    try:
         model.train()
-        task.per_example_loss(model, task.collate(batch_examples, pad_id)).mean().backward()
+        dp.backward(task.per_example_loss(model, task.collate(batch_examples, pad_id)))
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         for name, p in zip(names, trainable(model)):
             for i in range(len(batch_examples)):
                 torch.testing.assert_close(p.grad_sample[i], expected[i][name], rtol=1e-4, atol=1e-6)
-    model.eval()
+    finally:
+        dp.detach(None)
+        model.eval()
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -81,14 +113,12 @@ def test_a_step_applies_the_mean_of_clipped_per_sample_gradients(tiny, mode):
                 for n in grads[0]}
     before = _state(model)
     optimizer = torch.optim.SGD(trainable(model), lr=1.0)  # the step moves each tensor by -grad
-    with private(model, optimizer, DPSettings(clip, mode), 0.0, len(batch_examples), torch.Generator()) as (h, dpo):
-        model.train()
-        dp_step(model, task, batch_examples, pad_id, h, dpo, mode)
+    dp = DPSGD(_records(len(batch_examples)), 1.0, 0.0, DPSettings(clip, mode))  # expected batch: all 5
+    _one_step(model, task, batch_examples, pad_id, dp, optimizer)
     for n, p in model.named_parameters():
         if n in expected:
             torch.testing.assert_close(before[n] - p.detach(), expected[n], rtol=1e-3, atol=1e-7)
     _restore(model, before)
-    model.eval()
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -97,9 +127,8 @@ def test_noise_only_step_on_an_empty_batch_has_the_right_std(tiny, mode):
     sigma, clip, expected_batch = 2.0, 0.5, 4.0
     before = _state(model)
     optimizer = torch.optim.SGD(trainable(model), lr=1.0)
-    with private(model, optimizer, DPSettings(clip, mode), sigma, expected_batch,
-                 torch.Generator().manual_seed(1)) as (h, dpo):
-        dp_step(model, task, [], pad_id, h, dpo, mode)  # no records: noise only
+    dp = DPSGD(_records(40), expected_batch / 40, sigma, DPSettings(clip, mode), torch.Generator().manual_seed(1))
+    _one_step(model, task, [], pad_id, dp, optimizer)  # no records: noise only
     moved = torch.cat([(before[n] - p.detach()).flatten() for n, p in model.named_parameters() if n in before])
     assert moved.numel() > 4000
     target = sigma * clip / expected_batch
@@ -113,9 +142,8 @@ def test_empty_batches_are_noised_steps_and_every_tensor_moves(tiny):
     model, task, examples, pad_id, rows = tiny
     before = _state(model)
     units = build_units(rows, "", 1)
-    result = dp_local_train(model, task, examples, units, DPSettings(1.0, learning_rate=1e-3), 1.0,
-                            sample_rate=0.02, steps=30, pad_id=pad_id, seed=0,
-                            sampling_generator=torch.Generator().manual_seed(3))
+    result = dp_train(model, task, examples, pad_id, units, 1.0, sample_rate=0.02, steps=30,
+                      sampling_generator=torch.Generator().manual_seed(3))
     assert result.steps == 30 and result.empty_steps >= 5  # q·n = 0.8 records per batch
     assert all(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters() if n in before)
     _restore(model, before)
@@ -126,7 +154,7 @@ def test_hooks_never_stack_on_the_cached_model(tiny):
     before, hooks_before = _state(model), _hook_count(model)
     units = build_units(rows, "", 1)
     for mode in ("hooks", "ghost", "hooks"):  # rounds, or sites served in turn by one process
-        dp_local_train(model, task, examples, units, DPSettings(1.0, mode), 1.0, 0.2, 2, pad_id, 0)
+        dp_train(model, task, examples, pad_id, units, 1.0, 0.2, 2, mode=mode)
         assert _hook_count(model) == hooks_before
         assert not hasattr(model, "autograd_grad_sample_hooks")
         assert not any(hasattr(p, attr) for p in model.parameters()
@@ -138,7 +166,7 @@ def test_guard_refuses_an_update_when_a_tensor_did_not_train(tiny):
     model, task, examples, pad_id, rows = tiny
     units = build_units(rows, "", 1)
     with pytest.raises(ParametersDidNotTrain):  # lr 0: nothing moves, nothing may be released
-        dp_local_train(model, task, examples, units, DPSettings(1.0, learning_rate=0.0), 1.0, 0.2, 2, pad_id, 0)
+        dp_train(model, task, examples, pad_id, units, 1.0, 0.2, 2, lr=0.0)
 
 
 def test_patient_units_bound_each_patients_records_and_scale_the_noise(tiny):
@@ -150,8 +178,8 @@ def test_patient_units_bound_each_patients_records_and_scale_the_noise(tiny):
         patients = [rows[i]["patient-id"] for i in batch]
         assert all(patients.count(p) <= 2 for p in patients)
     before = _state(model)
-    result = dp_local_train(model, task, examples, units, DPSettings(1.0), 1.5, 0.5, 2, pad_id, 0)
-    assert result.noise_std == pytest.approx(1.5 * 2 * 1.0 / units.expected_records(0.5))
+    result = dp_train(model, task, examples, pad_id, units, 1.5, 0.5, 2)
+    assert result.details["noise_std"] == pytest.approx(1.5 * 2 * 1.0 / units.expected_records(0.5))
     _restore(model, before)
     with pytest.raises(ValueError, match="patient-id"):
         build_units([{"text": "x"}], "patient-id", 1)
@@ -166,8 +194,7 @@ def test_a_data_independent_term_is_added_after_the_noise(tiny):
     def pull(m):  # gradient 1 on every trainable coordinate
         return sum(p.sum() for p in m.parameters() if p.requires_grad)
 
-    dp_local_train(model, task, examples, units, DPSettings(1.0, learning_rate=1e-3), 0.0, 1e-9, 3, pad_id, 0,
-                   extra_loss=pull)  # no records are sampled, no noise: only the extra term moves the weights
+    dp_train(model, task, examples, pad_id, units, 0.0, 1e-9, 3, extra_loss=pull)  # no records are sampled, no noise: only the extra term moves the weights
     for n, p in model.named_parameters():
         if n in before:  # AdamW on a constant gradient steps by lr each time
             torch.testing.assert_close(before[n] - p.detach(), torch.full_like(p, 3e-3), rtol=1e-3, atol=1e-6)
@@ -182,6 +209,6 @@ def test_causal_lm_trains_under_dp_sgd(mode):
     loaded = load_model(config, task)
     rows = [{"prompt": f"Triage note {i}: chest pain.", "completion": " cardiology"} for i in range(12)]
     examples = task.encode(rows, loaded.tokenizer, 32)
-    result = dp_local_train(loaded.model, task, examples, build_units(rows, "", 1), DPSettings(1.0, mode), 1.0,
-                            0.5, 3, loaded.tokenizer.pad_token_id, 0)  # raises if a LoRA tensor did not move
+    result = dp_train(loaded.model, task, examples, loaded.tokenizer.pad_token_id, build_units(rows, "", 1), 1.0,
+                      0.5, 3, mode=mode)  # raises if a LoRA tensor did not move
     assert result.steps == 3 and result.records > 0

@@ -64,11 +64,11 @@ def test_distributed_dp_clip_must_fit_the_fixed_point_range():
 @pytest.mark.parametrize("text, needle", [("1@nowhere", "site@stage"), ("x@setup", "integers"),
                                           ("9@unmask", "not in 0..3"), ("1@unmask@0", "round >= 1")])
 def test_fault_injection_entries_are_checked(text, needle):
-    problems = _problems(f'secagg.simulate-dropouts="{text}"')
-    assert any("secagg.simulate-dropouts" in p and needle in p for p in problems), problems
+    problems = _problems(f'simulation.secagg-dropouts="{text}"')
+    assert any("simulation.secagg-dropouts" in p and needle in p for p in problems), problems
 
 
 def test_secure_only_options_are_refused_when_secure_aggregation_is_off():
     with pytest.raises(cfg.ConfigError) as err:
-        cfg.load_config(None, ['secagg.simulate-dropouts="1@setup"'])
-    assert any("only apply with secagg.enabled" in p for p in err.value.problems)
+        cfg.load_config(None, ['simulation.secagg-dropouts="1@setup"', "secagg.dp-noise-multiplier=1"])
+    assert sum("only applies with secagg.enabled" in p for p in err.value.problems) == 2

@@ -2,18 +2,17 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.app.metadata import validate_message_type
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedlora import config as cfg
-from fedlora import wire
+from fedlora import flower, wire
 from fedlora.arrays import payload_bytes
 from fedlora.client import secure
+from fedlora.client.app import SITE_MODS
 from fedlora.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, messages as m, run_in_memory
 from fedlora.privacy.secagg.records import (
-    MESSAGE_TYPES,
     from_config_record,
     payload_of,
     payload_records,
@@ -49,12 +48,33 @@ def test_client_state_with_empty_keys_and_seeds_survives_a_config_record():
     assert restored == client.state_dict()
 
 
-def test_stage_message_types_are_valid_and_routed_by_the_client_app():
-    from fedlora.client.app import app
+def test_every_stage_is_a_train_message_the_mod_recognises():
+    flower.set_task_identity(1, flower.SERVER_NODE_ID, 1)  # who creates the messages
+    for stage in m.STAGES:
+        request = Message(RecordDict({**payload_records({m.STAGE: stage})}), dst_node_id=1,
+                          message_type=MessageType.TRAIN)
+        assert secure.stage_of(request) == stage
+    plain = Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})}), dst_node_id=1,
+                    message_type=MessageType.TRAIN)
+    assert secure.stage_of(plain) is None
+    assert secure.secure_aggregation_mod in SITE_MODS
 
-    assert list(MESSAGE_TYPES) == list(m.STAGES)
-    for message_type in MESSAGE_TYPES.values():
-        assert validate_message_type(message_type) and message_type in app._registered_funcs
+
+def test_under_secure_aggregation_a_site_never_answers_a_plain_train_message_with_its_update():
+    trained = []
+
+    def train(msg, context):
+        trained.append(context.node_id)
+        return Message(RecordDict(), reply_to=msg)
+
+    config = cfg.load_config(None, ["secagg.enabled=true", "federation.num-sites=3", "federation.min-sites=3"])
+    app = ClientApp(mods=[secure.secure_aggregation_mod])
+    app.train()(train)
+    grid = InProcessGrid(app, config.to_flat(), 3)
+    (reply,) = grid.send_and_receive([Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})}),
+                                              dst_node_id=next(iter(grid.get_node_ids())),
+                                              message_type=MessageType.TRAIN)])
+    assert reply.has_error() and reply.error.code == wire.CLEAR_UPLOAD_REFUSED and trained == []
 
 
 def _updates(n=5, seed=0):
@@ -106,15 +126,15 @@ def test_out_of_range_coordinates_are_counted_for_the_site():
 def test_a_site_checks_the_masked_input_request_before_it_trains():
     """A tampered share is caught before local training spends time or privacy budget."""
     trained = []
-    app = ClientApp()
-    secure.register(app, lambda msg, context: trained.append(context.node_id))  # must never run
+    app = ClientApp(mods=[secure.secure_aggregation_mod])
+    app.train()(lambda msg, context: trained.append(context.node_id))  # must never run
     config = cfg.load_config(None, ["secagg.enabled=true", "federation.num-sites=3", "federation.min-sites=3"])
     grid = InProcessGrid(app, config.to_flat(), 3)
     server = SecAggServer(sorted(grid.get_node_ids()))
 
     def stage(name, requests):
         messages = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1}), **payload_records(r)}),
-                            dst_node_id=node, message_type=MESSAGE_TYPES[name]) for node, r in requests.items()]
+                            dst_node_id=node, message_type=MessageType.TRAIN) for node, r in requests.items()]
         return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
 
     replies = stage(m.SETUP, server.setup_requests())

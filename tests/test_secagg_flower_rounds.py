@@ -13,14 +13,14 @@ from safetensors.numpy import load_file
 from fedlora import config as cfg
 from fedlora.client.app import app as client_app
 from fedlora.client.secure import STATE
+from fedlora.simulations import faults
 from fedlora.models import load_model, trainable_state
 from fedlora.privacy.secagg.distributed_dp import epsilon_exact
 from fedlora.privacy.secagg.records import from_config_record
-from fedlora.server.rounds import Coordinator
+from fedlora.server.app import build_coordinator
 from fedlora.server.rundir import RunDirectory
 from fedlora.simulations.inprocess import InProcessGrid, run_inprocess
 from fedlora.data.labels import infer_labels
-from fedlora.strategies import build_strategy
 from fedlora.tasks import build_task
 
 BASE = ["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=40", "train.local-steps=2",
@@ -32,8 +32,9 @@ def _coordinator(path, *overrides, sites=4):
     config = infer_labels(cfg.load_config(None, [*BASE, f"federation.num-sites={sites}", f'output.dir="{path}"',
                                                  *overrides]))  # output.dir: where simulated sites keep DP ledgers
     loaded = load_model(config, build_task(config))
-    grid = InProcessGrid(client_app, config.to_flat(), sites)  # same seed: same node ids in every test
-    coordinator = Coordinator(grid, config, build_strategy(config), RunDirectory(path), None, loaded.fingerprint)
+    app = faults.app if faults.misbehaves(config) else client_app  # simulated dropouts are a test mod
+    grid = InProcessGrid(app, config.to_flat(), sites)  # same seed: same node ids in every test
+    coordinator = build_coordinator(grid, config, RunDirectory(path), None, loaded.fingerprint)
     return coordinator, trainable_state(loaded.model), grid
 
 
@@ -50,7 +51,7 @@ def _assert_same_adapter(got, expected, bound):
 
 
 def test_a_site_failing_after_key_agreement_is_recovered_and_the_others_aggregate_exactly(tmp_path):
-    secure, state, grid = _coordinator(tmp_path / "s", *SECURE, 'secagg.simulate-dropouts="1@masked-input"')
+    secure, state, grid = _coordinator(tmp_path / "s", *SECURE, 'simulation.secagg-dropouts="1@masked-input"')
     nodes, dropped = sorted(grid.get_node_ids()), _node(grid, 1)
     new_state, row = secure.train_round(nodes, state, 1)
     assert row["sites"] == 3 and row["secagg_dropped"] == [f"node-{dropped}"] and "secagg_failed" not in row
@@ -63,7 +64,7 @@ def test_a_site_failing_after_key_agreement_is_recovered_and_the_others_aggregat
 
 
 def test_below_the_threshold_the_round_fails_and_the_adapter_is_unchanged(tmp_path):
-    secure, state, grid = _coordinator(tmp_path, *SECURE, 'secagg.simulate-dropouts="1@masked-input,2@unmask"')
+    secure, state, grid = _coordinator(tmp_path, *SECURE, 'simulation.secagg-dropouts="1@masked-input,2@unmask"')
     new_state, row = secure.train_round(sorted(grid.get_node_ids()), state, 1)
     assert new_state is state and row["sites"] == 0
     assert "SecAggAbort" in row["secagg_failed"] and "3 needed" in row["secagg_failed"]
@@ -123,7 +124,7 @@ def test_dp_sgd_and_distributed_dp_compose_with_secure_aggregation(tmp_path):
 def test_a_run_continues_after_a_failed_round_with_the_adapter_unchanged(tmp_path):
     """The whole ServerApp run (the plain-vs-secure whole-run comparison is the Ray test)."""
     config = infer_labels(cfg.load_config(None, [*BASE, "federation.num-sites=4", "federation.rounds=2", *SECURE,
-                                                 'secagg.simulate-dropouts="1@masked-input@1,2@masked-input@1"']))
+                                                 'simulation.secagg-dropouts="1@masked-input@1,2@masked-input@1"']))
     run = run_inprocess(config, tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "secagg_failed" in rows[0] and rows[0]["sites"] == 0

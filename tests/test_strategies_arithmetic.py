@@ -75,7 +75,7 @@ def test_fedsa_averages_a_keeps_b_and_reports_no_global_error():
 
 
 def test_fedavgm_momentum_by_hand():
-    s = strategy("fedavgm", "strategy.server-lr=1.0", "strategy.server-momentum=0.9")
+    s = strategy("fedavgm", "strategy.fedavgm.server-lr=1.0", "strategy.fedavgm.momentum=0.9")
     x1 = s.aggregate(G, _sites(heads=(1.0, 1.0)))          # v = 1, x = 1
     x2 = s.aggregate(x1, _sites(heads=(1.0, 1.0)))         # v = 0.9 + 1 = 1.9, x = 2.9
     assert x1[HEAD][0] == pytest.approx(1.0) and x2[HEAD][0] == pytest.approx(2.9)
@@ -87,13 +87,15 @@ def test_fedavgm_momentum_by_hand():
     ("fedadagrad", 0.01 + 1.0),                # τ² + g²
 ])
 def test_adaptive_server_optimizers_by_hand(name, v1):
-    s = strategy(name, "strategy.server-lr=0.1", "strategy.tau=0.1", "strategy.beta1=0.9", "strategy.beta2=0.99")
+    beta2 = [f"strategy.{name}.beta2=0.99"] if name != "fedadagrad" else []  # Adagrad keeps the sum of squares
+    s = strategy(name, f"strategy.{name}.server-lr=0.1", f"strategy.{name}.tau=0.1", f"strategy.{name}.beta1=0.9",
+                 *beta2)
     x1 = s.aggregate(G, _sites(heads=(1.0, 1.0)))          # g = 1, m = 0.1
     assert x1[HEAD][0] == pytest.approx(0.1 * 0.1 / (np.sqrt(v1) + 0.1), rel=1e-5)
 
 
 def test_fedprox_aggregates_like_fedit_and_sends_mu():
-    s = strategy("fedprox", "strategy.proximal-mu=0.5")
+    s = strategy("fedprox", "strategy.fedprox.mu=0.5")
     assert s.client_config(1) == {"proximal-mu": 0.5}
     assert s.aggregate(G, _sites())[B][0, 0] == pytest.approx(3.0)
 
@@ -108,18 +110,18 @@ def test_median_ignores_an_outlier_and_the_weights():
 
 
 def test_trimmed_mean_drops_each_end():
-    s = strategy("trimmed-mean", "strategy.trim-fraction=0.2")
+    s = strategy("trimmed-mean", "strategy.trimmed-mean.fraction=0.2")
     assert s.aggregate(G, _heads([1.0, 2.0, 3.0, 4.0, 100.0]))[HEAD][0] == pytest.approx(3.0)
 
 
 def test_krum_and_multi_krum_reject_the_outlier():
     values = [0.0, 0.1, 0.15, -0.3, 10.0]
     # Krum scores (f = 1: sum over the 2 nearest): 0.0325, 0.0125, 0.025, 0.2025, ~97 -> site 1 (0.1)
-    krum = strategy("krum", "strategy.byzantine=1")
+    krum = strategy("krum", "strategy.krum.byzantine=1")
     assert krum.aggregate(G, _heads(values))[HEAD][0] == pytest.approx(0.1)
     assert krum.round_metrics()["krum_selected"] == ["s1"]
     # Multi-Krum keeps n − f = 4 updates, weighted by 1, 2, 3, 4
-    multi = strategy("multi-krum", "strategy.byzantine=1")
+    multi = strategy("multi-krum", "strategy.multi-krum.byzantine=1")
     expected = (1 * 0.0 + 2 * 0.1 + 3 * 0.15 + 4 * -0.3) / 10
     assert multi.aggregate(G, _heads(values))[HEAD][0] == pytest.approx(expected, abs=1e-6)
     assert "s4" not in multi.round_metrics()["krum_selected"]

@@ -20,7 +20,8 @@ from fedlora.client.runtime import site_runtime
 from fedlora.data import synthetic
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import export_adapter, load_base_model, load_model, set_trainable_state, trainable_state
-from fedlora.simulations.attacks import Attack
+from fedlora.simulations import faults
+from fedlora.simulations.attacks import flip_labels, scale_update
 from fedlora.strategies import SiteUpdate, build_strategy
 from fedlora.strategies.correction import BaseCorrection
 from fedlora.strategies.factors import is_factor, lora_layers
@@ -71,7 +72,7 @@ def test_ffa_site_freezes_a_and_sends_only_b(server):
     config, loaded = server
     g = trainable_state(loaded.model)
     ctx = _context(config, 0)
-    reply = client_app.train(_message(_strategy(config, "ffa"), g, "train"), ctx)
+    reply = client_app.app(_message(_strategy(config, "ffa"), g, "train"), ctx)
     delta = from_record(reply.content[wire.ARRAYS])
     assert not any(is_factor(k, "A") for k in delta)
     assert any(is_factor(k, "B") and np.abs(v).max() > 0 for k, v in delta.items())
@@ -86,22 +87,22 @@ def test_fedsa_site_keeps_its_b_in_context_and_on_disk(server, tmp_path):
     g = trainable_state(loaded.model)
     fedsa = _strategy(config, "fedsa")
     ctx0 = _context(config, 0, **{"state-dir": str(tmp_path)})
-    reply = client_app.train(_message(fedsa, g, "train"), ctx0)
+    reply = client_app.app(_message(fedsa, g, "train"), ctx0)
     assert not any(is_factor(k, "B") for k in from_record(reply.content[wire.ARRAYS]))
     kept = from_record(ctx0.state[RECORD])
     assert kept and all(is_factor(k, "B") for k in kept) and max(np.abs(v).max() for v in kept.values()) > 0
     assert list(tmp_path.glob("personal-adapter-*.safetensors"))
 
     # evaluation at site 0 uses its own B ...
-    client_app.evaluate(_message(fedsa, g, "evaluate"), ctx0)
+    client_app.app(_message(fedsa, g, "evaluate"), ctx0)
     assert all(np.array_equal(_site_params(ctx0)[k], v) for k, v in kept.items())
     # ... while site 1, served by the same process and model, uses its own (still initial) B
     ctx1 = _context(config, 1)
-    client_app.evaluate(_message(fedsa, g, "evaluate", node=2), ctx1)
+    client_app.app(_message(fedsa, g, "evaluate", node=2), ctx1)
     assert all(not _site_params(ctx1)[k].any() for k in kept)
     # a restarted site 0 (empty context state) gets its B back from its disk
     restarted = _context(config, 0, **{"state-dir": str(tmp_path)})
-    client_app.evaluate(_message(fedsa, g, "evaluate"), restarted)
+    client_app.app(_message(fedsa, g, "evaluate"), restarted)
     assert all(np.array_equal(_site_params(restarted)[k], v) for k, v in kept.items())
 
 
@@ -125,12 +126,12 @@ def test_base_correction_is_set_per_message_and_never_lingers(server, name):
     site_weight = site_runtime(ctx0).loaded.model.get_submodule(layer).get_base_layer().weight
 
     folding.correction = c1
-    client_app.train(_message(folding, g, "train"), ctx0)
+    client_app.app(_message(folding, g, "train"), ctx0)
     assert torch.allclose(site_weight, w0 + torch.from_numpy(c1.dense(layer)), atol=1e-6)
     folding.correction = c2  # another round, another site, same process: C2 replaces C1
-    client_app.evaluate(_message(folding, g, "evaluate", node=2), ctx1)
+    client_app.app(_message(folding, g, "evaluate", node=2), ctx1)
     assert torch.allclose(site_weight, w0 + torch.from_numpy(c2.dense(layer)), atol=1e-6)
-    client_app.evaluate(_message(_strategy(config, "fedit"), g, "evaluate"), ctx0)  # no correction
+    client_app.app(_message(_strategy(config, "fedit"), g, "evaluate"), ctx0)  # no correction
     assert torch.equal(site_weight, w0)
 
 
@@ -138,7 +139,7 @@ def test_a_smaller_rank_site_trains_and_sends_at_its_rank(server):
     config, loaded = server
     g = trainable_state(loaded.model)
     ctx = _context(config, 1, **{"lora-rank": 4})
-    reply = client_app.train(_message(_strategy(config, "fedit"), g, "train", node=2), ctx)
+    reply = client_app.app(_message(_strategy(config, "fedit"), g, "train", node=2), ctx)
     delta, metrics = from_record(reply.content[wire.ARRAYS]), dict(reply.content[wire.METRICS])
     a, b = next(iter(lora_layers(g).values()))
     assert delta[a].shape == (4, g[a].shape[1]) and delta[b].shape == (g[b].shape[0], 4)
@@ -153,7 +154,7 @@ def test_fedprox_term_holds_the_site_near_the_global_adapter(server):
     g = trainable_state(loaded.model)
 
     def norm(mu: float) -> float:
-        reply = client_app.train(_message(_strategy(config, "fedprox", f"strategy.proximal-mu={mu}"), g, "train"),
+        reply = client_app.app(_message(_strategy(config, "fedprox", f"strategy.fedprox.mu={mu}"), g, "train"),
                                  _context(config, 0))
         return float(np.sqrt(sum(np.sum(v ** 2) for v in from_record(reply.content[wire.ARRAYS]).values())))
 
@@ -187,7 +188,21 @@ def test_exported_adapter_carries_the_folded_correction(server, tmp_path):
 
 
 def test_attacks_flip_labels_and_scale_updates():
-    attack = Attack("flip-labels", 10.0, "site-0")
-    assert [e["label"] for e in attack.examples([{"label": 0}, {"label": 4}], 5)] == [1, 0]
-    scaled = Attack("scale-update", 10.0, "site-0").update({"x": np.ones(2, np.float32)})
-    assert np.array_equal(scaled["x"], [10.0, 10.0])
+    assert [e["label"] for e in flip_labels([{"label": 0}, {"label": 4}], 5)] == [1, 0]
+    assert np.array_equal(scale_update({"x": np.ones(2, np.float32)}, 10.0)["x"], [10.0, 10.0])
+
+
+def test_an_attack_runs_in_the_simulations_client_app_only(server):
+    """The production ClientApp never attacks; the simulation's test app does, at the listed site."""
+    config = _config("simulation.attack=scale-update", "simulation.attack-sites=[0]", "simulation.attack-scale=10")
+    g = trainable_state(server[1].model)
+
+    def update(app, partition: int) -> dict[str, np.ndarray]:
+        reply = app(_message(_strategy(config, "fedit"), g, "train"), _context(config, partition))
+        return from_record(reply.content[wire.ARRAYS])
+
+    honest, attacked = update(client_app.app, 0), update(faults.app, 0)
+    for k in honest:  # same seed, same start: the attacker sends 10x the honest update
+        np.testing.assert_allclose(attacked[k], 10 * honest[k], rtol=1e-5, atol=1e-7)
+    bystander, same = update(client_app.app, 1), update(faults.app, 1)
+    assert all(np.array_equal(bystander[k], same[k]) for k in bystander)

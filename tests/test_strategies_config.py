@@ -7,7 +7,7 @@ import pytest
 
 from fedlora import config as cfg
 from fedlora.strategies import STRATEGIES, build_strategy
-from fedlora.strategies.compat import compatibility_table
+from fedlora.strategies.compose import compatibility_table
 
 
 def _problems(*sets: str) -> list[str]:
@@ -24,25 +24,57 @@ def test_unknown_strategy_lists_every_available_one():
         build_strategy(cfg.RunConfig(strategy=cfg.StrategySection(name="nope")))
 
 
+def test_combinations_are_derived_from_declarations_not_names():
+    """Every wrapper that needs individual updates is refused under secure aggregation, with its own reason."""
+    problems = "\n".join(_problems("secagg.enabled=true", "federation.min-sites=3", "strategy.norm-bound=1",
+                                   "compression.method=int8"))
+    assert "strategy.norm-bound cannot run under secure aggregation" in problems
+    assert "cannot bound the norm of an update it never sees" in problems
+    assert "compression.method = 'int8' cannot run under secure aggregation" in problems
+
+
 def test_bad_parameters_are_all_reported_with_their_range():
-    problems = "\n".join(_problems("strategy.trim-fraction=0.6", "strategy.beta1=1.5", "strategy.tau=0",
-                                   "strategy.norm-bound=1", "strategy.norm-bound-relative=2",
-                                   "strategy.proximal-mu=-1", "strategy.byzantine=-1"))
-    for text in ("trim-fraction: 0.6 not in [0, 0.5)", "beta1: 1.5 not in [0, 1)", "tau: 0.0 must be > 0",
-                 "set at most one", "proximal-mu: -1.0 must be >= 0", "byzantine: -1 must be >= 0"):
+    problems = "\n".join(_problems("strategy.trimmed-mean.fraction=0.6", "strategy.fedadam.beta1=1.5",
+                                   "strategy.fedyogi.tau=0", "strategy.norm-bound=1", "strategy.norm-bound-relative=2",
+                                   "strategy.fedprox.mu=-1", "strategy.krum.byzantine=-1"))
+    for text in ("strategy.trimmed-mean.fraction: 0.6 not in [0, 0.5)", "strategy.fedadam.beta1: 1.5 not in [0, 1)",
+                 "strategy.fedyogi.tau: 0.0 must be > 0", "set at most one", "strategy.fedprox.mu: -1.0 must be >= 0",
+                 "strategy.krum.byzantine: -1 must be >= 0"):
         assert text in problems
     assert "unknown key strategy.momentum" in _problems("strategy.momentum=0.9")[0]
+    assert "unknown key strategy.fedadam.momentum" in _problems("strategy.fedadam.momentum=0.9")[0]
+
+
+def test_each_strategy_reads_its_own_table_from_toml_and_from_the_flat_form(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[strategy]\nname = "fedadam"\n[strategy.fedadam]\nserver-lr = 0.05\n'
+                    '[strategy.fedprox]\nmu = 0.2\n')
+    config = cfg.load_config(path)
+    assert config.strategy.params["fedadam"].server_lr == 0.05 and config.strategy.params["fedprox"].mu == 0.2
+    assert config.to_flat()["strategy.fedadam.server-lr"] == 0.05
+    assert cfg.from_flat(config.to_flat()) == config
+    assert build_strategy(config).p.server_lr == 0.05
+
+
+def test_a_moved_key_names_its_new_place():
+    problems = "\n".join(_problems("strategy.proximal-mu=0.1", "strategy.trim-fraction=0.1",
+                                   "secagg.simulate-dropouts=1@setup"))
+    for text in ("strategy.proximal-mu is now strategy.fedprox.mu", "strategy.trim-fraction is now "
+                 "strategy.trimmed-mean.fraction", "secagg.simulate-dropouts is now simulation.secagg-dropouts"):
+        assert text in problems
 
 
 def test_every_strategy_builds_from_the_default_configuration():
     for name in STRATEGIES:
-        extra = ["federation.min-sites=5"] if "krum" in name else []
+        extra = ["federation.min-sites=3", "strategy.krum.byzantine=0", "strategy.multi-krum.byzantine=0"] \
+            if "krum" in name else []
         assert build_strategy(cfg.load_config(None, [f"strategy.name={name}", *extra])).name == name
 
 
 def test_krum_needs_enough_sites_per_round():
-    (problem,) = _problems("strategy.name=krum", "strategy.byzantine=2")
-    assert "needs at least 7 updates per round" in problem
+    problems = _problems("strategy.name=krum", "strategy.krum.byzantine=2")
+    assert "federation.min-sites: krum with strategy.krum.byzantine = 2 needs at least 7 updates per round" in problems[0]
+    assert "federation.fraction-train" in problems[1] and "samples 4" in problems[1]  # 4 sites cannot give 7
 
 
 def test_heterogeneous_ranks_are_checked():
@@ -51,7 +83,7 @@ def test_heterogeneous_ranks_are_checked():
     (problem,) = _problems("strategy.name=median", "simulation.site-ranks=8,4,4,2")
     assert "cannot take heterogeneous ranks" in problem
     problems = "\n".join(_problems("simulation.site-ranks=8,16,x"))
-    assert "'x' is not an integer rank" in problems
+    assert "simulation.site-ranks: expected int, got 'x'" in problems
     problems = "\n".join(_problems("simulation.site-ranks=8,16,4"))
     assert "3 ranks for federation.num-sites = 4" in problems and "[16] not in 1..lora.rank = 8" in problems
 
@@ -68,8 +100,12 @@ def test_secure_aggregation_refuses_non_linear_strategies_and_says_why():
 
 def test_client_level_dp_refuses_strategies_without_a_bounded_sum():
     problems = "\n".join(_problems("privacy.client-dp=true", "strategy.name=fedex"))
-    assert "cannot be combined with client-level DP" in problems
-    assert "no proximal term" in "\n".join(_problems("privacy.enabled=true", "strategy.name=fedprox"))
+    assert "cannot be combined with privacy.client-dp" in problems and "noised sum of bounded updates" in problems
+
+
+def test_fedprox_works_under_dp_sgd_now_that_dp_wraps_the_one_training_loop():
+    config = cfg.load_config(None, ["privacy.enabled=true", "strategy.name=fedprox"])
+    assert config.strategy.name == "fedprox" and config.privacy.enabled
 
 
 def test_attack_options_are_checked():

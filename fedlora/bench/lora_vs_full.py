@@ -46,7 +46,7 @@ from fedlora.models import (
     trainable_state,
 )
 from fedlora.tasks import build_task
-from fedlora.training import _batches, evaluate_counts, planned_steps
+from fedlora.training import LocalTraining, evaluate_counts, planned_steps
 
 NAME = "lora-vs-full"
 TITLE = "LoRA against full fine-tuning"
@@ -131,34 +131,21 @@ def folder_bytes(path: Path) -> int:
 
 
 class Trainer:
-    """`fedlora.training.local_train`'s loop (same seeding, batches, AdamW, clipping), one
-    step at a time, so that two variants can take turns."""
+    """The one training loop (fedlora.training.LocalTraining, as the sites run it: same seeding,
+    batches, AdamW, clipping), one timed step at a time, so that two variants can take turns."""
 
     def __init__(self, model, task, examples, train_cfg, pad_id: int, seed: int, steps: int):
-
-        torch.manual_seed(seed)  # dropout, as local_train seeds it
-        self.model, self.task, self.examples, self.pad_id = model, task, examples, pad_id
-        self.max_grad_norm = train_cfg.max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=train_cfg.learning_rate,
-                                           weight_decay=train_cfg.weight_decay)
-        self.batches = _batches(len(examples), train_cfg.batch_size, steps, torch.Generator().manual_seed(seed))
+        self.loop = LocalTraining(model, task, examples, pad_id, steps=steps, seed=seed,
+                                  learning_rate=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                                  batch_size=train_cfg.batch_size, max_grad_norm=train_cfg.max_grad_norm).start()
         self.losses: list[float] = []
 
     def step(self) -> tuple[float, float]:
         """One optimizer step; returns its (wall, CPU) seconds (CPU: all of this process' threads)."""
-        index = next(self.batches)
         started, cpu = time.perf_counter(), time.process_time()
-        self.model.train()
-        batch = self.task.collate([self.examples[i] for i in index], self.pad_id)
-        loss = self.task.per_example_loss(self.model, batch).mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+        loss = self.loop.step()
         seconds = time.perf_counter() - started, time.process_time() - cpu
-        self.losses.append(float(loss.detach()))
+        self.losses.append(loss)
         return seconds
 
 

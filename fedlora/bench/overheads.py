@@ -3,7 +3,7 @@
 (a) Framework cost: a steady-state round of a real fedlora run (ServerApp and ClientApp
     over `InProcessGrid`, every message serialized; sites answer one after another)
     against the same work in a plain PyTorch loop without Flower: the same sites, data,
-    seeds and steps through `fedlora.training.local_train`, a weighted mean of the
+    seeds and steps through `fedlora.training.plain_train`, a weighted mean of the
     updates, each site's evaluation and the central test evaluation. In the full suite
     also on the real Ray Simulation Engine (`fedlora simulate`), where sites run in
     parallel actors.
@@ -41,7 +41,7 @@ from fedlora.simulations.inprocess import run_inprocess
 from fedlora.simulations.launcher import simulate
 from fedlora.strategies.base import SiteUpdate, add_delta, weighted_mean
 from fedlora.tasks import build_task
-from fedlora.training import evaluate_counts, local_train, planned_steps
+from fedlora.training import evaluate_counts, plain_train, planned_steps, site_seed
 
 NAME = "overheads"
 TITLE = "Overheads: framework, secure aggregation, DP, number of sites"
@@ -114,7 +114,7 @@ def inprocess(config: cfg.RunConfig, out: Path) -> tuple[list[dict], float]:
 
 class PlainRound:
     """One round's work without Flower: every site trains from the global adapter with
-    local_train (the seeds the ClientApp uses), a weighted mean of the updates, every site
+    plain_train (the seeds the ClientApp uses), a weighted mean of the updates, every site
     evaluates the new adapter on its held-out rows, then the central test set. One model
     serves every site, as in-process; loading and tokenizing happen once, outside the timing."""
 
@@ -138,7 +138,7 @@ class PlainRound:
         deltas, weights = [], []
         for k, examples in enumerate(self.train):
             set_trainable_state(model, self.global_state)
-            local_train(model, task, examples, tc, self.pad, tc.seed * 1_000_003 + k * 10_007 + server_round)
+            plain_train(model, task, examples, tc, self.pad, site_seed(tc.seed, k, server_round))
             local = trainable_state(model)
             deltas.append({name: local[name] - self.global_state[name] for name in local})
             weights.append(len(examples))

@@ -1,11 +1,15 @@
-"""Secure aggregation at a site: the four protocol stages as handlers of the fedlora ClientApp.
+"""Secure aggregation at a site, as a Flower ClientApp mod.
 
-`register(app, train)` routes message types `train.secagg_<stage>` to one
-handler per stage. The masked-input stage trains through the ordinary `train`
-handler (same model setup, strategy plan and DP-SGD path), then uploads only
-the masked vector of its update; the clear part of its reply is the
-non-sensitive metadata `train` produces (site name, timings, DP-SGD epsilon),
-never the update, its weight or its loss.
+Under secure aggregation every message of a training round is a `train`
+message carrying the protocol stage in its `secagg` record
+(server/secure_collect.py). This mod answers the key-agreement, share and
+unmask stages itself; at the masked-input stage it lets the message through
+to the ordinary train handler (same model setup, strategy plan and DP-SGD
+path), then uploads only the masked vector of the update. The clear part of
+its reply is the non-sensitive metadata the handler produces (site name,
+timings, DP-SGD epsilon), never the update, its weight or its loss. When the
+run uses secure aggregation, a train message without a stage is refused: the
+site never sends its update in clear.
 
 The protocol state (private keys, self-mask seed, received shares) lives in
 the node's `context.state`, never in a reply: in deployment each message may
@@ -15,61 +19,59 @@ start a fresh ClientApp process, and the SuperNode keeps the context.
 from __future__ import annotations
 
 import logging
-from typing import Callable
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedlora import wire
 from fedlora.arrays import from_record
 from fedlora.client.runtime import site_config
-from fedlora.privacy.secagg import SecAggClient, messages as m
+from fedlora.privacy.secagg import SecAggClient
+from fedlora.privacy.secagg import messages as m
 from fedlora.privacy.secagg.distributed_dp import clip_and_noise, site_noise_std
-from fedlora.privacy.secagg.faults import parse_dropouts
-from fedlora.privacy.secagg.records import ACTIONS, from_config_record, payload_of, payload_records, to_config_record
+from fedlora.privacy.secagg.records import RECORD, from_config_record, payload_of, payload_records, to_config_record
 from fedlora.privacy.secagg.updates import LAYOUT, encode, weight_scale
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Message, Context], Message]
-STATE = "secagg-client"      # context.state record: holds private keys, never sent
-SIMULATED_DROPOUT = 4101     # error code of a reply from secagg.simulate-dropouts
+STATE = "secagg-client"  # context.state record: holds private keys, never sent
 
 
-def register(app: ClientApp, train: Handler) -> None:
-    """Add the stage handlers to `app`; the masked-input stage trains with `train`."""
-    for stage, action in ACTIONS.items():
-        app.train(action=action)(_handler(stage, train))
+def stage_of(msg: Message) -> str | None:
+    """The secure-aggregation stage a message asks for, or None for an ordinary message."""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD not in msg.content.config_records:
+        return None
+    return str(msg.content.config_records[RECORD].get(m.STAGE, ""))
 
 
-def _handler(stage: str, train: Handler) -> Handler:
-    def handle(msg: Message, context: Context) -> Message:
-        server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-        if _injected_dropout(context, stage, server_round):
-            return Message(Error(code=SIMULATED_DROPOUT, reason=f"simulated dropout at {stage}"), reply_to=msg)
-        request = payload_of(msg.content)
-        client = _load(context)
-        clear: dict = {}
-        if stage == m.SETUP:
-            reply = client.advertise_keys(request)
-        elif stage == m.SHARE_KEYS:
-            reply = client.share_keys(request)
-        elif stage == m.MASKED_INPUT:
-            client.check_masked_input(request)  # a bad request must not cost training or DP budget
-            trained = train(msg, context)
-            if trained.has_error():  # e.g. out of DP budget: this site drops out of the round
-                return trained
-            vector = _site_vector(msg, trained, context, client.threshold)
-            reply = client.masked_input(request, vector)
-            clear = {name: record for name, record in trained.content.items() if name != wire.ARRAYS}
-            clear[wire.METRICS] = _clear_metrics(trained)
-        else:
-            reply = client.unmask(request)
-        context.state[STATE] = to_config_record(client.state_dict())
-        return Message(RecordDict({**payload_records(reply), **clear}), reply_to=msg)
-
-    handle.__name__ = f"secagg_{stage.replace('-', '_')}"
-    return handle
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    stage = stage_of(msg)
+    if stage is None:
+        if msg.metadata.message_type == MessageType.TRAIN and site_config(context).secagg.enabled:
+            return Message(Error(code=wire.CLEAR_UPLOAD_REFUSED,
+                                 reason="this run uses secure aggregation: the site sends no update in clear"),
+                           reply_to=msg)
+        return call_next(msg, context)
+    request = payload_of(msg.content)
+    client = _load(context)
+    clear: dict = {}
+    if stage == m.SETUP:
+        reply = client.advertise_keys(request)
+    elif stage == m.SHARE_KEYS:
+        reply = client.share_keys(request)
+    elif stage == m.MASKED_INPUT:
+        client.check_masked_input(request)  # a bad request must not cost training or DP budget
+        trained = call_next(msg, context)
+        if trained.has_error():  # e.g. out of DP budget: this site drops out of the round
+            return trained
+        vector = _site_vector(msg, trained, context, client.threshold)
+        reply = client.masked_input(request, vector)
+        clear = {name: record for name, record in trained.content.items() if name != wire.ARRAYS}
+        clear[wire.METRICS] = _clear_metrics(trained)
+    else:
+        reply = client.unmask(request)
+    context.state[STATE] = to_config_record(client.state_dict())
+    return Message(RecordDict({**payload_records(reply), **clear}), reply_to=msg)
 
 
 def _load(context: Context) -> SecAggClient:
@@ -110,16 +112,3 @@ def _clear_metrics(trained: Message) -> MetricRecord:
     """The training metrics that may travel in clear: not the weight or the loss (they are masked)."""
     hidden = {wire.NUM_EXAMPLES, wire.TRAIN_LOSS}
     return MetricRecord({k: v for k, v in trained.content[wire.METRICS].items() if k not in hidden})
-
-
-def _injected_dropout(context: Context, stage: str, server_round: int) -> bool:
-    """secagg.simulate-dropouts: simulated sites only (a deployed site has no partition id)."""
-    text = str(context.run_config.get("secagg.simulate-dropouts", ""))
-    if not text or "partition-id" not in context.node_config:
-        return False
-    site = int(context.node_config["partition-id"])
-    if any(d.hits(site, stage, server_round) for d in parse_dropouts(text)):
-        log.warning("SIMULATED DROPOUT (secagg.simulate-dropouts): site %d fails at %s in round %d",
-                    site, stage, server_round)
-        return True
-    return False

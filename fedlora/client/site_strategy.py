@@ -24,7 +24,6 @@ from fedlora.client.personal import load_personal, save_personal
 from fedlora.client.runtime import SiteRuntime
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import set_trainable_state, trainable_state
-from fedlora.simulations.attacks import Attack, site_attack
 from fedlora.strategies.correction import BaseCorrection
 from fedlora.strategies.factors import is_factor, truncate, uploaded
 from fedlora.strategies.fedprox import proximal_term
@@ -37,14 +36,12 @@ class SitePlan:
     freeze_a: bool = False
     local_b: bool = False
     proximal_mu: float = 0.0
-    attack: Attack | None = None
 
     @classmethod
     def for_message(cls, rt: SiteRuntime, msg: Message, context: Context) -> "SitePlan":
         config = msg.content[wire.CONFIG]
         return cls(rt, context, bool(config.get(wire.FREEZE_LORA_A, False)),
-                   bool(config.get(wire.LOCAL_LORA_B, False)), float(config.get(wire.PROXIMAL_MU, 0.0)),
-                   site_attack(rt.config, context.node_config, rt.data.name))
+                   bool(config.get(wire.LOCAL_LORA_B, False)), float(config.get(wire.PROXIMAL_MU, 0.0)))
 
     @property
     def model(self):
@@ -80,16 +77,9 @@ class SitePlan:
             for p in frozen:
                 p.requires_grad_(True)
 
-    def examples(self) -> list:
-        """The training examples (label-flipped by a simulated attacker)."""
-        if self.attack is None:
-            return self.rt.train_examples
-        return self.attack.examples(self.rt.train_examples, getattr(self.rt.task, "num_labels", 0))
-
     def update(self, start: State) -> State:
         """What the site sends: local − start for the tensors it shares; keeps its own B."""
         local = trainable_state(self.model)
         if self.local_b:
             save_personal(self.context, {k: v for k, v in local.items() if is_factor(k, "B")})
-        delta = {k: local[k] - start[k] for k in start if uploaded(k, self.freeze_a, self.local_b)}
-        return self.attack.update(delta) if self.attack else delta
+        return {k: local[k] - start[k] for k in start if uploaded(k, self.freeze_a, self.local_b)}

@@ -12,7 +12,7 @@ from fedlora.data.readers import read_rows, site_files
 def infer_labels(config: cfg.RunConfig) -> cfg.RunConfig:
     """Fill task.labels from the data when a classification run leaves it empty: the synthetic
     corpus' departments, or every label value in data.path, sorted."""
-    if config.task.type != "classification" or config.label_names:
+    if config.task.type != "classification" or config.task.labels:
         return config
     if not config.data.path:
         labels = synthetic.LABELS
@@ -28,4 +28,4 @@ def infer_labels(config: cfg.RunConfig) -> cfg.RunConfig:
         for f in files:
             seen.update(str(r[column]) for r in read_rows(f, check, config.data.skip_bad_rows).rows)
         labels = sorted(seen)
-    return cfg.from_nested(config.to_nested(), {"task.labels": ",".join(labels)})
+    return cfg.from_nested(config.to_nested(), {"task.labels": list(labels)})

@@ -63,3 +63,13 @@ def central_test_rows(config, task) -> list[dict] | None:
     if not config.data.path:
         return synthetic.central_test_records(seed=config.data.seed)
     return None
+
+
+def check_site_data(config, task) -> int:
+    """Read every row of the simulated sites' data and of the central test set, as the sites and
+    the coordinator will, so a bad row is reported before a federation starts (DataError);
+    returns the rows read."""
+    d = config.data
+    files = [] if not d.path else list(site_files(d.path).values()) if Path(d.path).is_dir() else [Path(d.path)]
+    files += [Path(d.test_path)] if d.test_path else []
+    return sum(len(read_rows(f, task.check_row, d.skip_bad_rows).rows) for f in files)

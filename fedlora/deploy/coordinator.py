@@ -18,10 +18,10 @@ import logging
 import sys
 from pathlib import Path
 
-from fedlora.processes import port_open, start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
 from fedlora.deploy import fleet_proxy, registry
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, split_address
 from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json, flower_env
+from fedlora.processes import port_open, start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
 
 log = logging.getLogger(__name__)
 

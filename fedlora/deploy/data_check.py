@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedlora.models import load_tokenizer
 from fedlora.data.quality import MAX_EXAMPLES, Columns, Report, analyse
+from fedlora.models import load_tokenizer
 from fedlora.tasks import CausalLMTask, ClassificationTask
 
 

@@ -16,10 +16,10 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fedlora.deploy.keys import fingerprint, load_public_key
-from fedlora.processes import port_open
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome
 from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json
+from fedlora.deploy.keys import fingerprint, load_public_key
+from fedlora.processes import port_open
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedlora import __version__, flower, wire
-from fedlora.privacy.budget import NODE_STATE_DIR  # the site's persistent folder
 from fedlora.deploy.frames import WorkerUnavailable, recv_frame, send_frames
+from fedlora.privacy.budget import NODE_STATE_DIR  # the site's persistent folder
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import tomli_w
 
 from fedlora.deploy.session import end_stale_session, remember_node_id
 from fedlora.deploy.site_home import SiteHome
-from fedlora.processes import start_child, stop_on_sigterm, stop_tree, write_pid_file
 from fedlora.flower import FLOWER_ENV
+from fedlora.processes import start_child, stop_on_sigterm, stop_tree, write_pid_file
 
 log = logging.getLogger(__name__)
 

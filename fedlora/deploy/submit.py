@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 from fedlora import config as cfg
-from fedlora.processes import stop_tree
 from fedlora.deploy.coordinator_home import CoordinatorHome
 from fedlora.deploy.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
 from fedlora.deploy.registry import superlink_running
-from fedlora.server.tracking import require as require_tracking
 from fedlora.flower_app import write_app
+from fedlora.processes import stop_tree
 from fedlora.progress import echo, progress, round_line, watch_rounds
+from fedlora.server.tracking import require as require_tracking
 
 RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
@@ -42,7 +42,7 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
         out = home.runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(out).expanduser().resolve()
     config = cfg.from_nested(config.to_nested(), {"output.dir": str(out), "output.resume": resume})
-    if config.task.type == "classification" and not config.label_names:
+    if config.task.type == "classification" and not config.task.labels:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "
                                "does not see the sites' data); list every label, in the same order at every site"])
     require_tracking(config.output.tracking)  # the ServerApp runs on this host: check before submitting

@@ -13,10 +13,15 @@ together are accounted as one Gaussian mechanism of multiplier z, where
 z⁻² = z_update⁻² + (2·σ_count)⁻² (Andrew et al., Thm 1).
 
 Only useful with many sites: the noise on the mean is z·C/k per coordinate.
+
+`ClientLevelDPStrategy` is the mechanism as a strategy wrapper (as Flower's
+`DifferentialPrivacyServerSideFixedClipping` wraps a strategy): the wrapped
+strategy aggregates the one noised mean as it would the sites' updates.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -24,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from fedlora import wire
 from fedlora.privacy.accounting import Mechanism, epsilon, epsilon_prv, epsilon_rdp
+from fedlora.strategies.base import RoundInfo, SiteUpdate, Strategy, StrategyWrapper
+
+log = logging.getLogger(__name__)
+CLIENT_DP_SITE = "client-dp-mean"  # the one update the wrapped strategy sees
 
 State = dict[str, np.ndarray]
 
@@ -149,3 +159,66 @@ class ClientLevelDP:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clip_norm = float(state["clip_norm"])
         self.history = [Mechanism(float(s), float(q), int(n)) for s, q, n in state["history"]]
+
+
+class ClientLevelDPStrategy(StrategyWrapper):
+    """Client-level DP around a linear strategy: each round, the sites' updates are replaced by
+    the noised mean of the clipped updates over the sites asked, every site weighing 1."""
+
+    needs_individual = "the coordinator clips each site's update before noising the sum"
+    needs_linear = "its aggregate must be a function of the noised sum of bounded updates"
+    needs_same_shapes = True
+    under_secure_aggregation = ("; use secagg.dp-noise-multiplier (distributed DP: each site clips and noises its "
+                                "update before masking)")
+
+    def __init__(self, inner: Strategy, mechanism: ClientLevelDP, rounds: int):
+        super().__init__(inner)
+        self.mechanism = mechanism
+        self.rounds = rounds
+        self.info: RoundInfo | None = None
+        self._warned = False
+        self._last: ClientDPRound | None = None
+
+    def begin_round(self, info: RoundInfo) -> None:
+        self.info = info
+        self.inner.begin_round(info)
+
+    def aggregate(self, global_state, updates: list[SiteUpdate]):
+        like = updates[0].delta
+        for u in updates[1:]:
+            if u.delta.keys() != like.keys() or any(u.delta[k].shape != v.shape for k, v in like.items()):
+                raise ValueError(f"client-level DP: site {u.site} sent tensors of other shapes than "
+                                 f"{updates[0].site}; all sites must send the same tensors")
+        sampled = self.info.sampled if self.info else len(updates)
+        available = max(self.info.available if self.info else sampled, sampled)
+        if not self._warned:
+            self._warned = True
+            eps = epsilon([Mechanism(self.mechanism.noise_multiplier, sampled / available, self.rounds)],
+                          self.mechanism.delta, self.mechanism.accountant)
+            dimension = sum(int(v.size) for v in like.values())
+            log.warning("%s", utility_warning(self.mechanism.noise_multiplier, self.mechanism.clip_norm, sampled,
+                                              dimension, eps, self.mechanism.delta, self.rounds))
+        result = self.mechanism.round([u.delta for u in updates], like, sampled, available)
+        self._last = result
+        log.info("client-level DP: clip %.4g (%d of %d updates within it), epsilon %.3f", result.clip_norm,
+                 result.unclipped, len(updates), self.mechanism.spent()["epsilon"])
+        mean = SiteUpdate(CLIENT_DP_SITE, float(sampled), result.delta_mean, {wire.NUM_EXAMPLES: sampled})
+        return self.inner.aggregate(global_state, [mean])
+
+    def round_metrics(self) -> dict[str, Any]:
+        spent = self.mechanism.spent()
+        return {**self.inner.round_metrics(), "client_epsilon": spent["epsilon"], "client_delta": spent["delta"],
+                "client_clip_norm": self.mechanism.clip_norm}
+
+    def guarantees(self) -> dict[str, Any]:
+        m = self.mechanism
+        return {**self.inner.guarantees(), "client_level": {
+            "unit": "site", "clipping": "adaptive" if m.adaptive else "fixed",
+            "noise_multiplier": m.noise_multiplier, "clip_norm": m.clip_norm, **m.spent()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.inner.state_dict(), "client_level_dp": self.mechanism.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state["strategy"])
+        self.mechanism.load_state_dict(state["client_level_dp"])

@@ -15,8 +15,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fedlora.privacy.accounting import (CalibrationError, History, Mechanism, calibrate_noise, canonical,
-                                        epsilon, epsilon_prv, epsilon_rdp)
+from fedlora.privacy.accounting import (
+    CalibrationError,
+    History,
+    Mechanism,
+    calibrate_noise,
+    canonical,
+    epsilon,
+    epsilon_prv,
+    epsilon_rdp,
+)
 from fedlora.privacy.budget import Budget
 from fedlora.privacy.ledger import Ledger
 from fedlora.versions import library_versions

@@ -1,8 +1,9 @@
 """A site's private training round, as the ClientApp's train handler runs it.
 
 resolve the site's budget and unit of privacy -> plan the round (refuse if the
-budget would be exceeded) -> DP-SGD -> append the spend to the ledger -> only
-then hand back what may leave the site: the epsilon summary, never the loss.
+budget would be exceeded) -> the one training loop with DP-SGD as its step
+method -> append the spend to the ledger -> only then hand back what may leave
+the site: the epsilon summary, never the loss.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from typing import Any, Mapping
 
 from fedlora import wire
 from fedlora.privacy.budget import dp_required, resolve_budget, state_dir, unit_column
-from fedlora.privacy.dpsgd import DPSettings, dp_local_train
+from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.site import BudgetExhausted, SiteAccountant
 from fedlora.privacy.units import build_units
-from fedlora.training import TrainResult, planned_steps
+from fedlora.training import TrainResult, local_train, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +36,15 @@ def dp_enabled(config, node: Mapping[str, Any]) -> bool:
 
 
 def dp_settings(config) -> DPSettings:
-    d, t = config.privacy, config.train
-    return DPSettings(max_grad_norm=d.max_grad_norm, grad_sample_mode=d.grad_sample_mode,
-                      learning_rate=d.learning_rate or t.learning_rate, weight_decay=t.weight_decay)
+    return DPSettings(max_grad_norm=config.privacy.max_grad_norm, grad_sample_mode=config.privacy.grad_sample_mode)
 
 
 def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, run: str = "",
-                    extra_loss=None, examples=None) -> PrivateRound:
+                    extra_loss=None) -> PrivateRound:
     """DP-SGD for one round at the site `rt` (a client.runtime.SiteRuntime).
     Raises BudgetExhausted when the site refuses the round. `extra_loss(model)`:
-    a data-independent term such as FedProx's proximal term; `examples`: the
-    encoded training rows, in the order of `rt.data.train` (default: the runtime's)."""
-    examples = rt.train_examples if examples is None else examples
+    a data-independent term such as FedProx's proximal term."""
+    examples = rt.train_examples
     config, d = rt.config, rt.config.privacy
     simulated = "data-path" not in node
     budget = resolve_budget(d.epsilon, d.delta, node)
@@ -62,12 +60,13 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     plan = accountant.plan_round(server_round, sample_rate, steps, d.noise_multiplier,
                                  rounds_left=config.federation.rounds - server_round + 1, run=run)
     settings = dp_settings(config)
-    dp = dp_local_train(rt.loaded.model, rt.task, examples, units, settings, plan.noise_multiplier,
-                        sample_rate, steps, rt.pad_id, seed, extra_loss=extra_loss)
+    learning_rate = d.learning_rate or config.train.learning_rate
+    dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
+                     learning_rate=learning_rate, weight_decay=config.train.weight_decay, extra_loss=extra_loss,
+                     steps_method=DPSGD(units, sample_rate, plan.noise_multiplier, settings))
     entry = accountant.commit(plan, run=run, clip=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
                               max_records_per_unit=units.sensitivity_factor, units=units.count,
-                              records=len(examples), empty_steps=dp.empty_steps,
-                              learning_rate=settings.learning_rate)
+                              records=len(examples), empty_steps=dp.empty_steps, learning_rate=learning_rate)
     log.info("site %s round %d: DP-SGD %d steps (%d empty), sigma %.3g, q %.4g, unit %s; epsilon %.3f of %g "
              "(delta %g); local loss %.4f (not released)", rt.data.name, server_round, dp.steps, dp.empty_steps,
              plan.noise_multiplier, sample_rate, units.describe(), plan.epsilon, budget.epsilon, budget.delta,
@@ -81,4 +80,4 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
         wire.DP_SAMPLE_RATE: sample_rate,
     }
     record = {wire.DP_UNIT: units.describe(), wire.DP_LEDGER_HEAD: entry["hash"]}
-    return PrivateRound(TrainResult(dp.steps, float("nan"), dp.seconds), metrics, record)
+    return PrivateRound(TrainResult(dp.steps, float("nan"), dp.seconds, dp.records, dp.empty_steps), metrics, record)

@@ -1,4 +1,11 @@
-"""The ServerApp: what the coordinator runs, in simulation and deployment alike."""
+"""The ServerApp: what the coordinator runs, in simulation and deployment alike.
+
+It parses the run's configuration, fills in what only the data can tell (the
+label names, when the run leaves them empty), composes the round pipeline
+(collector, strategy and its wrappers), resumes from the run directory's last
+checkpoint when asked, runs the rounds, and writes the run directory: the
+adapter in PEFT format, predictions, summary and report.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +19,18 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import config as cfg
 from fedlora import logs
+from fedlora.data.labels import infer_labels
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
+from fedlora.privacy.server import ServerPrivacy, finite
 from fedlora.server.central import CentralEvaluator
-from fedlora.server.report import write_report
+from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
-from fedlora.server.rounds import Coordinator
+from fedlora.server.pipeline import Coordinator
+from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory
-from fedlora.strategies import build_strategy
+from fedlora.server.secure_collect import SecureCollector
+from fedlora.strategies.compose import server_strategy
 from fedlora.tasks import build_task
 from fedlora.versions import library_versions
 
@@ -32,36 +43,45 @@ def run_directory(config) -> RunDirectory:
     return RunDirectory(Path(out).expanduser().resolve())
 
 
+def build_coordinator(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, central: CentralEvaluator,
+                      fingerprint: str) -> Coordinator:
+    """The round pipeline this configuration composes: its strategy (with the server-side
+    wrappers the run enables) and its collector (plain, or secure aggregation)."""
+    strategy = server_strategy(config)
+    messenger = Messenger(grid, ServerPrivacy(config))
+    if config.secagg.enabled:
+        collector = SecureCollector(messenger, config, strategy.uploaded)
+    else:
+        collector = PlainCollector(messenger, config.federation.round_timeout)
+    return Coordinator(grid, config, strategy, collector, messenger, rundir, central, fingerprint)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logs.setup()
     started = time.perf_counter()
-    config = cfg.from_flat(context.run_config)
+    config = infer_labels(cfg.from_flat(context.run_config))  # `flwr run` may leave task.labels empty
     rundir = run_directory(config)
     rundir.write_config(config.to_toml())
     rundir.start_tracking(config.output.tracking)  # output.tracking: metrics rows mirrored to TensorBoard/MLflow
     task = build_task(config)
     loaded = load_model(config, task)
-    strategy = build_strategy(config)
     central = CentralEvaluator(config, task, loaded)
+    coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
 
     global_state, start_round = trainable_state(loaded.model), 1
     checkpoint = rundir.load_checkpoint() if config.output.resume else None
     if checkpoint is not None:
         global_state, start_round = checkpoint.global_state, checkpoint.round + 1
-        strategy.load_state_dict(checkpoint.strategy_state)
+        coordinator.load_state_dict(checkpoint.state)
         rundir.truncate_metrics(checkpoint.round)
         log.info("resuming %s after round %d", rundir.path, checkpoint.round)
     elif rundir.metrics_path.exists():
         rundir.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
     log.info("run directory %s", rundir.path)
-
-    coordinator = Coordinator(grid, config, strategy, rundir, central, loaded.fingerprint)
-    if checkpoint is not None:
-        coordinator.sites_seen = checkpoint.extra.get("sites", {})
-        coordinator.privacy.load_state_dict(checkpoint.extra.get("privacy", {}))
     final_state = coordinator.run(global_state, start_round)
 
+    strategy = coordinator.strategy
     correction = strategy.base_correction()  # FLoRA / FedEx-LoRA: part of the model is in the base
     set_base_correction(loaded.model, correction)
     central.export(final_state, rundir.path / "adapter")
@@ -70,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     central.write_predictions(final_state, rundir.path / "predictions.jsonl")
     rows = rundir.read_metrics()
     trainable, total = count_parameters(loaded.model)
+    privacy = finite({**coordinator.privacy.summary(), **strategy.guarantees()})  # JSON: an infinite epsilon is null
     rundir.write_summary({
         "rounds": len(rows),
         "final": rows[-1] if rows else {},
@@ -80,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
         "adapter_bytes_float32": 4 * trainable,
         "strategy": strategy.name,
         "sites": coordinator.sites_seen,
-        "privacy": coordinator.privacy.summary(),
+        "privacy": privacy,
         "base_fingerprint": loaded.fingerprint,
         "versions": library_versions(),
     })

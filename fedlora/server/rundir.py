@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from fedlora.server.tracking import open_tracker, require
+from fedlora.server import tracking
 
 State = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
@@ -34,12 +34,18 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_FORMAT = 2  # 2: one composed coordinator state (fedlora.server.pipeline.Coordinator.state_dict)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint this version cannot resume."""
+
+
 @dataclass
 class Checkpoint:
     round: int
     global_state: State
-    strategy_state: dict[str, Any]
-    extra: dict[str, Any]
+    state: dict[str, Any]  # the coordinator's state_dict(): numpy arrays anywhere inside
 
 
 class RunDirectory:
@@ -61,7 +67,7 @@ class RunDirectory:
     def start_tracking(self, kind: str) -> None:
         """Mirror each metrics row to the tracker `kind` (fedlora.server.tracking); raises a
         ConfigError naming the pip extra now, at the start of the run, if its package is missing."""
-        require(kind)
+        tracking.require(kind)
         self.tracking = kind
 
     def append_metrics(self, row: dict[str, Any]) -> None:
@@ -76,7 +82,7 @@ class RunDirectory:
         """A tracker is a view: when it fails the run goes on, metrics.jsonl holds every row."""
         try:
             if self._tracker is None:
-                self._tracker = open_tracker(self.tracking, self.path, self._resumed_after)
+                self._tracker = tracking.open_tracker(self.tracking, self.path, self._resumed_after)
             self._tracker.log(row)
         except Exception as err:  # any failure of the tracker: reported, and the run goes on
             log.warning("output.tracking = %r failed at round %s (%s: %s); tracking stops, %s has every row",
@@ -108,9 +114,9 @@ class RunDirectory:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
-        arrays, meta = _split_arrays(ckpt.strategy_state)
-        save_file(arrays, str(tmp / "strategy.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"round": ckpt.round, "strategy": meta, "extra": ckpt.extra}))
+        arrays, meta = _split_arrays(ckpt.state)
+        save_file(arrays, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "round": ckpt.round, "state": meta}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write(self.checkpoints / "latest", final.name)
@@ -123,9 +129,13 @@ class RunDirectory:
             return None
         folder = self.checkpoints / pointer.read_text().strip()
         state = json.loads((folder / "state.json").read_text())
-        arrays = load_file(str(folder / "strategy.safetensors"))
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{folder} was written by an earlier fedlora (checkpoint format "
+                                  f"{state.get('format', 1)}, this version reads {CHECKPOINT_FORMAT}); finish the "
+                                  "run with that version, or start a new run")
+        arrays = load_file(str(folder / "state.safetensors"))
         return Checkpoint(state["round"], load_file(str(folder / "global.safetensors")),
-                          _join_arrays(state["strategy"], arrays), state["extra"])
+                          _join_arrays(state["state"], arrays))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The run's final figures; the run is over, so its tracker is closed."""

@@ -3,73 +3,69 @@
 `simulation.attack` makes the simulated sites listed in `simulation.attack-sites`
 misbehave: `flip-labels` trains on wrong labels (label k -> k + 1 mod K), and
 `scale-update` multiplies the update the site sends by `simulation.attack-scale`.
-Only simulated sites (those with a Flower `partition-id`) ever attack; a
-deployed site ignores these keys. Every attacking message is logged as a warning.
+Only simulated sites (those with a Flower `partition-id`) ever attack. Every
+attacking message is logged as a warning.
+
+Both act through the seams of the site's ClientApp, which never imports this
+module (fedlora.simulations.faults builds the simulation's ClientApp with them):
+`attacked_runtime` hands the train handler the attacker's flipped rows, and
+`attack_mod` scales the update of the handler's reply, before any other mod
+encodes or masks it. Both work with or without DP-SGD.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedlora import wire
+from fedlora.arrays import from_record, to_record
+from fedlora.client.runtime import SiteRuntime, site_config, site_runtime
 
 log = logging.getLogger(__name__)
 
 
-def _indices(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def attack_problems(config) -> list[str]:
-    sim = config.simulation
-    if sim.attack == "none":
-        return []
-    try:
-        sites = _indices(sim.attack_sites)
-    except ValueError:
-        return [f"simulation.attack-sites: {sim.attack_sites!r} is not a comma-separated list of site indices"]
-    problems = []
-    if not sites:
-        problems.append("simulation.attack-sites: name at least one attacking site")
-    bad = [i for i in sites if not 0 <= i < config.federation.num_sites]
-    if bad:
-        problems.append(f"simulation.attack-sites: {bad} not in 0..{config.federation.num_sites - 1}")
-    if sim.attack == "flip-labels" and config.task.type != "classification":
-        problems.append("simulation.attack = flip-labels needs task.type = classification")
-    if getattr(getattr(config, "privacy", None), "enabled", False):
-        problems.append("simulation.attack: attacks are simulated on the non-private training path only "
-                        "(privacy.enabled = false)")
-    if not math.isfinite(sim.attack_scale):
-        problems.append(f"simulation.attack-scale: {sim.attack_scale} must be finite")
-    return problems
-
-
-@dataclass(frozen=True)
-class Attack:
-    kind: str
-    scale: float
-    site: str
-
-    def examples(self, examples: list[dict], num_labels: int) -> list[dict]:
-        if self.kind != "flip-labels":
-            return examples
-        log.warning("ATTACK (simulation): site %s trains on flipped labels", self.site)
-        return [{**e, "label": (e["label"] + 1) % num_labels} for e in examples]
-
-    def update(self, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.kind != "scale-update":
-            return delta
-        log.warning("ATTACK (simulation): site %s scales its update by %g", self.site, self.scale)
-        return {k: (v * self.scale).astype(v.dtype) for k, v in delta.items()}
-
-
-def site_attack(config, node_config, site: str) -> Attack | None:
-    """The attack this simulated site runs, or None."""
-    sim = config.simulation
-    if sim.attack == "none" or "partition-id" not in node_config:
+def _attacks(context: Context) -> str | None:
+    """The attack this node runs, or None (a deployed site, or not among attack-sites)."""
+    sim = site_config(context).simulation
+    if sim.attack == "none" or "partition-id" not in context.node_config:
         return None
-    if int(node_config["partition-id"]) not in _indices(sim.attack_sites):
-        return None
-    return Attack(sim.attack, sim.attack_scale, site)
+    return sim.attack if int(context.node_config["partition-id"]) in sim.attack_sites else None
+
+
+def flip_labels(examples: list[dict], num_labels: int) -> list[dict]:
+    return [{**e, "label": (e["label"] + 1) % num_labels} for e in examples]
+
+
+def scale_update(delta: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    return {k: (v * scale).astype(v.dtype) for k, v in delta.items()}
+
+
+_FLIPPED: dict[int, SiteRuntime] = {}  # id(runtime) -> the same runtime with flipped training rows
+
+
+def attacked_runtime(context: Context) -> SiteRuntime:
+    """The site's runtime; a flip-labels attacker's training rows carry the next label."""
+    rt = site_runtime(context)
+    if _attacks(context) != "flip-labels":
+        return rt
+    if id(rt) not in _FLIPPED:
+        log.warning("ATTACK (simulation): site %s trains on flipped labels", rt.data.name)
+        _FLIPPED[id(rt)] = dataclasses.replace(rt, train_examples=flip_labels(rt.train_examples,
+                                                                              rt.task.num_labels))
+    return _FLIPPED[id(rt)]
+
+
+def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """A scale-update attacker's train reply carries its update times simulation.attack-scale."""
+    reply = call_next(msg, context)
+    if _attacks(context) != "scale-update" or reply.has_error() or wire.ARRAYS not in reply.content.array_records:
+        return reply
+    scale = site_config(context).simulation.attack_scale
+    log.warning("ATTACK (simulation): site %s scales its update by %g", context.node_config["partition-id"], scale)
+    reply.content[wire.ARRAYS] = to_record(scale_update(from_record(reply.content[wire.ARRAYS]), scale))
+    return reply

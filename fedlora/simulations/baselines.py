@@ -17,15 +17,11 @@ import time
 from pathlib import Path
 
 from fedlora import config as cfg
+from fedlora.data.labels import infer_labels
 from fedlora.data.sites import central_test_rows, simulated_site_data
 from fedlora.models import load_model, set_trainable_state, trainable_state
-from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
 from fedlora.training import evaluate_counts, local_train, planned_steps
-
-
-def _with_steps(train_cfg: cfg.TrainConfig, steps: int) -> cfg.TrainConfig:
-    return cfg.TrainConfig(**{**train_cfg.__dict__, "local_steps": steps})
 
 
 def run_baselines(config: cfg.RunConfig) -> dict:
@@ -48,7 +44,8 @@ def run_baselines(config: cfg.RunConfig) -> dict:
     def train_and_score(examples, steps, seed):
         set_trainable_state(model, initial)
         started = time.perf_counter()
-        local_train(model, task, examples, _with_steps(tc, steps), pad, seed)
+        local_train(model, task, examples, pad, steps=steps, seed=seed, learning_rate=tc.learning_rate,
+                    weight_decay=tc.weight_decay, batch_size=tc.batch_size, max_grad_norm=tc.max_grad_norm)
         seconds = time.perf_counter() - started
         scores = task.metrics(evaluate_counts(model, task, test, pad))
         return {**{k.replace("eval_", "test_"): v for k, v in scores.items()}, "steps": steps, "seconds": seconds}

@@ -25,48 +25,43 @@ from pathlib import Path
 import torch
 
 from fedlora import config as cfg
+from fedlora.data.labels import infer_labels
 from fedlora.data.sites import simulated_site_data
 from fedlora.models import load_model
-from fedlora.privacy.dpsgd import DPSettings, dp_step, private, trainable
-from fedlora.data.labels import infer_labels
+from fedlora.privacy.dpsgd import DPSGD, DPSettings
+from fedlora.privacy.units import build_units
+from fedlora.training import LocalTraining, trainable
 from fedlora.simulations.launcher import simulate
 from fedlora.tasks import build_task
 
 
 # -- 1. step cost -------------------------------------------------------------------
 def step_cost(config: cfg.RunConfig, batch_size: int, repeats: int) -> dict:
+    """One step of the training loop on the same batch: plain, DP-SGD with hooks, DP-SGD with ghost
+    clipping; steps interleaved round-robin, the median per variant."""
     task = build_task(config)
     loaded = load_model(config, task)
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
     site = simulated_site_data(0, config.federation.num_sites, config, task)
     examples = task.encode(site.train, loaded.tokenizer, config.model.max_length)[:batch_size]
-    params = trainable(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
+    batch = list(range(len(examples)))
+    units = build_units(site.train[:len(examples)], "", 1)
 
-    def plain() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        task.per_example_loss(model, task.collate(examples, pad_id)).mean().backward()
-        optimizer.step()
+    def loop(mode: str | None) -> LocalTraining:
+        dp = None if mode is None else DPSGD(units, 1.0, 1.0, DPSettings(1.0, mode), torch.Generator().manual_seed(0))
+        return LocalTraining(model, task, examples, pad_id, steps=1, seed=0, learning_rate=1e-4,
+                             batch_size=len(examples), steps_method=dp)
 
     times: dict[str, list[float]] = {"plain": [], "dp-hooks": [], "dp-ghost": []}
-
-    def timed(name: str, fn) -> None:
-        start = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - start)
-
     for _ in range(repeats + 1):  # the first pass warms up and is dropped
-        timed("plain", plain)
-        for mode in ("hooks", "ghost"):
-            dp_opt_base = torch.optim.AdamW(params, lr=1e-4)
-            with private(model, dp_opt_base, DPSettings(1.0, mode), 1.0, len(examples),
-                         torch.Generator().manual_seed(0)) as (hooks, dp_opt):
-                model.train()
-                timed(f"dp-{mode}", lambda: dp_step(model, task, examples, pad_id, hooks, dp_opt, mode))
-    model.eval()
+        for name, mode in (("plain", None), ("dp-hooks", "hooks"), ("dp-ghost", "ghost")):
+            running = loop(mode).start()  # hooks attached outside the timed step
+            start = time.perf_counter()
+            running.step(batch)
+            times[name].append(time.perf_counter() - start)
+            running.finish(failed=True)  # one timed step: no did-it-train check
     median = {k: statistics.median(v[1:]) for k, v in times.items()}
-    n_params = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in trainable(model))
     return {"model": config.model.name, "batch": len(examples), "max_length": config.model.max_length,
             "trainable_parameters": n_params, "repeats": repeats,
             "seconds": median, "ratio": {k: v / median["plain"] for k, v in median.items()},

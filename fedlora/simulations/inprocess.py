@@ -26,8 +26,9 @@ from flwr.serverapp import Grid
 from fedlora import config as cfg
 from fedlora import flower
 from fedlora.client.app import app as site_app
-from fedlora.data.labels import infer_labels
 from fedlora.server.app import main
+from fedlora.simulations import faults
+from fedlora.simulations.prepare import prepare
 
 log = logging.getLogger(__name__)
 RUN_ID = 1
@@ -112,10 +113,13 @@ class InProcessGrid(Grid):
         return flower.transmit(reply)
 
 
-def run_inprocess(config: cfg.RunConfig, out: str | Path, seed: int = 0, client_app=site_app) -> Path:
-    """A whole fedlora run (ServerApp main) over an InProcessGrid; returns the run directory."""
+def run_inprocess(config: cfg.RunConfig, out: str | Path, seed: int = 0, client_app=None) -> Path:
+    """A whole fedlora run (ServerApp main) over an InProcessGrid; returns the run directory.
+    `client_app`: the sites' ClientApp (default: fedlora's, or the one with the misbehaving
+    sites the configuration asks for)."""
     out = Path(out).expanduser().resolve()
-    config = infer_labels(cfg.from_nested(config.to_nested(), {"output.dir": str(out)}))
+    config = prepare(config, out)
+    client_app = client_app or (faults.app if faults.misbehaves(config) else site_app)
     flat = config.to_flat()
     grid = InProcessGrid(client_app, flat, config.federation.num_sites, seed)
     main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=flat))

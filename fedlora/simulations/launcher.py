@@ -20,24 +20,24 @@ import time
 from pathlib import Path
 
 from fedlora import config as cfg
-from fedlora.data.labels import infer_labels
 from fedlora.flower import FLOWER_ENV
 from fedlora.flower_app import CLIENT_APP, write_app
 from fedlora.processes import free_ports, stop_tree, wait_for_port
 from fedlora.progress import echo, progress, round_line, watch_rounds
-from fedlora.server.tracking import require as require_tracking
+from fedlora.simulations import faults
+from fedlora.simulations.prepare import prepare
 
 
 class SimulationFailed(RuntimeError):
     pass
 
 
-def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False, clientapp: str = CLIENT_APP) -> Path:
+def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False, clientapp: str | None = None) -> Path:
     """Run a simulated federation; returns the run directory. `clientapp`: the sites' ClientApp
-    component (tests and benchmarks pass one with simulated faults or attacks)."""
+    component (default: fedlora's, or the one with misbehaving sites the configuration asks for)."""
     out = Path(out).expanduser().resolve()
-    config = infer_labels(cfg.from_nested(config.to_nested(), {"output.dir": str(out)}))
-    require_tracking(config.output.tracking)  # here, not in Flower's log after the engine started
+    config = prepare(config, out)  # everything checkable is checked before the engine starts
+    clientapp = clientapp or (faults.APP if faults.misbehaves(config) else CLIENT_APP)
     if not config.output.resume and (out / "summary.json").exists():
         raise SimulationFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
     out.mkdir(parents=True, exist_ok=True)

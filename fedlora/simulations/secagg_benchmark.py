@@ -45,7 +45,10 @@ from flwr.clientapp import ClientApp
 from fedlora import config as cfg
 from fedlora import wire
 from fedlora.arrays import from_record, to_record
+from fedlora.client.secure import secure_aggregation_mod
 from fedlora.privacy.secagg.graph import default_threshold
+from fedlora.server.app import build_coordinator
+from fedlora.server.rundir import RunDirectory
 from fedlora.simulations.inprocess import RUN_ID, InProcessGrid
 
 TENSOR = 1 << 17  # synthetic adapter tensors of 131072 parameters
@@ -78,10 +81,8 @@ def _measure(grid: InProcessGrid, run, params: int, sites: int) -> Measurement:
 
 # -- fedlora ----------------------------------------------------------------------
 def _fedlora_client(params: int) -> ClientApp:
-    """The fedlora secure handlers over a `train` that returns a fixed synthetic update."""
-    from fedlora.client import secure
-
-    app = ClientApp()
+    """fedlora's secure-aggregation mod over a `train` that returns a fixed synthetic update."""
+    app = ClientApp(mods=[secure_aggregation_mod])
     base = np.random.default_rng(0).normal(0, 0.01, params).astype(np.float32)
 
     @app.train()
@@ -97,21 +98,16 @@ def _fedlora_client(params: int) -> ClientApp:
         return Message(RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics,
                                    wire.SITE: ConfigRecord({wire.SITE_NAME: f"site-{site}"})}), reply_to=msg)
 
-    secure.register(app, train)
     return app
 
 
 def fedlora_round(secure: bool, sites: int, params: int, bytes_per_param: int = 4) -> Measurement:
-    from fedlora.server.rounds import Coordinator
-    from fedlora.server.rundir import RunDirectory
-    from fedlora.strategies import build_strategy
-
     config = cfg.load_config(None, [f"federation.num-sites={sites}", "federation.min-sites=3",
                                     f"secagg.enabled={str(secure).lower()}",
                                     f"secagg.bytes-per-param={bytes_per_param}", "secagg.max-weight=1000"])
     grid = InProcessGrid(_fedlora_client(params), config.to_flat(), sites, clock=CLOCK)
     with tempfile.TemporaryDirectory() as tmp:
-        coordinator = Coordinator(grid, config, build_strategy(config), RunDirectory(tmp), None, "synthetic")
+        coordinator = build_coordinator(grid, config, RunDirectory(tmp), None, "synthetic")
         state, nodes = synthetic_state(params), sorted(grid.get_node_ids())
         result = {}
 

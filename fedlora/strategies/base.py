@@ -1,14 +1,25 @@
-"""The seam every aggregation strategy plugs into.
+"""The seam every aggregation strategy plugs into, and the seam that wraps one.
 
-The round loop only ever calls these methods, so a new algorithm is a new file
-that subclasses `Strategy` and implements `combine`; the arithmetic stays in
-pure functions that tests call without Flower.
+The round pipeline (fedlora.server.pipeline) only ever calls the methods of
+`Strategy`, so a new algorithm is a new file that subclasses `Strategy` and
+implements `combine`, plus one line in the registry (strategies/__init__.py);
+its parameters, if any, are a `params` dataclass in the same file, which
+becomes the `[strategy.<name>]` table of the configuration. The arithmetic
+stays in pure functions that tests call without Flower.
 
-`aggregate` is the same for every strategy: bound the update norms (when
-configured), turn each site's update into its local adapter at the global rank
-(zero-padding a smaller-rank site), let `combine` compute the new global
-adapter, fold any residual into the base correction, and measure how far the
-result is from the weighted mean of what the sites learned.
+`aggregate` is the same for every strategy: turn each site's update into its
+local adapter at the global rank (zero-padding a smaller-rank site), let
+`combine` compute the new global adapter, fold any residual into the base
+correction, and measure how far the result is from the weighted mean of what
+the sites learned.
+
+A strategy declares what it needs instead of being refused by name:
+`linear` (the new adapter depends only on the weighted sum of the updates,
+which is all secure aggregation reveals and all client-level DP noises),
+`heterogeneous_ranks`, `min_updates()`. Server-side features (update-norm
+bounds, client-level DP, decoding compressed uploads) are `StrategyWrapper`s
+around it, composed in fedlora.strategies.compose, the way Flower wraps a
+strategy in `DifferentialPrivacyServerSideFixedClipping`.
 """
 
 from __future__ import annotations
@@ -21,9 +32,9 @@ import numpy as np
 
 from fedlora import wire
 from fedlora.arrays import check_update
+from fedlora.options import Section
 from fedlora.strategies.correction import BaseCorrection
 from fedlora.strategies.factors import aggregation_error, is_factor, pad, state_rank, truncate, uploaded
-from fedlora.strategies.norm_bound import NormBound
 
 State = dict[str, np.ndarray]  # adapter tensor name -> values
 
@@ -44,6 +55,15 @@ class SiteUpdate:
         return int(value) if value else None
 
 
+@dataclass(frozen=True)
+class RoundInfo:
+    """What the pipeline tells the strategy at the start of a round."""
+
+    server_round: int
+    sampled: int      # sites asked to train
+    available: int    # sites that could have been asked (connected, within budget)
+
+
 @dataclass
 class Aggregate:
     """What `combine` computes for one round."""
@@ -58,8 +78,10 @@ class Strategy(ABC):
 
     name: str = "base"
     summary: str = ""
+    #: The strategy's own parameters: a Section dataclass (the `[strategy.<name>]` table), or None.
+    params: type[Section] | None = None
     #: True when the new global adapter depends only on the weighted sum of the
-    #: updates, which is all secure aggregation reveals.
+    #: updates, which is all secure aggregation reveals and what client-level DP noises.
     linear: bool = True
     #: What a non-linear strategy needs of each individual update (for errors and docs).
     needs: str = ""
@@ -67,8 +89,6 @@ class Strategy(ABC):
     exact: bool = False
     #: Sites keep part of the adapter: there is no single global ΔW to measure.
     personalized: bool = False
-    #: Works with client-level DP (clip each update, noise the aggregate).
-    client_dp: bool = True
     #: Sites may train at a smaller rank than lora.rank.
     heterogeneous_ranks: bool = True
     rank_note: str = "smaller-rank updates are zero-padded"
@@ -79,20 +99,23 @@ class Strategy(ABC):
     #: Keeps a correction of the frozen base weights, sent down with every message.
     folds_into_base: bool = False
 
-    def __init__(self, lora_scale: float = 1.0, bound: NormBound | None = None):
+    def __init__(self, params: Section | None = None, lora_scale: float = 1.0):
+        self.p = params if params is not None else (self.params() if self.params else None)
         self.lora_scale = lora_scale  # alpha / rank: ΔW = scale·B·A
-        self.bound = bound or NormBound()
         self.correction: BaseCorrection | None = None  # only strategies that fold into the base
         self._round_metrics: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, config) -> "Strategy":
-        """Build from a RunConfig; strategies with parameters read their [strategy] keys."""
-        return cls(**cls.common_options(config))
+        """Build from a RunConfig, with this strategy's `[strategy.<name>]` table as its params."""
+        return cls(config.strategy.params.get(cls.name), lora_scale=config.lora.alpha / config.lora.rank)
 
-    @staticmethod
-    def common_options(config) -> dict[str, Any]:
-        return {"lora_scale": config.lora.alpha / config.lora.rank, "bound": NormBound.from_config(config)}
+    def min_updates(self) -> tuple[int, str]:
+        """The fewest updates a round needs, and the setting that says so."""
+        return 1, ""
+
+    def begin_round(self, info: RoundInfo) -> None:
+        """Called by the pipeline before a round's messages go out (wrappers note the sampling)."""
 
     # -- what travels ---------------------------------------------------------
     def client_config(self, server_round: int) -> dict[str, Any]:
@@ -121,6 +144,11 @@ class Strategy(ABC):
         """The cumulative correction of the frozen base weights, if this strategy folds one."""
         return self.correction if self.correction else None
 
+    def accept(self, update: SiteUpdate, global_state: State) -> tuple[SiteUpdate, str | None]:
+        """The update as the strategy will aggregate it (a wrapper may decode it), and why it
+        cannot be aggregated, or None."""
+        return update, self.check_upload(update, global_state)
+
     def check_upload(self, update: SiteUpdate, global_state: State) -> str | None:
         """Why an update cannot be aggregated (wrong tensors, shapes, rank), or None."""
         full, rank = state_rank(global_state), update.rank
@@ -138,8 +166,7 @@ class Strategy(ABC):
         """The next global adapter (and, for some strategies, a new base correction)."""
         if not updates:
             raise ValueError("no updates to aggregate")
-        bounded, clipped = self.bound.apply([u.delta for u in updates])
-        locals_ = [local_adapter(global_state, delta, u.rank) for u, delta in zip(updates, bounded)]
+        locals_ = [local_adapter(global_state, u.delta, u.rank) for u in updates]
         full = [replace(u, delta={k: loc[k] - global_state[k] for k in global_state})
                 for u, loc in zip(updates, locals_)]
         result = self.combine_kept(global_state, full)
@@ -151,19 +178,6 @@ class Strategy(ABC):
         error = None if self.personalized else aggregation_error(
             result.state, locals_, [u.weight for u in updates], self.lora_scale, folded)
         self._round_metrics = {"aggregation_error": error, **result.metrics}
-        if self.bound.active:
-            self._round_metrics["updates_clipped"] = [u.site for u, c in zip(updates, clipped) if c]
-        return result.state
-
-    def aggregate_sum(self, global_state: State, weighted_sum: State, total_weight: float) -> State:
-        """The next global adapter when only Σ wᵢ Δᵢ is known (secure aggregation): linear
-        strategies only. The sites' own updates are hidden, so aggregation_error is null."""
-        if not self.linear:
-            raise ValueError(f"strategy {self.name!r} needs {self.needs}, not only their sum")
-        mean = {k: v / total_weight for k, v in weighted_sum.items()}
-        full = {k: loc - global_state[k] for k, loc in local_adapter(global_state, mean, None).items()}
-        result = self.combine_kept(global_state, [SiteUpdate("sum of all sites", total_weight, full)])
-        self._round_metrics = {"aggregation_error": None, **result.metrics}
         return result.state
 
     def combine_kept(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
@@ -182,6 +196,10 @@ class Strategy(ABC):
         """Columns for this round's metrics row (at least `aggregation_error`)."""
         return dict(self._round_metrics)
 
+    def guarantees(self) -> dict[str, Any]:
+        """Privacy guarantees given at the coordinator, for summary.json (client-level DP's)."""
+        return {}
+
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a restarted server needs to continue exactly (optimizer moments...)."""
@@ -193,6 +211,79 @@ class Strategy(ABC):
             self.correction.load_state_dict(state.pop("correction", {}))
         if state:
             raise ValueError(f"strategy {self.name!r} keeps no state {sorted(state)}")
+
+
+class StrategyWrapper(Strategy):
+    """A server-side feature around a strategy: it delegates every call and changes the ones it
+    needs (the updates before they are aggregated, its own metrics and state). The wrapped
+    strategy does not know it is wrapped."""
+
+    #: Why the wrapper needs each site's own update ("" when the weighted sum would do).
+    needs_individual: str = ""
+    #: Why the wrapped strategy must be linear in the updates ("" when any strategy will do).
+    needs_linear: str = ""
+    #: Every site must send tensors of the same shapes (no heterogeneous ranks).
+    needs_same_shapes: bool = False
+    #: What to use instead under secure aggregation, for the refusal ("; use ...").
+    under_secure_aggregation: str = ""
+
+    def __init__(self, inner: Strategy):
+        self.inner = inner
+
+    # Everything the pipeline reads is the wrapped strategy's, unless a wrapper says otherwise.
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.inner.name
+
+    @property
+    def lora_scale(self) -> float:  # type: ignore[override]
+        return self.inner.lora_scale
+
+    @property
+    def personalized(self) -> bool:  # type: ignore[override]
+        return self.inner.personalized
+
+    def min_updates(self) -> tuple[int, str]:
+        return self.inner.min_updates()
+
+    def begin_round(self, info: RoundInfo) -> None:
+        self.inner.begin_round(info)
+
+    def client_config(self, server_round: int) -> dict[str, Any]:
+        return self.inner.client_config(server_round)
+
+    def uploaded(self, key: str) -> bool:
+        return self.inner.uploaded(key)
+
+    def downlink(self, global_state: State) -> dict[str, State]:
+        return self.inner.downlink(global_state)
+
+    def base_correction(self) -> BaseCorrection | None:
+        return self.inner.base_correction()
+
+    def check_upload(self, update: SiteUpdate, global_state: State) -> str | None:
+        return self.inner.check_upload(update, global_state)
+
+    def accept(self, update: SiteUpdate, global_state: State) -> tuple[SiteUpdate, str | None]:
+        return self.inner.accept(update, global_state)
+
+    def aggregate(self, global_state: State, updates: list[SiteUpdate]) -> State:
+        return self.inner.aggregate(global_state, updates)
+
+    def combine(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:  # never called
+        raise NotImplementedError("a wrapper aggregates through the strategy it wraps")
+
+    def round_metrics(self) -> dict[str, Any]:
+        return self.inner.round_metrics()
+
+    def guarantees(self) -> dict[str, Any]:
+        return self.inner.guarantees()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def local_adapter(global_state: State, delta: State, rank: int | None) -> State:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from fedlora.strategies.fedopt import AdaptiveServerOptimizer
+from dataclasses import dataclass
+
+from fedlora.strategies.fedopt import AdaptiveServerOptimizer, FedOptParams
+
+
+@dataclass
+class FedAdagradParams(FedOptParams):
+    NAME = "strategy.fedadagrad"
 
 
 class FedAdagrad(AdaptiveServerOptimizer):
     name = "fedadagrad"
     summary = "Adagrad on the mean update at the server"
+    params = FedAdagradParams
 
     def second_moment(self, v, g2):
         return v + g2

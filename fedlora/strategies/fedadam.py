@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from fedlora.strategies.fedopt import AdaptiveServerOptimizer
+from dataclasses import dataclass
+
+from fedlora.strategies.fedopt import AdaptiveServerOptimizer, SecondMomentParams
+
+
+@dataclass
+class FedAdamParams(SecondMomentParams):
+    NAME = "strategy.fedadam"
 
 
 class FedAdam(AdaptiveServerOptimizer):
     name = "fedadam"
     summary = "Adam on the mean update at the server"
+    params = FedAdamParams
 
     def second_moment(self, v, g2):
-        return self.beta2 * v + (1 - self.beta2) * g2
+        return self.p.beta2 * v + (1 - self.p.beta2) * g2

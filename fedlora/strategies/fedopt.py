@@ -13,13 +13,13 @@ its own file; they depend only on Σ wᵢ Δᵢ, so they work under secure aggre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedlora.options import Problems, Section, option
 from fedlora.strategies.base import Aggregate, SiteUpdate, State, Strategy, weighted_mean
-
-DEFAULT_SERVER_LR = 0.01
 
 
 def adaptive_step(x: State, m: State, v: State, grad: State, *, lr: float, beta1: float, tau: float,
@@ -35,28 +35,45 @@ def adaptive_step(x: State, m: State, v: State, grad: State, *, lr: float, beta1
     return new_x, new_m, new_v
 
 
-class AdaptiveServerOptimizer(Strategy):
-    """FedOpt: subclasses define `second_moment(v, g²)`."""
+@dataclass
+class FedOptParams(Section):
+    """The parameters every FedOpt variant has; FedAdam and FedYogi add beta2."""
 
-    def __init__(self, server_lr: float = DEFAULT_SERVER_LR, beta1: float = 0.9, beta2: float = 0.99,
-                 tau: float = 1e-3, **common):
-        super().__init__(**common)
-        self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
+    NAME = "strategy.fedopt"
+    server_lr: float = option(0.01, "Server learning rate eta.")
+    beta1: float = option(0.9, "First-moment decay beta1.")
+    tau: float = option(1e-3, "Adaptivity tau (added to sqrt(v); v starts at tau^2).")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.server_lr > 0, f"{self.NAME}.server-lr: {self.server_lr} must be > 0")
+        for key in ("beta1", "beta2"):
+            if hasattr(self, key):
+                value = getattr(self, key)
+                p.need(0 <= value < 1, f"{self.NAME}.{key}: {value} not in [0, 1)")
+        p.need(self.tau > 0, f"{self.NAME}.tau: {self.tau} must be > 0")
+        return p
+
+
+@dataclass
+class SecondMomentParams(FedOptParams):
+    beta2: float = option(0.99, "Second-moment decay beta2.")
+
+
+class AdaptiveServerOptimizer(Strategy):
+    """FedOpt: subclasses define `second_moment(v, g²)` and their parameters."""
+
+    def __init__(self, params: FedOptParams | None = None, **common):
+        super().__init__(params, **common)
         self.m: State = {}
         self.v: State = {}
-
-    @classmethod
-    def from_config(cls, config):
-        s = config.strategy
-        return cls(server_lr=s.server_lr or DEFAULT_SERVER_LR, beta1=s.beta1, beta2=s.beta2, tau=s.tau,
-                   **cls.common_options(config))
 
     def second_moment(self, v: np.ndarray, g2: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def combine(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
         new_x, self.m, self.v = adaptive_step(global_state, self.m, self.v, weighted_mean(updates),
-                                              lr=self.server_lr, beta1=self.beta1, tau=self.tau,
+                                              lr=self.p.server_lr, beta1=self.p.beta1, tau=self.p.tau,
                                               second_moment=self.second_moment)
         return Aggregate(new_x)
 

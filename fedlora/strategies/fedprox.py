@@ -8,28 +8,35 @@ aggregation is FedIT's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedlora import wire
+from fedlora.options import Problems, Section, option
 from fedlora.strategies.fedit import FedIT
+
+
+@dataclass
+class FedProxParams(Section):
+    NAME = "strategy.fedprox"
+    mu: float = option(0.01, "Weight mu of the proximal term mu/2*||theta - theta_global||^2 on the adapter at "
+                             "the sites.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.mu >= 0, f"{self.NAME}.mu: {self.mu} must be >= 0")
+        return p
 
 
 class FedProx(FedIT):
     name = "fedprox"
     summary = "FedIT plus a proximal term μ/2·‖θ − θ_global‖² at the sites"
-
-    def __init__(self, mu: float = 0.01, **common):
-        super().__init__(**common)
-        self.mu = mu
-
-    @classmethod
-    def from_config(cls, config) -> "FedProx":
-        return cls(mu=config.strategy.proximal_mu, **cls.common_options(config))
+    params = FedProxParams
 
     def client_config(self, server_round: int) -> dict[str, Any]:
-        return {**super().client_config(server_round), wire.PROXIMAL_MU: float(self.mu)}
+        return {**super().client_config(server_round), wire.PROXIMAL_MU: float(self.p.mu)}
 
 
 def proximal_term(model, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from fedlora.strategies.fedopt import AdaptiveServerOptimizer
+from fedlora.strategies.fedopt import AdaptiveServerOptimizer, SecondMomentParams
+
+
+@dataclass
+class FedYogiParams(SecondMomentParams):
+    NAME = "strategy.fedyogi"
 
 
 class FedYogi(AdaptiveServerOptimizer):
     name = "fedyogi"
     summary = "Yogi on the mean update at the server"
+    params = FedYogiParams
 
     def second_moment(self, v, g2):
-        return v - (1 - self.beta2) * g2 * np.sign(v - g2)
+        return v - (1 - self.p.beta2) * g2 * np.sign(v - g2)

@@ -23,8 +23,8 @@ class FoldingStrategy(Strategy):
     folds_into_base = True
     rank_note = "each site's factors are stacked at its own rank"
 
-    def __init__(self, **common):
-        super().__init__(**common)
+    def __init__(self, params=None, **common):
+        super().__init__(params, **common)
         self.correction = BaseCorrection()
 
     def residuals(self, global_state: State, updates: list[SiteUpdate],

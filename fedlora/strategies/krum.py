@@ -1,15 +1,18 @@
 """Krum (Blanchard et al., 2017): keep the update closest to its neighbours.
 
 A site's score is the sum of squared distances to its n − f − 2 nearest other
-updates, f being the number of faulty sites tolerated (`strategy.byzantine`);
+updates, f being the number of faulty sites tolerated (`strategy.krum.byzantine`);
 the update with the lowest score becomes the round's update. Needs n ≥ 2f + 3.
 Multi-Krum (multi_krum.py) averages the m best instead. See robust.py.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from fedlora.options import Problems, Section, option
 from fedlora.strategies.base import Aggregate, SiteUpdate, State, add_delta, weighted_mean
 from fedlora.strategies.robust import RobustStrategy, stack
 
@@ -30,22 +33,29 @@ def krum_select(matrix: np.ndarray, byzantine: int, keep: int) -> list[int]:
     return [int(i) for i in np.argsort(krum_scores(matrix, byzantine), kind="stable")[:keep]]
 
 
+@dataclass
+class KrumParams(Section):
+    NAME = "strategy.krum"
+    byzantine: int = option(1, "Faulty sites f tolerated; a round needs at least 2f + 3 updates.")
+
+    def problems(self) -> list[str]:
+        p = Problems()
+        p.need(self.byzantine >= 0, f"{self.NAME}.byzantine: {self.byzantine} must be >= 0")
+        return p
+
+
 class Krum(RobustStrategy):
     name = "krum"
     summary = "the one update closest to its neighbours (robust)"
+    params = KrumParams
 
-    def __init__(self, byzantine: int = 1, keep: int = 1, **common):
-        super().__init__(**common)
-        self.byzantine, self.keep = byzantine, keep
-
-    @classmethod
-    def from_config(cls, config) -> "Krum":
-        return cls(byzantine=config.strategy.byzantine, **cls.common_options(config))
+    def min_updates(self) -> tuple[int, str]:
+        return 2 * self.p.byzantine + 3, f"{self.p.NAME}.byzantine = {self.p.byzantine}"
 
     def how_many(self, n: int) -> int:
-        return self.keep
+        return 1
 
     def combine(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
-        chosen = krum_select(stack(updates, sorted(global_state)), self.byzantine, self.how_many(len(updates)))
+        chosen = krum_select(stack(updates, sorted(global_state)), self.p.byzantine, self.how_many(len(updates)))
         delta = weighted_mean([updates[i] for i in chosen])
         return Aggregate(add_delta(global_state, delta), metrics={"krum_selected": [updates[i].site for i in chosen]})

@@ -3,18 +3,19 @@
 A broken or malicious site that scales its update up cannot then outweigh the
 others. The bound is absolute (`strategy.norm-bound`) or relative to the
 round's median update norm (`strategy.norm-bound-relative`), which needs no
-knowledge of the update scale. It is applied by the coordinator to each
-update as sent, before any strategy's arithmetic, so it needs individual
+knowledge of the update scale. `NormBounded` wraps any strategy and bounds each
+update as sent, before the strategy's arithmetic, so it needs individual
 updates (not available under secure aggregation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
-State = dict[str, np.ndarray]
+from fedlora.strategies.base import SiteUpdate, State, Strategy, StrategyWrapper
 
 
 def update_norm(delta: State) -> float:
@@ -54,3 +55,22 @@ class NormBound:
         if not self.active:
             return deltas, [False] * len(deltas)
         return bound_norms(deltas, self.bound_for(deltas))
+
+
+class NormBounded(StrategyWrapper):
+    """Bounds each site's update norm, then lets the wrapped strategy aggregate."""
+
+    needs_individual = "the coordinator cannot bound the norm of an update it never sees"
+
+    def __init__(self, inner: Strategy, bound: NormBound):
+        super().__init__(inner)
+        self.bound = bound
+        self.clipped: list[str] = []
+
+    def aggregate(self, global_state: State, updates: list[SiteUpdate]) -> State:
+        bounded, clipped = self.bound.apply([u.delta for u in updates])
+        self.clipped = [u.site for u, c in zip(updates, clipped) if c]
+        return self.inner.aggregate(global_state, [replace(u, delta=d) for u, d in zip(updates, bounded)])
+
+    def round_metrics(self) -> dict[str, Any]:
+        return {**self.inner.round_metrics(), "updates_clipped": list(self.clipped)}

@@ -17,26 +17,11 @@ import dataclasses
 NODE_KEY = "lora-rank"
 
 
-def parse_ranks(text: str) -> list[int]:
-    """'8,4,4,2' -> [8, 4, 4, 2]; ValueError naming the bad entry."""
-    ranks = []
-    for item in (part.strip() for part in text.split(",") if part.strip()):
-        try:
-            ranks.append(int(item))
-        except ValueError:
-            raise ValueError(f"{item!r} is not an integer rank") from None
-    return ranks
-
-
 def site_ranks_problems(config) -> list[str]:
     """Problems with `simulation.site-ranks` for this configuration."""
-    text, top = config.simulation.site_ranks, config.lora.rank
-    if not text.strip():
+    ranks, top = config.simulation.site_ranks, config.lora.rank
+    if not ranks:
         return []
-    try:
-        ranks = parse_ranks(text)
-    except ValueError as err:
-        return [f"simulation.site-ranks: {err}"]
     problems = []
     if len(ranks) != config.federation.num_sites:
         problems.append(f"simulation.site-ranks: {len(ranks)} ranks for federation.num-sites = "
@@ -49,19 +34,15 @@ def site_ranks_problems(config) -> list[str]:
 
 def heterogeneous(config) -> bool:
     """Whether some simulated site trains below lora.rank."""
-    try:
-        return any(r != config.lora.rank for r in parse_ranks(config.simulation.site_ranks))
-    except ValueError:
-        return False
+    return any(r != config.lora.rank for r in config.simulation.site_ranks)
 
 
 def site_rank(config, node_config) -> int:
     """The rank a site trains at, from its node configuration or the simulation's list."""
     if NODE_KEY in node_config:
         rank, source = int(node_config[NODE_KEY]), f"node config {NODE_KEY}"
-    elif config.simulation.site_ranks.strip() and "partition-id" in node_config:
-        rank, source = parse_ranks(config.simulation.site_ranks)[int(node_config["partition-id"])], \
-            "simulation.site-ranks"
+    elif config.simulation.site_ranks and "partition-id" in node_config:
+        rank, source = config.simulation.site_ranks[int(node_config["partition-id"])], "simulation.site-ranks"
     else:
         return config.lora.rank
     if not 1 <= rank <= config.lora.rank:

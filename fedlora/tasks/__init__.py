@@ -8,7 +8,7 @@ from fedlora.tasks.classification import ClassificationTask
 def build_task(config) -> Task:
     """The task for a RunConfig."""
     if config.task.type == "classification":
-        return ClassificationTask(config.task.text_column, config.task.label_column, config.label_names)
+        return ClassificationTask(config.task.text_column, config.task.label_column, config.task.labels)
     return CausalLMTask()
 
 

@@ -12,11 +12,10 @@ Stages (payloads are plain dicts, keys in ``messages``):
     server.unmask_requests(replies)         -> client.unmask(req)
     server.aggregate(replies)               -> SecAggResult
 
-fedlora's use of it (fedlora/server/secure_round.py, fedlora/client/secure.py):
-``records`` (payloads as Flower records, stages as message types), ``updates``
-(an adapter update as the vector a site masks), ``session`` (the run's [secagg]
-section as protocol parameters), ``distributed_dp`` (noise before masking and its
-accounting), ``validation`` (config checks), ``faults`` (simulated dropouts).
+fedlora's use of it (fedlora/server/secure_collect.py, fedlora/client/secure.py):
+``records`` (payloads as Flower records), ``updates`` (an adapter update as the
+vector a site masks), ``session`` (the run's [secagg] section as protocol
+parameters), ``distributed_dp`` (noise before masking and its accounting).
 """
 
 from . import messages

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import keys, messages as m, shamir
+from . import keys, shamir
+from . import messages as m
 from .config import MIN_CLIENTS
 from .encoding import Quantizer, pack
 from .errors import ProtocolViolation, SecAggAbort, SecAggConfigError, ShareDecryptionError

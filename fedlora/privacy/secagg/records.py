@@ -1,10 +1,10 @@
-"""The protocol's payloads as Flower records, and its stages as Flower message types.
+"""The protocol's payloads as Flower records.
 
-Each stage is one round trip of Message-API messages of type `train.secagg_<stage>`
-(routed by `@app.train(action=...)` to the site's handler). A payload travels as
-one ConfigRecord (`RECORD`) plus, for the masked upload, one ArrayRecord
-(`ARRAY_RECORD`). Empty values (lists, str, bytes) travel as their names under
-`EMPTY`, because Flower 1.42's `ConfigRecord.count_bytes` fails on them.
+Each stage is one round trip of Message-API `train` messages; a payload travels
+as one ConfigRecord (`RECORD`, which names the stage) plus, for the masked
+upload, one ArrayRecord (`ARRAY_RECORD`). Empty values (lists, str, bytes)
+travel as their names under `EMPTY`, because Flower 1.42's
+`ConfigRecord.count_bytes` fails on them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ RECORD = "secagg"              # ConfigRecord: the stage's payload
 ARRAY_RECORD = "secagg-arrays"  # ArrayRecord: the masked vector (messages.ARRAY_KEYS)
 EMPTY = "secagg-empty"         # list[str]: "<key>:<list|str|bytes>" for each empty value
 _EMPTY_OF = {"list": list, "str": str, "bytes": bytes}
-
-ACTIONS = {stage: "secagg_" + stage.replace("-", "_") for stage in m.STAGES}  # Python identifiers
-MESSAGE_TYPES = {stage: f"train.{action}" for stage, action in ACTIONS.items()}
 
 
 def to_config_record(values: Mapping[str, Any]) -> ConfigRecord:

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import keys, messages as m, shamir
+from . import keys, shamir
+from . import messages as m
 from .config import SecAggConfig
 from .encoding import Quantizer, unpack
 from .errors import ProtocolViolation, SecAggAbort, SecAggConfigError, ShareVerificationError

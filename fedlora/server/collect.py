@@ -1,0 +1,142 @@
+"""Collecting a round's training replies: what the coordinator gets of the sites' updates.
+
+Collection is the one pluggable step of the round pipeline (pipeline.py):
+
+- `PlainCollector`: one train message per sampled site; each site's update, as
+  sent, goes to the strategy (which may decode, check or reject it);
+- `SecureCollector` (secure_collect.py): the secure-aggregation protocol's
+  stages; the strategy gets only the weighted sum of the updates, as one update.
+
+Both return a `Collected`: the updates the strategy accepted, the sites whose
+updates they hold, every site's train reply (for its clear metadata: name,
+timings, privacy report; a site that trained spent its budget even when its
+update is rejected), what crossed the wire, why sites are missing, and the
+collector's columns of the round's metrics row. `Messenger` is the wire they
+share with the evaluation step: send, receive, count bytes, note refusals.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import wire
+from fedlora.arrays import State, from_record, payload_bytes
+from fedlora.privacy.server import ServerPrivacy, is_budget_refusal
+from fedlora.strategies.base import SiteUpdate
+
+log = logging.getLogger(__name__)
+
+Accept = Callable[[SiteUpdate, State], "tuple[SiteUpdate, str | None]"]
+
+
+@dataclass
+class Traffic:
+    bytes_up: int = 0     # serialized records of every reply
+    bytes_down: int = 0   # serialized records of every message
+
+
+@dataclass
+class Collected:
+    updates: list[SiteUpdate]            # each site's update, or (secure) one update: their weighted mean
+    contributors: list[str]              # the sites whose updates are in `updates`
+    reports: list[Message]               # every train reply received, for its clear metadata
+    traffic: Traffic
+    failures: list[str] = field(default_factory=list)  # one line per missing or rejected site
+    row: dict[str, Any] = field(default_factory=dict)  # the collector's columns for metrics.jsonl
+    failed: str | None = None            # the round could not finish; the global adapter stays
+    individual: bool = True              # False: `updates` is one sum, no site's own update
+
+
+class Messenger:
+    """The coordinator's side of the wire."""
+
+    def __init__(self, grid: Grid, privacy: ServerPrivacy):
+        self.grid = grid
+        self.privacy = privacy
+        self.names: dict[int, str] = {}  # node id -> site name, learned from replies
+
+    def name(self, node: int) -> str:
+        return self.names.get(node, f"node-{node}")
+
+    def send(self, messages: list[Message], timeout: float, traffic: Traffic, what: str,
+             server_round: int) -> tuple[list[Message], list[str]]:
+        """The usable replies to `messages`, and one line per site that failed, refused or did not reply."""
+        traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        replies, failures, answered = [], [], set()
+        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+            node = reply.metadata.src_node_id
+            answered.add(node)
+            if reply.has_error():
+                if is_budget_refusal(reply):
+                    self.privacy.refused(node, reply.error.reason)
+                failures.append(f"{self.name(node)}: {reply.error.reason}")
+                continue
+            traffic.bytes_up += payload_bytes(reply.content)
+            if wire.SITE in reply.content.config_records:
+                self.names[node] = str(reply.content[wire.SITE][wire.SITE_NAME])
+            replies.append(reply)
+        missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
+        if missing:
+            failures.append(f"{len(missing)} site(s) did not reply within {timeout:.0f}s: "
+                            f"{', '.join(self.name(n) for n in missing)}")
+        for failure in failures:
+            log.warning("round %d %s: %s", server_round, what, failure)
+        return replies, failures
+
+
+def site_name(reply: Message) -> str:
+    return str(reply.content[wire.SITE][wire.SITE_NAME])
+
+
+def train_columns(updates: list[SiteUpdate]) -> dict[str, Any]:
+    """train_loss (weighted over the sites; absent under DP-SGD, where sites keep it) and
+    train_seconds (the slowest site)."""
+    losses = [(u.weight, u.metrics[wire.TRAIN_LOSS]) for u in updates if wire.TRAIN_LOSS in u.metrics]
+    out: dict[str, Any] = {}
+    if losses:
+        out["train_loss"] = sum(w * x for w, x in losses) / sum(w for w, _ in losses)
+    out["train_seconds"] = max(float(u.metrics[wire.TRAIN_SECONDS]) for u in updates) if updates else 0.0
+    return out
+
+
+class PlainCollector:
+    """Each sampled site's update, as sent."""
+
+    def __init__(self, messenger: Messenger, round_timeout: float):
+        self.messenger = messenger
+        self.round_timeout = round_timeout
+
+    def collect(self, nodes: list[int], records: dict[str, Any], global_state: State, server_round: int,
+                accept: Accept) -> Collected:
+        traffic = Traffic()
+        messages = [Message(RecordDict(dict(records)), dst_node_id=node, message_type=MessageType.TRAIN)
+                    for node in nodes]
+        replies, failures = self.messenger.send(messages, self.round_timeout, traffic, MessageType.TRAIN,
+                                                server_round)
+        updates = []
+        for reply in replies:
+            metrics = dict(reply.content[wire.METRICS])
+            sent = SiteUpdate(site_name(reply), float(metrics.get(wire.NUM_EXAMPLES, 0)),
+                              from_record(reply.content[wire.ARRAYS]), metrics)
+            update, problem = accept(sent, global_state)  # decoded, checked: tensors, shapes, rank
+            if problem is None and update.weight <= 0:
+                problem = f"non-positive weight {update.weight}"
+            if problem:
+                log.warning("round %d: rejected the update of %s: %s", server_round, update.site, problem)
+                failures.append(f"{update.site}: {problem}")
+                continue
+            updates.append(update)
+        row = {**train_columns(updates), "sites": len(updates), "rejected": len(failures)}
+        return Collected(updates, [u.site for u in updates], replies, traffic, failures, row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"the plain collector keeps no state {sorted(state)}")

@@ -1,0 +1,176 @@
+"""The coordinator's one round pipeline over Flower's Grid (Message API).
+
+    sample → configure → collect → aggregate → evaluate → record → checkpoint
+
+The same code runs every feature combination. What varies is composed before
+the run starts, in two places: the collector (plain: each site's update;
+secure: only their sum, collect.py and secure_collect.py) and the strategy
+with its server-side wrappers (norm bound, client-level DP, decoding
+compressed uploads: fedlora.strategies.compose). `state_dict()` composes
+everything a resumed run needs (strategy and wrappers, the sites' privacy
+reports and refusals, the collector's counters, the sites seen), so a run
+killed after round k and resumed ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora import wire
+from fedlora.arrays import State, to_record
+from fedlora.frozen_base import set_base_correction
+from fedlora.server.central import CentralEvaluator
+from fedlora.server.collect import Collected, Messenger, Traffic
+from fedlora.server.rundir import Checkpoint, RunDirectory
+from fedlora.strategies.base import RoundInfo, Strategy
+
+log = logging.getLogger(__name__)
+
+
+class TooFewSites(RuntimeError):
+    pass
+
+
+class Coordinator:
+    def __init__(self, grid: Grid, config, strategy: Strategy, collector, messenger: Messenger,
+                 rundir: RunDirectory, central: CentralEvaluator | None, fingerprint: str):
+        self.grid = grid
+        self.config = config
+        self.strategy = strategy
+        self.collector = collector       # PlainCollector or SecureCollector
+        self.messenger = messenger
+        self.privacy = messenger.privacy  # the sites' epsilon reports and budget refusals
+        self.rundir = rundir
+        self.central = central
+        self.fingerprint = fingerprint
+        self.sites_seen: dict[str, dict[str, Any]] = {}
+
+    # -- sample ---------------------------------------------------------------
+    def wait_for_sites(self) -> list[int]:
+        fed = self.config.federation
+        deadline = time.monotonic() + fed.wait_for_sites
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= fed.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TooFewSites(f"only {len(nodes)} of federation.min-sites = {fed.min_sites} sites "
+                                  f"connected within {fed.wait_for_sites:.0f}s")
+            time.sleep(1.0)
+
+    def sample(self, nodes: list[int], server_round: int) -> list[int]:
+        k = max(1, math.ceil(self.config.federation.fraction_train * len(nodes)))
+        return sorted(random.Random(f"{self.config.train.seed}:{server_round}").sample(nodes, k))
+
+    # -- configure --------------------------------------------------------------
+    def round_records(self, global_state: State, server_round: int) -> dict[str, Any]:
+        """The records of a round's train and evaluate messages: the adapter (and any base
+        correction) the strategy sends down, and the round's instructions."""
+        config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.BASE_FINGERPRINT: self.fingerprint,
+                               **self.strategy.client_config(server_round)})
+        down = self.strategy.downlink(global_state)
+        return {**{name: to_record(arrays) for name, arrays in down.items()}, wire.CONFIG: config}
+
+    # -- collect and aggregate ---------------------------------------------------
+    def train_round(self, nodes: list[int], global_state: State, server_round: int,
+                    available: int | None = None) -> tuple[State, dict[str, Any]]:
+        """One training round with the sampled `nodes`: the next global adapter and the round's columns."""
+        self.strategy.begin_round(RoundInfo(server_round, len(nodes), available or len(nodes)))
+        collected = self.collector.collect(nodes, self.round_records(global_state, server_round), global_state,
+                                           server_round, self.strategy.accept)
+        for reply in collected.reports:  # the clear part of every train reply: epsilon reports
+            self.privacy.observe(self.messenger.name(reply.metadata.src_node_id), reply, server_round)
+        row = {**collected.row, "bytes_up": collected.traffic.bytes_up, "bytes_down": collected.traffic.bytes_down}
+        if collected.failed:  # e.g. secure aggregation below its threshold: the adapter stays
+            return global_state, {**row, **self.privacy.row()}
+        self._too_few(collected, server_round)
+        new_state = self.strategy.aggregate(global_state, collected.updates)
+        for site in collected.contributors:
+            self.sites_seen.setdefault(site, {})["last_round"] = server_round
+        metrics = self.strategy.round_metrics()  # aggregation_error and the strategy's own figures
+        if not collected.individual:
+            metrics["aggregation_error"] = None  # it compares with each site's own update: nobody saw one
+        return new_state, {**row, **self.privacy.row(), **metrics}
+
+    def _too_few(self, collected: Collected, server_round: int) -> None:
+        min_sites = self.config.federation.min_sites
+        if len(collected.contributors) < min_sites:
+            raise TooFewSites(f"round {server_round}: {len(collected.contributors)} usable updates, fewer than "
+                              f"federation.min-sites = {min_sites}")
+
+    # -- evaluate -----------------------------------------------------------------
+    def evaluate_round(self, nodes: list[int], global_state: State, server_round: int) -> dict[str, Any]:
+        """Every connected site scores the global adapter on its held-out rows; the sums pool exactly."""
+        traffic = Traffic()
+        records = self.round_records(global_state, server_round)
+        messages = [Message(RecordDict(dict(records)), dst_node_id=node, message_type=MessageType.EVALUATE)
+                    for node in nodes]
+        replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, traffic,
+                                         MessageType.EVALUATE, server_round)
+        counts: dict[str, Any] = {}
+        for reply in replies:
+            m = reply.content[wire.METRICS]
+            if int(m[wire.EVAL_COUNT]) == 0:
+                continue
+            part = {"count": int(m[wire.EVAL_COUNT]), "loss_sum": float(m[wire.EVAL_LOSS_SUM]),
+                    "tokens": int(m[wire.EVAL_TOKENS]), "correct": int(m[wire.EVAL_CORRECT])}
+            for key, name in ((wire.EVAL_TP, "tp"), (wire.EVAL_FP, "fp"), (wire.EVAL_FN, "fn")):
+                if len(m[key]):
+                    part[name] = [int(v) for v in m[key]]
+            self.central.task.add_counts(counts, part)
+        row = self.central.task.metrics(counts) if counts else {}
+        return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
+
+    # -- the run --------------------------------------------------------------
+    def run(self, global_state: State, start_round: int = 1) -> State:
+        fed = self.config.federation
+        nodes = self.wait_for_sites()
+        log.info("%d sites connected; rounds %d..%d with strategy %s", len(nodes), start_round, fed.rounds,
+                 self.strategy.name)
+        for server_round in range(start_round, fed.rounds + 1):
+            started = time.perf_counter()
+            nodes = sorted(self.grid.get_node_ids())
+            can_train = self.privacy.eligible(nodes)  # less the sites out of privacy budget
+            try:
+                if len(can_train) < fed.min_sites:
+                    raise TooFewSites(f"round {server_round}: {len(can_train)} sites can train, fewer than "
+                                      f"federation.min-sites = {fed.min_sites}")
+                global_state, row = self.train_round(self.sample(can_train, server_round), global_state,
+                                                     server_round, len(can_train))
+            except TooFewSites as err:
+                if self.privacy.stop(str(err)):  # sites refused for lack of budget: end cleanly
+                    break
+                raise
+            evaluation = self.evaluate_round(nodes, global_state, server_round)
+            row["bytes_up"] += evaluation.pop("bytes_up")
+            row["bytes_down"] += evaluation.pop("bytes_down")
+            row.update(evaluation)
+            if self.central.has_test_set:
+                set_base_correction(self.central.loaded.model, self.strategy.base_correction())
+                row.update(self.central.evaluate(global_state))
+            row = {"round": server_round, **row, "round_seconds": time.perf_counter() - started}
+            self.rundir.append_metrics(row)
+            self.rundir.save_checkpoint(Checkpoint(server_round, global_state, self.state_dict()))
+            log.info("round %d/%d done in %.1fs: %s", server_round, fed.rounds, row["round_seconds"],
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                               if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))
+        return global_state
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a restarted coordinator needs to continue exactly."""
+        return {"strategy": self.strategy.state_dict(), "privacy": self.privacy.state_dict(),
+                "collector": self.collector.state_dict(), "sites": self.sites_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.strategy.load_state_dict(state["strategy"])
+        self.privacy.load_state_dict(state["privacy"])
+        self.collector.load_state_dict(state["collector"])
+        self.sites_seen = {site: dict(seen) for site, seen in state["sites"].items()}
