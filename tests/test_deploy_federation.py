@@ -173,13 +173,14 @@ def test_coordinator_killed_mid_run_resumes_without_losing_or_repeating_a_round(
     # with Δ from m₂ = β₁m₁ + (1-β₁)Δ, FedAdam gives v₂ = β₂v₁ + (1-β₂)Δ² and x₂ = x₁ + η·m₂/(√v₂ + τ).
     # Moments restarted from zero (or another global adapter) would break these identities.
     first, second = out / "checkpoints" / "round-0001", out / "checkpoints" / "round-0002"
-    s1, s2 = load_file(str(first / "strategy.safetensors")), load_file(str(second / "strategy.safetensors"))
+    s1, s2 = load_file(str(first / "state.safetensors")), load_file(str(second / "state.safetensors"))
     x1, x2 = load_file(str(first / "global.safetensors")), load_file(str(second / "global.safetensors"))
     beta1, beta2, tau, lr = 0.9, 0.99, 1e-3, 0.01
-    tensors = [k[len("/m/"):] for k in s1 if k.startswith("/m/")]
-    assert tensors and any(np.abs(s1["/m/" + k]).max() > 0 for k in tensors)
+    prefix = "/strategy/m/"  # the strategy's part of the coordinator's state
+    tensors = [k[len(prefix):] for k in s1 if k.startswith(prefix)]
+    assert tensors and any(np.abs(s1[prefix + k]).max() > 0 for k in tensors)
     for k in tensors:
-        m1, v1, m2, v2 = (s[f"/{kind}/{k}"].astype(np.float64)
+        m1, v1, m2, v2 = (s[f"/strategy/{kind}/{k}"].astype(np.float64)
                           for s, kind in ((s1, "m"), (s1, "v"), (s2, "m"), (s2, "v")))
         delta = (m2 - beta1 * m1) / (1 - beta1)
         np.testing.assert_allclose(v2, beta2 * v1 + (1 - beta2) * delta ** 2, rtol=1e-3, atol=1e-9)

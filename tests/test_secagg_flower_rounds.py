@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 from fedlora import config as cfg
 from fedlora.client.app import app as client_app
 from fedlora.client.secure import STATE
-from fedlora.simulations import faults
+from fedlora.simulations import misbehaving
 from fedlora.models import load_model, trainable_state
 from fedlora.privacy.secagg.distributed_dp import epsilon_exact
 from fedlora.privacy.secagg.records import from_config_record
@@ -32,7 +32,7 @@ def _coordinator(path, *overrides, sites=4):
     config = infer_labels(cfg.load_config(None, [*BASE, f"federation.num-sites={sites}", f'output.dir="{path}"',
                                                  *overrides]))  # output.dir: where simulated sites keep DP ledgers
     loaded = load_model(config, build_task(config))
-    app = faults.app if faults.misbehaves(config) else client_app  # simulated dropouts are a test mod
+    app = misbehaving.app if misbehaving.misbehaves(config) else client_app  # simulated dropouts are a test mod
     grid = InProcessGrid(app, config.to_flat(), sites)  # same seed: same node ids in every test
     coordinator = build_coordinator(grid, config, RunDirectory(path), None, loaded.fingerprint)
     return coordinator, trainable_state(loaded.model), grid

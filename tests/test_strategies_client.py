@@ -20,7 +20,7 @@ from fedlora.client.runtime import site_runtime
 from fedlora.data import synthetic
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import export_adapter, load_base_model, load_model, set_trainable_state, trainable_state
-from fedlora.simulations import faults
+from fedlora.simulations import misbehaving
 from fedlora.simulations.attacks import flip_labels, scale_update
 from fedlora.strategies import SiteUpdate, build_strategy
 from fedlora.strategies.correction import BaseCorrection
@@ -201,8 +201,8 @@ def test_an_attack_runs_in_the_simulations_client_app_only(server):
         reply = app(_message(_strategy(config, "fedit"), g, "train"), _context(config, partition))
         return from_record(reply.content[wire.ARRAYS])
 
-    honest, attacked = update(client_app.app, 0), update(faults.app, 0)
+    honest, attacked = update(client_app.app, 0), update(misbehaving.app, 0)
     for k in honest:  # same seed, same start: the attacker sends 10x the honest update
         np.testing.assert_allclose(attacked[k], 10 * honest[k], rtol=1e-5, atol=1e-7)
-    bystander, same = update(client_app.app, 1), update(faults.app, 1)
+    bystander, same = update(client_app.app, 1), update(misbehaving.app, 1)
     assert all(np.array_equal(bystander[k], same[k]) for k in bystander)

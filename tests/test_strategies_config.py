@@ -1,12 +1,14 @@
 """The [strategy] configuration: unknown names, bad parameters, impossible combinations,
 and the compatibility table in docs/strategies.md."""
 
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedlora import config as cfg
-from fedlora.strategies import STRATEGIES, build_strategy
+from fedlora.strategies import STRATEGIES, SiteUpdate, build_strategy
 from fedlora.strategies.compose import compatibility_table
 
 
@@ -117,3 +119,23 @@ def test_attack_options_are_checked():
 def test_docs_table_is_the_generated_one():
     docs = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
     assert compatibility_table() in docs
+
+
+def test_the_documented_new_strategy_is_one_file_and_one_registry_line(monkeypatch):
+    """The example in docs/strategies.md, registered: its table parses, is checked and reaches it,
+    and it composes like any other linear strategy (here under secure aggregation and client-level DP)."""
+    docs = (Path(__file__).parents[1] / "docs" / "strategies.md").read_text()
+    code = docs.split("# fedlora/strategies/fedscaled.py\n", 1)[1].split("```", 1)[0]
+    module = types.ModuleType("fedscaled")
+    exec(compile(code, "fedscaled.py", "exec"), module.__dict__)  # noqa: S102 - the documented file
+    monkeypatch.setitem(STRATEGIES, "fedscaled", module.FedScaled)  # the registry line
+    config = cfg.load_config(None, ["strategy.name=fedscaled", "strategy.fedscaled.factor=2",
+                                    "secagg.enabled=true", "federation.min-sites=3"])
+    strategy = build_strategy(config)
+    assert strategy.p.factor == 2.0 and "[strategy.fedscaled]" in cfg.describe_options()
+    assert "strategy.fedscaled.factor: -1.0 must be > 0" in _problems("strategy.name=fedscaled",
+                                                                      "strategy.fedscaled.factor=-1")
+    g = {"w": np.zeros(2, np.float32)}
+    new = strategy.aggregate(g, [SiteUpdate("a", 1.0, {"w": np.ones(2, np.float32)}),
+                                 SiteUpdate("b", 3.0, {"w": np.full(2, 3.0, np.float32)})])
+    assert np.allclose(new["w"], 2 * 2.5)

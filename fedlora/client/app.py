@@ -10,7 +10,7 @@ What a site does to every message on top of that is a Flower ClientApp mod,
 in `SITE_MODS`: secure aggregation (client/secure.py) masks the upload, and
 upload compression (client/mods.py) encodes it. Simulations that need
 misbehaving sites build their own ClientApp with `build_client_app` and more
-mods (fedlora.simulations.faults); this module never imports them.
+mods (fedlora.simulations.misbehaving); this module never imports them.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedlora import config as cfg
+from fedlora.data.labels import infer_labels
 from fedlora.data.sites import SiteData, deployed_site_data, simulated_site_data
 from fedlora.models import LoadedModel, load_model
 from fedlora.strategies.ranks import site_rank, with_site_rank
@@ -44,20 +45,35 @@ def _config(run_config_json: str) -> cfg.RunConfig:
     return cfg.from_flat(json.loads(run_config_json))
 
 
+@lru_cache(maxsize=4)
+def _training_config(run_config_json: str, simulated: bool) -> cfg.RunConfig:
+    """The configuration a site trains with. A run started with `flwr run` may leave task.labels
+    empty: a simulated site, on the coordinator's machine, infers them from the same data and in
+    the same order as the ServerApp does; a deployed site cannot, and says so."""
+    config = _config(run_config_json)
+    if config.task.type != "classification" or config.task.labels:
+        return config
+    if not simulated:
+        raise cfg.ConfigError(["task.labels: a deployed site needs the run to list every label, in order "
+                               "(`fedlora run` asks for them)"])
+    return infer_labels(config)
+
+
 @lru_cache(maxsize=4)  # one model per LoRA rank: a Ray actor may serve sites of different ranks
-def _model(run_config_json: str, rank: int) -> tuple[Task, LoadedModel]:
-    config = with_site_rank(_config(run_config_json), rank)
+def _model(run_config_json: str, simulated: bool, rank: int) -> tuple[Task, LoadedModel]:
+    config = with_site_rank(_training_config(run_config_json, simulated), rank)
     task = build_task(config)
     return task, load_model(config, task)
 
 
 @lru_cache(maxsize=64)
 def _site(run_config_json: str, node_config_json: str) -> SiteRuntime:
-    config = _config(run_config_json)
     node = json.loads(node_config_json)
+    simulated = "data-path" not in node  # a deployed site names its own file
+    config = _training_config(run_config_json, simulated)
     rank = site_rank(config, node)
-    task, loaded = _model(run_config_json, rank)
-    if "data-path" in node:  # a deployed site names its own file
+    task, loaded = _model(run_config_json, simulated, rank)
+    if not simulated:
         index = int(node.get("site-index", 0))
         data = deployed_site_data(node["data-path"], str(node.get("site", "site")), config, task)
     else:

@@ -21,6 +21,7 @@ from fedlora.deploy.flwr_cli import FlowerCommandFailed
 from fedlora.deploy.registry import add_site, remove_site
 from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_line
 from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
+from fedlora.model_sources import ModelLoadError
 from fedlora.processes import signal_pid_file
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -159,7 +160,7 @@ def run_command(args: argparse.Namespace, clientapp: str = RELAY_CLIENTAPP) -> i
     config = cfg.load_config(config_file, list(args.set or []))
     try:
         submit(home, config, out, args.resume, clientapp)
-    except RunFailed as err:
+    except (RunFailed, DataError, ModelLoadError) as err:
         return _fail("run", err)
     except KeyboardInterrupt:
         return 130

@@ -19,13 +19,16 @@ import time
 from pathlib import Path
 
 from fedlora import config as cfg
+from fedlora.data.readers import read_rows
 from fedlora.deploy.coordinator_home import CoordinatorHome
 from fedlora.deploy.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
 from fedlora.deploy.registry import superlink_running
 from fedlora.flower_app import write_app
+from fedlora.model_sources import check_available
 from fedlora.processes import stop_tree
 from fedlora.progress import echo, progress, round_line, watch_rounds
 from fedlora.server.tracking import require as require_tracking
+from fedlora.tasks import build_task
 
 RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
@@ -45,7 +48,11 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
     if config.task.type == "classification" and not config.task.labels:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "
                                "does not see the sites' data); list every label, in the same order at every site"])
-    require_tracking(config.output.tracking)  # the ServerApp runs on this host: check before submitting
+    # The ServerApp runs on this host: its model, central test set and tracker are checked before submitting.
+    require_tracking(config.output.tracking)
+    check_available(config.model.name, config.model.allow_download)
+    if config.data.test_path:
+        read_rows(config.data.test_path, build_task(config).check_row, config.data.skip_bad_rows)
     if not resume and (out / "summary.json").exists():
         raise RunFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
     return config, out

@@ -7,7 +7,7 @@ Only simulated sites (those with a Flower `partition-id`) ever attack. Every
 attacking message is logged as a warning.
 
 Both act through the seams of the site's ClientApp, which never imports this
-module (fedlora.simulations.faults builds the simulation's ClientApp with them):
+module (fedlora.simulations.misbehaving builds the simulation's ClientApp with them):
 `attacked_runtime` hands the train handler the attacker's flipped rows, and
 `attack_mod` scales the update of the handler's reply, before any other mod
 encodes or masks it. Both work with or without DP-SGD.

@@ -27,7 +27,7 @@ from fedlora import config as cfg
 from fedlora import flower
 from fedlora.client.app import app as site_app
 from fedlora.server.app import main
-from fedlora.simulations import faults
+from fedlora.simulations import misbehaving
 from fedlora.simulations.prepare import prepare
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def run_inprocess(config: cfg.RunConfig, out: str | Path, seed: int = 0, client_
     sites the configuration asks for)."""
     out = Path(out).expanduser().resolve()
     config = prepare(config, out)
-    client_app = client_app or (faults.app if faults.misbehaves(config) else site_app)
+    client_app = client_app or (misbehaving.app if misbehaving.misbehaves(config) else site_app)
     flat = config.to_flat()
     grid = InProcessGrid(client_app, flat, config.federation.num_sites, seed)
     main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=flat))

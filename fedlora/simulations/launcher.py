@@ -24,7 +24,7 @@ from fedlora.flower import FLOWER_ENV
 from fedlora.flower_app import CLIENT_APP, write_app
 from fedlora.processes import free_ports, stop_tree, wait_for_port
 from fedlora.progress import echo, progress, round_line, watch_rounds
-from fedlora.simulations import faults
+from fedlora.simulations import misbehaving
 from fedlora.simulations.prepare import prepare
 
 
@@ -37,7 +37,7 @@ def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False, clie
     component (default: fedlora's, or the one with misbehaving sites the configuration asks for)."""
     out = Path(out).expanduser().resolve()
     config = prepare(config, out)  # everything checkable is checked before the engine starts
-    clientapp = clientapp or (faults.APP if faults.misbehaves(config) else CLIENT_APP)
+    clientapp = clientapp or (misbehaving.APP if misbehaving.misbehaves(config) else CLIENT_APP)
     if not config.output.resume and (out / "summary.json").exists():
         raise SimulationFailed(f"{out} already holds a finished run; choose another --out or pass --resume")
     out.mkdir(parents=True, exist_ok=True)

@@ -5,10 +5,16 @@ For the deployment tests and the deployment benchmark. Everything binds
 the processes are started with the real commands (`fedlora coordinator start`,
 `fedlora site start`, `fedlora run`). Every process started here is killed,
 with all its descendants, by `close()`, also when the caller fails.
+
+    python -m fedlora.simulations.loopback run --dir COORDINATOR --out RUN [--set ...]
+
+is `fedlora run` with the test relay that honours a site's `test-fault`
+(fedlora.simulations.faults), for the deployment tests.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -17,12 +23,14 @@ import time
 from pathlib import Path
 
 from fedlora.data import synthetic
+from fedlora.deploy import cli as deploy_cli
 from fedlora.deploy.coordinator_home import init_coordinator
 from fedlora.deploy.flwr_cli import call_json
 from fedlora.deploy.registry import add_site
 from fedlora.deploy.site_home import init_site
 from fedlora.flower import FLOWER_ENV
 from fedlora.processes import free_ports, kill_tree
+from fedlora.simulations.faults import RELAY_APP
 
 LABELS = ",".join(synthetic.LABELS)
 # One torch thread per process: here all sites share one machine (a real site has its own), and
@@ -143,7 +151,7 @@ class LoopbackFederation:
 
     def run_command(self, out: Path, *settings: str, resume: bool = False, faulty: bool = False) -> list[str]:
         """`fedlora run` for this coordinator; `faulty`: with the test relay that honours `test-fault`."""
-        runner = [sys.executable, "-m", "fedlora.simulations.faults"] if faulty else cli()
+        runner = [sys.executable, "-m", "fedlora.simulations.loopback"] if faulty else cli()
         command = [*runner, "run", "--dir", str(self.coord), "--out", str(out)]
         for setting in settings:
             command += ["--set", setting]
@@ -162,3 +170,17 @@ def tail(path: Path, offset: int) -> str:
 def metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fedlora run`, submitting the run with the test relay (faults.relay_app) as the sites' ClientApp."""
+    parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.loopback")
+    deploy_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.error("only `run` submits with the test relay")
+    return deploy_cli.run_command(args, clientapp=RELAY_APP)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 from fedlora import config as cfg
 from fedlora.data.labels import infer_labels
 from fedlora.data.sites import check_site_data
-from fedlora.models import check_available
+from fedlora.model_sources import check_available
 from fedlora.server.tracking import require as require_tracking
 from fedlora.tasks import build_task
 
