@@ -50,3 +50,5 @@ DP_LEDGER_HEAD = "ledger-head"         # hash of the site's last ledger entry
 # Error codes of a train reply whose site refuses.
 BUDGET_EXHAUSTED = 4001       # its privacy budget would be exceeded
 CLEAR_UPLOAD_REFUSED = 4002   # the run uses secure aggregation, and the message asks for an update in clear
+# Error code of a reply whose site failed; the reason is a category and a count, never data or paths.
+SITE_FAILED = 4003

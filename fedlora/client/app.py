@@ -7,8 +7,10 @@ rows and reply with sums the server pools exactly. Only trainable adapter
 tensors (and a task head) ever leave the site.
 
 What a site does to every message on top of that is a Flower ClientApp mod,
-in `SITE_MODS`: secure aggregation (client/secure.py) masks the upload, and
-upload compression (client/mods.py) encodes it. Simulations that need
+in `SITE_MODS`: errors are logged at the site and reported upstream as a
+category and a count only (client/mods.py), secure aggregation
+(client/secure.py) masks the upload, and upload compression (client/mods.py)
+encodes it. Simulations that need
 misbehaving sites build their own ClientApp with `build_client_app` and more
 mods (fedlora.simulations.misbehaving); this module never imports them.
 """
@@ -23,8 +25,8 @@ from flwr.clientapp import ClientApp
 
 from fedlora import wire
 from fedlora.arrays import to_record
-from fedlora.client.mods import compression_mod
-from fedlora.client.runtime import SiteRuntime, site_runtime
+from fedlora.client.mods import compression_mod, site_errors_mod
+from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_runtime
 from fedlora.client.secure import secure_aggregation_mod
 from fedlora.client.site_strategy import SitePlan
 from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, train_privately
@@ -33,11 +35,7 @@ from fedlora.training import evaluate_counts, plain_train, site_seed
 log = logging.getLogger(__name__)
 
 Runtime = Callable[[Context], SiteRuntime]
-SITE_MODS = [secure_aggregation_mod, compression_mod]  # outermost first
-
-
-class BaseModelMismatch(RuntimeError):
-    pass
+SITE_MODS = [site_errors_mod, secure_aggregation_mod, compression_mod]  # outermost first
 
 
 def _set_global(rt: SiteRuntime, msg: Message, plan: SitePlan) -> dict:

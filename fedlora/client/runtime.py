@@ -24,6 +24,10 @@ from fedlora.tasks.base import Example, Task
 log = logging.getLogger(__name__)
 
 
+class BaseModelMismatch(RuntimeError):
+    """The site's base model weights are not the coordinator's (their fingerprints differ)."""
+
+
 @dataclass
 class SiteRuntime:
     config: cfg.RunConfig

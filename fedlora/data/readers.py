@@ -21,7 +21,12 @@ RowCheck = Callable[[Row], "str | None"]  # returns the problem, or None when th
 
 
 class DataError(ValueError):
-    """A data file or row is unusable; the message names the file and line."""
+    """A data file or row is unusable; the message names the file and line (and may quote the row:
+    it stays at the site). `bad_rows` counts the unusable rows, the only part a site may report."""
+
+    def __init__(self, message: str, bad_rows: int = 0):
+        super().__init__(message)
+        self.bad_rows = bad_rows
 
 
 @dataclass
@@ -86,10 +91,12 @@ def read_rows(path: str | Path, check: RowCheck, skip_bad_rows: bool = False) ->
         problem = row if isinstance(row, str) else check(row)
         if problem is None:
             rows.append(row)
-        elif skip_bad_rows:
-            skipped.append((lineno, problem))
         else:
-            raise DataError(f"{path}, {where} {lineno}: {problem} (set data.skip-bad-rows = true to skip and count such rows)")
+            skipped.append((lineno, problem))
+    if skipped and not skip_bad_rows:
+        (lineno, problem), more = skipped[0], len(skipped) - 1
+        raise DataError(f"{path}, {where} {lineno}: {problem}" + (f" (and {more} more bad rows)" if more else "")
+                        + " (set data.skip-bad-rows = true to skip and count such rows)", bad_rows=len(skipped))
     if not rows:
         raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped)" if skipped else ""))
     return SiteRows(path, rows, skipped)

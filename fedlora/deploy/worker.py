@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fedlora import __version__, flower, logs
 from fedlora.client.app import app as site_app
+from fedlora.client.mods import upstream_reason
 from fedlora.client.runtime import site_runtime
 from fedlora.deploy.frames import recv_frame, send_frames
 
@@ -57,7 +58,7 @@ def _handle(conn: socket.socket, version: str) -> None:
         reply = site_app(message, context)
     except Exception as err:  # noqa: BLE001 - reported to the relay, which raises it in the ClientApp
         log.exception("the ClientApp raised")
-        send_frames(conn, json.dumps({"ok": False, "error": f"{type(err).__name__}: {err}"}).encode())
+        send_frames(conn, json.dumps({"ok": False, "error": upstream_reason(err)}).encode())  # no data, no paths
         return
     done = time.perf_counter()
     send_frames(conn, json.dumps({"ok": True, "load_seconds": loaded - started,
