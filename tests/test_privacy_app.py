@@ -64,5 +64,6 @@ def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
     assert "refuses round" in refusal.error.reason
     entries = ledger.entries()
     assert [e["event"] for e in entries][-1] == "refused"
-    assert entries[0]["budget_source"].startswith("epsilon: node config")
-    assert json.dumps(entries[0]["versions"]).count("opacus") == 1
+    trained = [e for e in entries if e["event"] == "train"]
+    assert trained[0]["budget_source"].startswith("epsilon: node config")
+    assert json.dumps(trained[0]["versions"]).count("opacus") == 1

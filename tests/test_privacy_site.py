@@ -55,7 +55,8 @@ def test_budget_stop_refuses_at_the_right_round(tmp_path):
     accountant = SiteAccountant(tmp_path, Budget(target, DELTA, "test"), "prv", "site-a")
     assert _run_until_refusal(accountant) == expected
     entries = Ledger(tmp_path).entries()
-    assert [e["event"] for e in entries] == ["train"] * (expected - 1) + ["refused"]
+    assert [e["event"] for e in entries] == ["reserved", "train"] * (expected - 1) + ["refused"]
+    assert all(t["reservation"] == r["hash"] for r, t in zip(entries[0:-1:2], entries[1:-1:2]))
     assert entries[-2]["epsilon"] <= target < entries[-1]["projected_epsilon"]
     assert entries[-2]["epsilon"] == pytest.approx(by_round[expected - 2])
 
@@ -136,3 +137,46 @@ def test_ledger_survives_a_crash_between_entry_and_head(tmp_path):
     ledger.head_path.write_text(head)  # as if the process died before updating the head
     assert len(ledger.entries()) == 3  # the extra, valid entry only adds spend: kept
     assert json.loads(ledger.head_path.read_text())["count"] == 3
+
+
+CONCURRENT_ROUND = """
+import sys, time
+from fedlora.privacy.budget import Budget
+from fedlora.privacy.site import BudgetExhausted, SiteAccountant
+accountant = SiteAccountant(sys.argv[1], Budget(float(sys.argv[2]), 1e-5, "test"), "prv", "site-a")
+while time.time() < float(sys.argv[3]):  # both processes start their check together
+    time.sleep(0.001)
+try:
+    plan = accountant.plan_round(1, 0.25, 8, 1.5, run=sys.argv[4])
+except BudgetExhausted:
+    print("refused")
+    sys.exit(0)
+time.sleep(1.0)  # training
+accountant.commit(plan, run=sys.argv[4])
+print("trained")
+"""
+
+
+def test_two_trainings_at_one_site_cannot_both_pass_a_check_only_one_fits(tmp_path):
+    """Two processes (two runs) at one site, a budget that fits one round: before the check and the
+    reservation were one transaction, both trained and the site reached 1.3x its budget."""
+    one, two = epsilon_by_round(SIGMA, Q, STEPS, 2, DELTA, "prv")
+    budget = (one + two) / 2  # one round fits, two do not
+    start = __import__("time").time() + 2.0
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_ROUND, str(tmp_path), str(budget), str(start),
+                               f"run-{i}"], stdout=subprocess.PIPE, text=True) for i in range(2)]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outcomes == ["refused", "trained"]
+    accountant = SiteAccountant(tmp_path, Budget(budget, DELTA, "test"), "prv", "site-a")
+    assert accountant.spent()["epsilon"] == pytest.approx(one, rel=1e-6) and one <= budget
+
+
+def test_a_reservation_counts_until_committed_and_a_failed_training_gives_it_back(tmp_path):
+    one, _ = epsilon_by_round(SIGMA, Q, STEPS, 2, DELTA, "prv")
+    accountant = SiteAccountant(tmp_path, Budget(8.0, DELTA, "test"), "prv", "site-a")
+    plan = accountant.plan_round(1, Q, STEPS, SIGMA)
+    assert accountant.spent()["epsilon"] == pytest.approx(one, rel=1e-6)  # reserved = spent (a crash keeps it)
+    accountant.release(plan, "training failed")
+    assert accountant.spent()["epsilon"] == 0.0
+    accountant.commit(accountant.plan_round(1, Q, STEPS, SIGMA))
+    assert accountant.spent()["epsilon"] == pytest.approx(one, rel=1e-6) and accountant.spent()["rounds"] == 1

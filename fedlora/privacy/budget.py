@@ -2,12 +2,16 @@
 
 The run configuration proposes (epsilon, delta); the site's own node
 configuration may impose a stricter one, and the stricter wins: a coordinator
-cannot loosen a hospital's budget. A node config that sets any `privacy-*` key
-also makes DP-SGD mandatory at that site, even if the run disables it.
+cannot loosen a hospital's budget. Delta is bounded by the site even when its
+node config says nothing: never above the site's default (`SITE_DELTA`, 1e-5)
+nor above 1/(10·units) of its own data, so a coordinator cannot weaken a
+site's epsilon by proposing a large delta. A node config that sets any
+`privacy-*` key also makes DP-SGD mandatory at that site, even if the run
+disables it.
 
 Node-config keys (deployment: `flower-supernode --node-config '...'`):
   privacy-epsilon      the site's largest acceptable epsilon
-  privacy-delta        the site's largest acceptable delta
+  privacy-delta        the site's largest acceptable delta (default: SITE_DELTA)
   privacy-unit-column  the site's unit-of-privacy column (e.g. "patient-id")
   state-dir            folder on the site's persistent disk for its ledger
 """
@@ -23,6 +27,7 @@ NODE_DELTA = "privacy-delta"
 NODE_UNIT_COLUMN = "privacy-unit-column"
 NODE_STATE_DIR = "state-dir"
 NODE_PRIVACY_KEYS = (NODE_EPSILON, NODE_DELTA, NODE_UNIT_COLUMN)
+SITE_DELTA = 1e-5  # the largest delta a site accepts when its node config names none
 
 
 class PrivacyStateError(RuntimeError):
@@ -46,14 +51,17 @@ def _positive(node: Mapping[str, Any], key: str) -> float:
     return value
 
 
-def resolve_budget(run_epsilon: float, run_delta: float, node: Mapping[str, Any]) -> Budget:
-    """The stricter of the run's and the node's (epsilon, delta), per component."""
-    eps, delta = run_epsilon, run_delta
-    eps_src = delta_src = "run config"
+def resolve_budget(run_epsilon: float, run_delta: float, node: Mapping[str, Any], units: int | None = None) -> Budget:
+    """The stricter of the run's and the site's (epsilon, delta), per component. The site's delta is
+    its node config's, else SITE_DELTA, and never above 1/(10·units) of its own data."""
+    eps, eps_src = run_epsilon, "run config"
     if NODE_EPSILON in node and _positive(node, NODE_EPSILON) < eps:
         eps, eps_src = _positive(node, NODE_EPSILON), "node config"
-    if NODE_DELTA in node and _positive(node, NODE_DELTA) < delta:
-        delta, delta_src = _positive(node, NODE_DELTA), "node config"
+    candidates = [(run_delta, "run config"),
+                  (_positive(node, NODE_DELTA), "node config") if NODE_DELTA in node else (SITE_DELTA, "site default")]
+    if units:
+        candidates.append((0.1 / units, f"1/(10 x {units} units)"))
+    delta, delta_src = min(candidates, key=lambda c: c[0])
     return Budget(eps, delta, f"epsilon: {eps_src}, delta: {delta_src}")
 
 

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,16 +46,34 @@ class Ledger:
         self.path = self.directory / "ledger.jsonl"
         self.head_path = self.directory / "ledger.head"
         self._lock_path = self.directory / ".ledger.lock"
+        self._held = threading.local()  # this object's lock depth, per thread (the lock is reentrant)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Hold the ledger for a read-check-append sequence: no other process or thread can read
+        or append in between (a budget check and the reservation of what it allowed)."""
+        with self._locked():
+            yield
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        """One writer at a time, even across processes sharing the directory."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with self._lock_path.open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        """One reader or writer at a time, even across processes sharing the directory."""
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
             try:
                 yield
             finally:
+                self._held.depth = depth
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock_path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def entries(self) -> list[dict[str, Any]]:

@@ -1,16 +1,20 @@
 """A site's privacy accountant on its own disk: plan a round, refuse or commit.
 
 Before each round the site projects its epsilon with this round's steps and
-refuses if the budget would be exceeded. After training, and before the update
-leaves, the round is appended to the site's ledger (fsynced). The spend is always
-recomputed from the ledger, so a new process, a crash or a failed upload never
-resets it: whatever was recorded stays spent.
+refuses if the budget would be exceeded; the check and a reservation of what it
+allows are one transaction on the ledger, so two trainings at one site (two
+runs, two processes) cannot both pass a check that only one of them fits.
+After training, and before the update leaves, the round is committed to the
+ledger (fsynced). The spend is always recomputed from the ledger — committed
+rounds plus open reservations — so a new process, a crash or a failed upload
+never resets it: whatever was reserved stays spent unless the site releases it
+because its training failed before anything left.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,8 @@ from fedlora.privacy.ledger import Ledger
 from fedlora.versions import library_versions
 
 TRAIN = "train"
+RESERVED = "reserved"   # a planned round's spend, held from the check until its commit or release
+RELEASED = "released"   # a reservation whose training failed before anything left the site
 REFUSED = "refused"
 
 
@@ -47,6 +53,7 @@ class RoundPlan:
     epsilon_prv: float
     epsilon_rdp: float
     calibrated: bool          # sigma chosen by the site to fit its budget
+    reservation: str = ""     # the ledger entry that holds this round's spend until it is committed
 
 
 class SiteAccountant:
@@ -59,12 +66,17 @@ class SiteAccountant:
         self.unit = unit
 
     # -- what has been spent ----------------------------------------------------
+    def spending(self) -> list[dict[str, Any]]:
+        """The ledger entries that count: every committed round and every open reservation."""
+        entries = self.ledger.entries()
+        closed = {e["reservation"] for e in entries if e["event"] in (TRAIN, RELEASED) and e.get("reservation")}
+        return [e for e in entries if e["event"] == TRAIN or (e["event"] == RESERVED and e["hash"] not in closed)]
+
     def history(self) -> History:
-        return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"])
-                         for e in self.ledger.entries() if e["event"] == TRAIN)
+        return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.spending())
 
     def spent(self) -> dict[str, Any]:
-        entries = [e for e in self.ledger.entries() if e["event"] == TRAIN]
+        entries = [e for e in self.spending() if e["event"] == TRAIN]
         h, delta = self.history(), self.budget.delta
         return {"epsilon": epsilon(h, delta, self.accountant), "epsilon_prv": epsilon_prv(h, delta),
                 "epsilon_rdp": epsilon_rdp(h, delta), "delta": delta, "rounds": len(entries),
@@ -73,8 +85,17 @@ class SiteAccountant:
     # -- before training --------------------------------------------------------
     def plan_round(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float = 0.0,
                    rounds_left: int = 1, run: str = "") -> RoundPlan:
-        """This round's sigma and projected epsilon; raises BudgetExhausted (after
-        recording the refusal) when the round would exceed the budget."""
+        """This round's sigma and projected epsilon, its spend reserved in the ledger; raises
+        BudgetExhausted (after recording the refusal) when the round would exceed the budget."""
+        with self.ledger.transaction():
+            plan = self._plan(server_round, sample_rate, steps, noise_multiplier, rounds_left, run)
+            reserved = self.ledger.append({"event": RESERVED, "site": self.site, "run": run, **asdict(plan),
+                                           "delta": self.budget.delta, "accountant": self.accountant,
+                                           "time": _now()})
+        return replace(plan, reservation=reserved["hash"])
+
+    def _plan(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float,
+              rounds_left: int, run: str) -> RoundPlan:
         spent = self.history()
         delta, target = self.budget.delta, self.budget.epsilon
         calibrated = noise_multiplier <= 0
@@ -96,7 +117,7 @@ class SiteAccountant:
         """Sigma so that the rounds left, at this round's steps, just fit the budget.
         The last round's sigma is kept while it still fits, so a run's sigma is stable."""
         delta, target = self.budget.delta, self.budget.epsilon
-        last = [e for e in self.ledger.entries() if e["event"] == TRAIN and e.get("calibrated")]
+        last = [e for e in self.spending() if e.get("calibrated")]
         if last and last[-1]["sample_rate"] == sample_rate:
             sigma = last[-1]["noise_multiplier"]
             if epsilon(spent + (Mechanism(sigma, sample_rate, steps * rounds_left),), delta,
@@ -114,8 +135,13 @@ class SiteAccountant:
             f"(delta {self.budget.delta:g}, {self.accountant}) would be exceeded: {why}")
 
     # -- after training, before the update leaves ------------------------------
+    def release(self, plan: RoundPlan, why: str) -> None:
+        """Give back a reservation whose training failed before anything left the site."""
+        self.ledger.append({"event": RELEASED, "site": self.site, "round": plan.round,
+                            "reservation": plan.reservation, "reason": why, "time": _now()})
+
     def commit(self, plan: RoundPlan, run: str = "", **details: Any) -> dict[str, Any]:
-        """Append the round to the ledger (durably) and return the entry."""
+        """Append the round to the ledger (durably), closing its reservation, and return the entry."""
         return self.ledger.append({
             "event": TRAIN, "site": self.site, "run": run, "unit": self.unit,
             **asdict(plan),

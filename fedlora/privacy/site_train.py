@@ -47,8 +47,8 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     examples = rt.train_examples
     config, d = rt.config, rt.config.privacy
     simulated = "data-path" not in node
-    budget = resolve_budget(d.epsilon, d.delta, node)
     units = build_units(rt.data.train, unit_column(d.unit_column, node), d.max_records_per_unit)
+    budget = resolve_budget(d.epsilon, d.delta, node, units.count)
     accountant = SiteAccountant(state_dir(node, config.output.dir, rt.data.name, simulated), budget,
                                 d.accountant, rt.data.name, units.describe())
     if units.count == 0:
@@ -61,9 +61,13 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
                                  rounds_left=config.federation.rounds - server_round + 1, run=run)
     settings = dp_settings(config)
     learning_rate = d.learning_rate or config.train.learning_rate
-    dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
-                     learning_rate=learning_rate, weight_decay=config.train.weight_decay, extra_loss=extra_loss,
-                     steps_method=DPSGD(units, sample_rate, plan.noise_multiplier, settings))
+    try:
+        dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
+                         learning_rate=learning_rate, weight_decay=config.train.weight_decay, extra_loss=extra_loss,
+                         steps_method=DPSGD(units, sample_rate, plan.noise_multiplier, settings))
+    except Exception as err:  # nothing left the site: the reserved spend is given back, and the error goes on
+        accountant.release(plan, f"training failed: {type(err).__name__}")
+        raise
     entry = accountant.commit(plan, run=run, clip=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
                               max_records_per_unit=units.sensitivity_factor, units=units.count,
                               records=len(examples), empty_steps=dp.empty_steps, learning_rate=learning_rate)
