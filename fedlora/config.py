@@ -342,6 +342,9 @@ class PrivacySection(Section):
     client_dp: bool = option(
         False, "Client-level DP at the coordinator (unit = a whole site): clip each site's update, "
         "add Gaussian noise to the aggregate. Only useful with many sites (hundreds).")
+    client_epsilon: float = option(
+        0.0, "Client-level DP: the run ends before a round that would take its epsilon (amplified by the "
+        "coordinator's secret sampling) past this; 0: privacy.epsilon.")
     client_noise_multiplier: float = option(
         1.0, "Client-level DP: noise std on the sum of updates / clip norm (the accounted multiplier).")
     client_clip_norm: float = option(
@@ -370,6 +373,8 @@ class PrivacySection(Section):
                f"privacy.learning-rate: {self.learning_rate} must be >= 0 (0: train.learning-rate)")
         p.need(self.local_epochs >= 0,
                f"privacy.local-epochs: {self.local_epochs} must be >= 0 (0: train.local-epochs)")
+        p.need(self.client_epsilon >= 0, f"privacy.client-epsilon: {self.client_epsilon} must be >= 0 "
+                                         "(0: privacy.epsilon)")
         p.need(self.client_noise_multiplier > 0,
                f"privacy.client-noise-multiplier: {self.client_noise_multiplier} must be > 0")
         p.need(self.client_clip_norm > 0, f"privacy.client-clip-norm: {self.client_clip_norm} must be > 0")

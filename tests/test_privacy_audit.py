@@ -4,12 +4,33 @@ the behaviour the audit measured and passes now."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import math
 
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from fedlora.config import load_config
+from fedlora.privacy.accounting import Mechanism
 from fedlora.privacy.budget import SITE_DELTA, resolve_budget
+from fedlora.privacy.client_dp import ClientLevelDP
 from fedlora.privacy.site import SiteAccountant
+from fedlora.privacy.server import ServerPrivacy
+from fedlora.server.collect import Messenger
+from fedlora.server.pipeline import Coordinator
+from fedlora.simulations.inprocess import run_inprocess
+from fedlora.strategies.compose import server_strategy
 
 dp_accounting = pytest.importorskip("dp_accounting")
+
+
+def gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of a Gaussian mechanism with sensitivity/std = mu (Balle & Wang 2018)."""
+    def excess(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+    return brentq(excess, 0.0, 200.0)
 
 
 def _pld_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
@@ -36,3 +57,89 @@ def test_a_site_caps_delta_below_one_over_its_units_and_its_own_setting_wins():
     assert resolve_budget(8.0, 1e-3, {}, units=1_000_000).delta == pytest.approx(1e-7)  # 1/(10 n)
     assert resolve_budget(8.0, 1e-3, {"privacy-delta": 1e-6}, units=100).delta == 1e-6
     assert resolve_budget(8.0, 1e-8, {"privacy-delta": 1e-6}, units=100).delta == 1e-8  # the stricter wins
+
+
+# -- client-level DP: the adaptive clipping count, the sample, the budget, the loss ----------------
+class ZeroNoise:
+    """A generator whose normals are zero, keeping the scales asked for: the released statistics
+    themselves, and the noise each was meant to carry."""
+
+    def __init__(self):
+        self.scales = []
+
+    def normal(self, loc=0.0, scale=1.0, size=None):
+        self.scales.append(float(scale))
+        return np.zeros(size) if size is not None else 0.0
+
+
+def _site(norm: float, rng) -> dict:
+    v = rng.normal(size=(6, 5))
+    return {"w": (norm * v / np.linalg.norm(v)).astype(np.float32)}
+
+
+def _release(updates, z=1.3, clip=1.0):
+    """The default count noise (max(sites/20, z) = z here), as in the audit's run."""
+    noise = ZeroNoise()
+    mechanism = ClientLevelDP(z, clip, 1e-5, adaptive=True, rng=noise)
+    result = mechanism.round(updates, {"w": np.zeros((6, 5), np.float32)}, 1.0, 12)
+    return mechanism, result, noise.scales
+
+
+def test_adaptive_clipping_is_accounted_at_the_sensitivity_of_what_it_releases():
+    """Measured from the releases themselves: one site removed moves the update sum by C and the
+    released count by its sensitivity; the Gaussian those make must be the one accounted. The
+    audit: a run accounted at z = 1.3 was really z = 0.98 (epsilon 4.45 -> 7.29 at q = 0.1, 100 rounds)."""
+    rng = np.random.default_rng(0)
+    sites = [_site(0.999, rng) for _ in range(6)] + [_site(5.0, rng) for _ in range(6)]  # within C, and over
+    mechanism, full, (update_std, count_std) = _release(sites)
+    moves = []
+    for gone in range(len(sites)):  # every neighbouring federation: one site removed
+        _, without, _ = _release(sites[:gone] + sites[gone + 1:])
+        update_move = np.linalg.norm(full.delta_mean["w"].astype(np.float64) - without.delta_mean["w"]) * 12
+        count_move = abs(full.count_release - without.count_release)
+        moves.append(np.hypot(update_move / update_std, count_move / count_std))  # in noise units
+    mu = max(moves)  # the worst neighbour
+    assert mechanism.history[-1].noise_multiplier == pytest.approx(1 / mu, rel=1e-4)
+    reported = ClientLevelDP(1.3, 1.0, 1e-5)
+    reported.history = [Mechanism(1.3, 0.1, 1)] * 100
+    assert _pld_epsilon(1 / mu, 0.1, 100, 1e-5) <= reported.spent()["epsilon"] * 1.01 + 0.01
+
+
+def _coordinator(config) -> Coordinator:
+    return Coordinator(None, config, server_strategy(config), None, Messenger(None, ServerPrivacy(config)), None,
+                       None, "")
+
+
+def test_the_sample_is_secret_and_epsilon_is_also_given_without_amplification():
+    """The audit: sites were drawn from a generator seeded by the run config, so amplification by
+    sampling was claimed for a sample anyone with the config could recompute."""
+    config = load_config(None, ["privacy.client-dp=true", "federation.num-sites=100", "federation.min-sites=3",
+                                "federation.fraction-train=0.1"])
+    nodes = list(range(1000, 1100))
+    draws = [_coordinator(config).sample(nodes, 1) for _ in range(2)]
+    assert draws[0] != draws[1]  # nothing in the configuration reproduces it (a 1 in ~10^13 chance otherwise)
+    plain = load_config(None, ["federation.num-sites=100", "federation.fraction-train=0.1"])
+    replay = _coordinator(plain)
+    assert replay.sample(nodes, 1) == replay.sample(nodes, 1)  # without DP a run stays reproducible
+    mechanism = ClientLevelDP(1.0, 0.1, 1e-5)
+    mechanism.history = [Mechanism(1.0, 0.1, 1)] * 50
+    pld = _pld_epsilon(1.0, 0.1, 50, 1e-5)  # Poisson-subsampled, as the secret sample now is
+    assert pld - 0.01 <= mechanism.spent()["epsilon"] <= pld * 1.01 + 0.01
+    k = 9  # the most-sampled site took part 9 times: without the secret, 9 Gaussian steps at z = 1
+    assert mechanism.unamplified(k) == pytest.approx(gaussian_epsilon(math.sqrt(k) / 1.0, 1e-5), abs=0.02)
+
+
+def test_client_level_dp_ends_the_run_before_its_budget_and_keeps_losses_and_participants_private(tmp_path):
+    out = run_inprocess(load_config(None, [
+        "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=24", "train.local-steps=1",
+        "federation.rounds=6", "federation.num-sites=3", "privacy.client-dp=true",
+        "privacy.client-noise-multiplier=1.5", "privacy.client-epsilon=5"]), tmp_path)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    spent = rows[-1]["client_epsilon"]
+    assert len(rows) < 6 and spent <= 5.0  # stopped before the round that would pass the budget
+    assert 0 < len(rows) and gaussian_epsilon(math.sqrt(len(rows) + 1) / 1.5, 1e-5) > 5.0  # one more would
+    assert "client-epsilon" in summary["privacy"]["stopped"]
+    assert all("train_loss" not in r for r in rows)  # not noised: it stays at the sites
+    assert summary["sites"] == {} and "secret" in summary["privacy"]["client_level"]["assumes"]
+    assert summary["privacy"]["client_level"]["epsilon_unamplified"] >= spent

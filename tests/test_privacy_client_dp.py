@@ -58,11 +58,11 @@ def test_the_wrapped_strategy_sees_one_noised_mean_of_clipped_updates():
     config = load_config(None, ["privacy.client-dp=true", "privacy.client-clip-norm=0.5",
                                 "privacy.client-noise-multiplier=0.8"])
     inner = Recorder()
-    wrapped = ClientLevelDPStrategy(inner, ClientLevelDP.from_config(config.privacy), rounds=5)
+    wrapped = ClientLevelDPStrategy(inner, ClientLevelDP.from_config(config.privacy), rounds=5, budget=100.0)
     wrapped.mechanism.rng = np.random.default_rng(7)
     rng = np.random.default_rng(0)
     updates = [SiteUpdate(f"s{i}", 100.0 * (i + 1), _update(1.0, rng)) for i in range(3)]
-    wrapped.begin_round(RoundInfo(1, sampled=3, available=4))  # 4 sites could train; 3 were asked
+    wrapped.begin_round(RoundInfo(1, sampled=3, available=4, sample_rate=0.75))  # 4 could train, q = 0.75
     wrapped.aggregate({k: np.zeros(shape, np.float32) for k, shape in SHAPES.items()}, updates)
     out = inner.seen
     assert len(out) == 1 and out[0].site == CLIENT_DP_SITE and out[0].metrics[wire.NUM_EXAMPLES] == 3
@@ -88,7 +88,7 @@ def test_adaptive_clipping_tracks_the_quantile_and_keeps_the_accounted_noise():
     dp = ClientLevelDP(z, 0.01, 1e-5, adaptive=True, count_stddev=sigma_b, rng=np.random.default_rng(0))
     rng = np.random.default_rng(1)
     for _ in range(30):  # every update is far above the clip norm: it must grow
-        dp.round([_update(1.0, rng) for _ in range(20)], _update(0.0, rng), sampled=20, available=20)
+        dp.round([_update(1.0, rng) for _ in range(20)], _update(0.0, rng), sample_rate=1.0, available=20)
     assert dp.clip_norm > 0.1
 
 
@@ -97,7 +97,7 @@ def test_client_level_accounting_matches_the_gaussian_closed_form():
     z, rounds, delta = 1.08, 5, 1e-3
     dp = ClientLevelDP(z, 0.1, delta, rng=np.random.default_rng(0))
     for _ in range(rounds):
-        dp.round([_update(0.1, np.random.default_rng(2))] * 4, _update(0.0, np.random.default_rng(3)), 4, 4)
+        dp.round([_update(0.1, np.random.default_rng(2))] * 4, _update(0.0, np.random.default_rng(3)), 1.0, 4)
     mu = math.sqrt(rounds) / z
     exact = brentq(lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta, 0, 50)
     spent = dp.spent()

@@ -80,8 +80,9 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         wire.LORA_RANK: rt.rank,
     })
     content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
-    if private is not None:  # the loss is data-dependent and not noised: it stays at the site
+    if private is not None or rt.config.privacy.client_dp:  # data-dependent, not noised: it stays here
         del metrics[wire.TRAIN_LOSS]
+    if private is not None:
         metrics.update(private.metrics)
         content[wire.PRIVACY] = ConfigRecord(private.record)
     return Message(content, reply_to=msg)

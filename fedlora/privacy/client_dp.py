@@ -1,22 +1,29 @@
 """Client-level DP at the coordinator: the unit of privacy is a whole site.
 
 DP-FedAvg (McMahan et al. 2018) with fixed or adaptive clipping (Andrew et al.
-2021): clip each site's update to L2 norm C, sum, add N(0, (z_update·C)²) per
-coordinate, divide by the number of sites asked this round (a fixed, data-
-independent denominator; every site weighs the same). The strategy then sees
-only this noised mean, as one update, so any strategy that is linear in the
-updates keeps the guarantee (post-processing). fedlora accounts it itself: one
-subsampled Gaussian step per round at q = sites asked / sites available.
+2021). Each round the coordinator samples every available site independently
+with probability q (`federation.fraction-train`), from the operating system's
+secret random source; clips each sampled site's update to L2 norm C; sums; adds
+N(0, (z_update·C)²) per coordinate; and divides by the expected number of
+sites q·N (a fixed, data-independent denominator: every site weighs the same).
+The strategy then sees only this noised mean, as one update, so any strategy
+that is linear in the updates keeps the guarantee (post-processing). fedlora
+accounts it itself: one Poisson-subsampled Gaussian step per round at rate q.
 
-Adaptive clipping releases a noised count of unclipped sites too; both releases
-together are accounted as one Gaussian mechanism of multiplier z, where
-z⁻² = z_update⁻² + (2·σ_count)⁻² (Andrew et al., Thm 1).
+Adaptive clipping also releases a noised count of the sites within the clip
+norm, centred — Σ(bᵢ − ½) + N(0, σ_b²) — so one site moves it by ½ and both
+releases together are one Gaussian mechanism of multiplier z, where
+z⁻² = z_update⁻² + (2·σ_b)⁻² (Andrew et al., Thm 1).
 
-Only useful with many sites: the noise on the mean is z·C/k per coordinate.
+What the epsilon assumes, said wherever it is reported: the coordinator is
+trusted (it sees each update in clear before it clips and noises), and it keeps
+the sample secret — the run directory records how many sites took part in a
+round, never which. Without that assumption (`client_epsilon_unamplified`),
+the most-sampled site's k rounds compose as k unsubsampled Gaussian steps.
+`privacy.client-epsilon` is enforced: the run ends before a round that would
+take the amplified epsilon past it.
 
-`ClientLevelDPStrategy` is the mechanism as a strategy wrapper (as Flower's
-`DifferentialPrivacyServerSideFixedClipping` wraps a strategy): the wrapped
-strategy aggregates the one noised mean as it would the sites' updates.
+Only useful with many sites: the noise on the mean is z·C/(q·N) per coordinate.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 
 from fedlora import wire
 from fedlora.privacy.accounting import Mechanism, epsilon, epsilon_prv, epsilon_rdp
-from fedlora.strategies.base import RoundInfo, SiteUpdate, Strategy, StrategyWrapper
+from fedlora.strategies.base import RoundInfo, SiteUpdate, StopRun, Strategy, StrategyWrapper
 
 log = logging.getLogger(__name__)
 CLIENT_DP_SITE = "client-dp-mean"  # the one update the wrapped strategy sees
@@ -52,7 +59,7 @@ def clip_update(update: State, clip_norm: float) -> tuple[State, float]:
 
 
 def noised_mean(clipped: list[State], like: State, clip_norm: float, noise_multiplier: float,
-                denominator: int, rng: np.random.Generator) -> State:
+                denominator: float, rng: np.random.Generator) -> State:
     """(Σ clipped + N(0, (z·C)²)) / denominator, float32, with the keys and shapes of `like`."""
     std = noise_multiplier * clip_norm
     out = {}
@@ -97,6 +104,7 @@ class ClientDPRound:
     clip_norm: float          # the norm this round clipped to
     unclipped: int            # sites whose update was within the clip norm
     norms: list[float] = field(default_factory=list)
+    count_release: float | None = None  # adaptive clipping: the noised centred count, Σ(bᵢ − ½) + noise
 
 
 class ClientLevelDP:
@@ -123,35 +131,48 @@ class ClientLevelDP:
                    privacy.client_clipping == "adaptive", privacy.client_target_quantile,
                    privacy.client_clip_learning_rate, privacy.client_clipped_count_stddev, privacy.accountant)
 
-    def count_noise(self, sites_per_round: int) -> float:
+    def count_noise(self, sites_per_round: float) -> float:
         return self.count_stddev or max(sites_per_round / 20, self.noise_multiplier)
 
-    def round(self, updates: list[State], like: State, sampled: int, available: int) -> ClientDPRound:
-        """Noised mean of `updates` from `sampled` sites asked out of `available`; records the step."""
-        if sampled < 1 or available < sampled:
-            raise ValueError(f"sampled {sampled} of {available} sites")
+    def round(self, updates: list[State], like: State, sample_rate: float, available: int) -> ClientDPRound:
+        """Noised mean of `updates` from the sites sampled at `sample_rate` out of `available`;
+        records the step. The denominator is the expected number of sites, q·N."""
+        if not 0 < sample_rate <= 1 or available < 1:
+            raise ValueError(f"sample rate {sample_rate} of {available} sites")
+        expected = sample_rate * available
         clip = self.clip_norm
         z_update = self.noise_multiplier
         if self.adaptive:
-            z_update = update_noise_multiplier(self.noise_multiplier, self.count_noise(sampled))
+            z_update = update_noise_multiplier(self.noise_multiplier, self.count_noise(expected))
         clipped, norms = [], []
         for u in updates:
             c, n = clip_update(u, clip)
             clipped.append(c)
             norms.append(n)
         unclipped = sum(n <= clip for n in norms)
-        mean = noised_mean(clipped, like, clip, z_update, sampled, self.rng)
-        if self.adaptive:
-            noisy = (unclipped + self.rng.normal(0.0, self.count_noise(sampled))) / sampled
-            self.clip_norm = next_clip_norm(clip, noisy, self.target_quantile, self.clip_learning_rate)
-        self.history.append(Mechanism(self.noise_multiplier, sampled / available, 1))
-        return ClientDPRound(mean, clip, unclipped, norms)
+        mean = noised_mean(clipped, like, clip, z_update, expected, self.rng)
+        count_release = None
+        if self.adaptive:  # centred: one site moves the released count by 1/2, as the accounting assumes
+            count_release = (unclipped - len(updates) / 2) + float(self.rng.normal(0.0, self.count_noise(expected)))
+            self.clip_norm = next_clip_norm(clip, count_release / expected + 0.5, self.target_quantile,
+                                            self.clip_learning_rate)
+        self.history.append(Mechanism(self.noise_multiplier, sample_rate, 1))
+        return ClientDPRound(mean, clip, unclipped, norms, count_release)
 
-    def spent(self) -> dict[str, float]:
-        return {"epsilon": epsilon(self.history, self.delta, self.accountant),
-                "epsilon_prv": epsilon_prv(self.history, self.delta),
-                "epsilon_rdp": epsilon_rdp(self.history, self.delta), "delta": self.delta,
-                "rounds": len(self.history)}
+    def spent(self, extra_rounds: int = 0, sample_rate: float | None = None) -> dict[str, float]:
+        """Epsilon so far (with `extra_rounds` more at `sample_rate`: a projection)."""
+        history = self.history + [Mechanism(self.noise_multiplier, sample_rate or 1.0, extra_rounds)] * bool(extra_rounds)
+        return {"epsilon": epsilon(history, self.delta, self.accountant),
+                "epsilon_prv": epsilon_prv(history, self.delta),
+                "epsilon_rdp": epsilon_rdp(history, self.delta), "delta": self.delta,
+                "rounds": len(self.history) + extra_rounds}
+
+    def unamplified(self, participations: int) -> float:
+        """Epsilon of a site that took part in `participations` rounds, if the sample were public:
+        that many Gaussian steps of multiplier z, no subsampling."""
+        if not participations:
+            return 0.0
+        return epsilon([Mechanism(self.noise_multiplier, 1.0, participations)], self.delta, self.accountant)
 
     def state_dict(self) -> dict[str, Any]:
         return {"clip_norm": self.clip_norm, "history": [list(m) for m in self.history]}
@@ -163,23 +184,32 @@ class ClientLevelDP:
 
 class ClientLevelDPStrategy(StrategyWrapper):
     """Client-level DP around a linear strategy: each round, the sites' updates are replaced by
-    the noised mean of the clipped updates over the sites asked, every site weighing 1."""
+    the noised mean of the clipped updates, every site weighing 1; the run ends before its
+    client-level budget would be exceeded."""
 
     needs_individual = "the coordinator clips each site's update before noising the sum"
     needs_linear = "its aggregate must be a function of the noised sum of bounded updates"
     needs_same_shapes = True
+    needs_secret_sampling = True  # amplification by sampling holds only for a sample nobody else knows
     under_secure_aggregation = ("; use secagg.dp-noise-multiplier (distributed DP: each site clips and noises its "
                                 "update before masking)")
+    ASSUMES = ("a trusted coordinator (it sees each site's update before clipping and noising it) that keeps "
+               "the per-round sample secret")
 
-    def __init__(self, inner: Strategy, mechanism: ClientLevelDP, rounds: int):
+    def __init__(self, inner: Strategy, mechanism: ClientLevelDP, rounds: int, budget: float):
         super().__init__(inner)
         self.mechanism = mechanism
         self.rounds = rounds
+        self.budget = budget
         self.info: RoundInfo | None = None
+        self.participation: dict[str, int] = {}  # rounds each site took part in (kept secret, in the checkpoint)
         self._warned = False
-        self._last: ClientDPRound | None = None
 
     def begin_round(self, info: RoundInfo) -> None:
+        projected = self.mechanism.spent(1, info.sample_rate)["epsilon"]
+        if projected > self.budget:
+            raise StopRun(f"client-level DP: round {info.server_round} would bring epsilon to {projected:.3f}, past "
+                          f"privacy.client-epsilon = {self.budget:g} (spent {self.mechanism.spent()['epsilon']:.3f})")
         self.info = info
         self.inner.begin_round(info)
 
@@ -189,36 +219,47 @@ class ClientLevelDPStrategy(StrategyWrapper):
             if u.delta.keys() != like.keys() or any(u.delta[k].shape != v.shape for k, v in like.items()):
                 raise ValueError(f"client-level DP: site {u.site} sent tensors of other shapes than "
                                  f"{updates[0].site}; all sites must send the same tensors")
-        sampled = self.info.sampled if self.info else len(updates)
-        available = max(self.info.available if self.info else sampled, sampled)
+        info = self.info or RoundInfo(0, len(updates), len(updates))
+        expected = info.sample_rate * info.available
         if not self._warned:
             self._warned = True
-            eps = epsilon([Mechanism(self.mechanism.noise_multiplier, sampled / available, self.rounds)],
+            eps = epsilon([Mechanism(self.mechanism.noise_multiplier, info.sample_rate, self.rounds)],
                           self.mechanism.delta, self.mechanism.accountant)
             dimension = sum(int(v.size) for v in like.values())
-            log.warning("%s", utility_warning(self.mechanism.noise_multiplier, self.mechanism.clip_norm, sampled,
-                                              dimension, eps, self.mechanism.delta, self.rounds))
-        result = self.mechanism.round([u.delta for u in updates], like, sampled, available)
-        self._last = result
+            log.warning("%s", utility_warning(self.mechanism.noise_multiplier, self.mechanism.clip_norm,
+                                              max(1, round(expected)), dimension, eps, self.mechanism.delta,
+                                              self.rounds))
+        result = self.mechanism.round([u.delta for u in updates], like, info.sample_rate, info.available)
+        for u in updates:
+            self.participation[u.site] = self.participation.get(u.site, 0) + 1
         log.info("client-level DP: clip %.4g (%d of %d updates within it), epsilon %.3f", result.clip_norm,
                  result.unclipped, len(updates), self.mechanism.spent()["epsilon"])
-        mean = SiteUpdate(CLIENT_DP_SITE, float(sampled), result.delta_mean, {wire.NUM_EXAMPLES: sampled})
+        mean = SiteUpdate(CLIENT_DP_SITE, expected, result.delta_mean, {wire.NUM_EXAMPLES: expected})
         return self.inner.aggregate(global_state, [mean])
+
+    def _unamplified(self) -> float:
+        return self.mechanism.unamplified(max(self.participation.values(), default=0))
 
     def round_metrics(self) -> dict[str, Any]:
         spent = self.mechanism.spent()
         return {**self.inner.round_metrics(), "client_epsilon": spent["epsilon"], "client_delta": spent["delta"],
-                "client_clip_norm": self.mechanism.clip_norm}
+                "client_epsilon_unamplified": self._unamplified(), "client_clip_norm": self.mechanism.clip_norm}
 
     def guarantees(self) -> dict[str, Any]:
         m = self.mechanism
         return {**self.inner.guarantees(), "client_level": {
             "unit": "site", "clipping": "adaptive" if m.adaptive else "fixed",
-            "noise_multiplier": m.noise_multiplier, "clip_norm": m.clip_norm, **m.spent()}}
+            "noise_multiplier": m.noise_multiplier, "clip_norm": m.clip_norm, **m.spent(),
+            "budget_epsilon": self.budget, "sampling": "Poisson, from the operating system's secret random source",
+            "assumes": self.ASSUMES, "epsilon_unamplified": self._unamplified(),
+            "epsilon_unamplified_means": "the most-sampled site's rounds as unsubsampled Gaussian steps: holds "
+                                         "even if the sample were known"}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.inner.state_dict(), "client_level_dp": self.mechanism.state_dict()}
+        return {"strategy": self.inner.state_dict(), "client_level_dp": self.mechanism.state_dict(),
+                "participation": dict(self.participation)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state["strategy"])
         self.mechanism.load_state_dict(state["client_level_dp"])
+        self.participation = {site: int(n) for site, n in state["participation"].items()}

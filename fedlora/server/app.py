@@ -100,7 +100,8 @@ def main(grid: Grid, context: Context) -> None:
         "parameters": {"adapter": trainable, "base": total - trainable, "total": total},
         "adapter_bytes_float32": 4 * trainable,
         "strategy": strategy.name,
-        "sites": coordinator.sites_seen,
+        # Under client-level DP which sites took part is secret (amplification by sampling depends on it).
+        "sites": {} if strategy.needs_secret_sampling else coordinator.sites_seen,
         "privacy": privacy,
         "base_fingerprint": loaded.fingerprint,
         "versions": library_versions(),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import secrets
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ from fedlora.frozen_base import set_base_correction
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Collected, Messenger, Traffic
 from fedlora.server.rundir import Checkpoint, RunDirectory
-from fedlora.strategies.base import RoundInfo, Strategy
+from fedlora.strategies.base import RoundInfo, StopRun, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,14 @@ class Coordinator:
             time.sleep(1.0)
 
     def sample(self, nodes: list[int], server_round: int) -> list[int]:
-        k = max(1, math.ceil(self.config.federation.fraction_train * len(nodes)))
+        """The sites asked to train: a fixed share drawn reproducibly from the run's seed, or, when the
+        strategy's guarantee is amplified by sampling (client-level DP), each site with probability
+        fraction-train from the operating system's secret random source (Poisson sampling)."""
+        q = self.config.federation.fraction_train
+        if self.strategy.needs_secret_sampling:
+            draw = secrets.SystemRandom()
+            return sorted(n for n in nodes if draw.random() < q)
+        k = max(1, math.ceil(q * len(nodes)))
         return sorted(random.Random(f"{self.config.train.seed}:{server_round}").sample(nodes, k))
 
     # -- configure --------------------------------------------------------------
@@ -82,7 +90,8 @@ class Coordinator:
     def train_round(self, nodes: list[int], global_state: State, server_round: int,
                     available: int | None = None) -> tuple[State, dict[str, Any]]:
         """One training round with the sampled `nodes`: the next global adapter and the round's columns."""
-        self.strategy.begin_round(RoundInfo(server_round, len(nodes), available or len(nodes)))
+        self.strategy.begin_round(RoundInfo(server_round, len(nodes), available or len(nodes),
+                                            self.config.federation.fraction_train))
         collected = self.collector.collect(nodes, self.round_records(global_state, server_round), global_state,
                                            server_round, self.strategy.accept)
         for reply in collected.reports:  # the clear part of every train reply: epsilon reports
@@ -142,8 +151,18 @@ class Coordinator:
                 if len(can_train) < fed.min_sites:
                     raise TooFewSites(f"round {server_round}: {len(can_train)} sites can train, fewer than "
                                       f"federation.min-sites = {fed.min_sites}")
-                global_state, row = self.train_round(self.sample(can_train, server_round), global_state,
-                                                     server_round, len(can_train))
+                sampled = self.sample(can_train, server_round)
+                if len(sampled) < fed.min_sites and self.strategy.needs_secret_sampling:
+                    # Poisson sampling drew too few this time: nothing is trained or released (no privacy cost)
+                    row = {"sites": 0, "rejected": 0, "bytes_up": 0, "bytes_down": 0,
+                           "skipped": f"{len(sampled)} sites sampled, fewer than federation.min-sites"}
+                    log.warning("round %d: %s; the adapter is unchanged", server_round, row["skipped"])
+                else:
+                    global_state, row = self.train_round(sampled, global_state, server_round, len(can_train))
+            except StopRun as err:  # a server-side feature's budget is spent: end cleanly
+                self.privacy.stopped = str(err)
+                log.warning("ending the run: %s", err)
+                break
             except TooFewSites as err:
                 if self.privacy.stop(str(err)):  # sites refused for lack of budget: end cleanly
                     break

@@ -60,8 +60,13 @@ class RoundInfo:
     """What the pipeline tells the strategy at the start of a round."""
 
     server_round: int
-    sampled: int      # sites asked to train
-    available: int    # sites that could have been asked (connected, within budget)
+    sampled: int              # sites asked to train
+    available: int            # sites that could have been asked (connected, within budget)
+    sample_rate: float = 1.0  # the probability each available site had of being asked
+
+
+class StopRun(RuntimeError):
+    """A server-side feature ends the run cleanly before a round (its privacy budget is spent)."""
 
 
 @dataclass
@@ -89,6 +94,9 @@ class Strategy(ABC):
     exact: bool = False
     #: Sites keep part of the adapter: there is no single global ΔW to measure.
     personalized: bool = False
+    #: Sites must be sampled secretly (Poisson, from the OS's random source), not reproducibly from the
+    #: run config: a guarantee amplified by sampling holds only for a sample nobody else knows.
+    needs_secret_sampling: bool = False
     #: Sites may train at a smaller rank than lora.rank.
     heterogeneous_ranks: bool = True
     rank_note: str = "smaller-rank updates are zero-padded"
@@ -242,6 +250,10 @@ class StrategyWrapper(Strategy):
     @property
     def personalized(self) -> bool:  # type: ignore[override]
         return self.inner.personalized
+
+    @property
+    def needs_secret_sampling(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_secret_sampling
 
     def min_updates(self) -> tuple[int, str]:
         return self.inner.min_updates()

@@ -34,7 +34,8 @@ def _wrappers(config) -> list[tuple[type[StrategyWrapper], str, object]]:
     p = config.privacy
     if p.client_dp:
         out.append((ClientLevelDPStrategy, "privacy.client-dp",
-                    lambda s: ClientLevelDPStrategy(s, ClientLevelDP.from_config(p), config.federation.rounds)))
+                    lambda s: ClientLevelDPStrategy(s, ClientLevelDP.from_config(p), config.federation.rounds,
+                                                    p.client_epsilon or p.epsilon)))
     bound = NormBound.from_config(config)
     if bound.active:
         out.append((NormBounded, "strategy.norm-bound", lambda s: NormBounded(s, bound)))
