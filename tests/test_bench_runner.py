@@ -1,6 +1,7 @@
 """`fedlora bench`: sections and figures are merged into the files, one suite at a time."""
 
 import dataclasses
+import importlib
 import json
 import sys
 import types
@@ -75,7 +76,64 @@ def test_bench_writes_what_finished_and_reports_what_failed(fake_suites, tmp_pat
 
 def test_unknown_suite_is_refused_with_the_list(capsys):
     assert fedlora_main(["bench", "--only", "speed"]) == 2
-    assert "known: lora-vs-full, communication, overheads, quality" in capsys.readouterr().err
+    assert ("known: lora-vs-full, communication, overheads, secure-aggregation, privacy, deployment, quality, "
+            "strategies") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, module", list(runner.SUITES.items()))
+def test_every_suite_module_has_the_suite_interface(name, module):
+    suite = importlib.import_module(module)
+    assert suite.NAME == name and suite.TITLE and "issue" not in suite.TITLE.lower() and callable(suite.run)
+
+
+def test_the_long_suites_are_opt_in_and_the_rest_run_in_order():
+    assert runner.default_suites(quick=True) == ["lora-vs-full", "communication", "overheads", "secure-aggregation",
+                                                 "privacy", "quality"]
+    assert runner.default_suites(quick=False) == ["lora-vs-full", "communication", "overheads",
+                                                  "secure-aggregation", "deployment", "quality"]
+    assert all(name in runner.SUITES for names in runner.OPT_IN.values() for name in names)
+
+
+def test_bench_without_only_skips_the_modes_opt_in_suites_and_runs_them_when_named(fake_suites, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("FEDLORA_NO_PROGRESS", "1")
+    monkeypatch.setattr(runner, "OPT_IN", {"quick": ("broken",), "full": ()})
+    args = ["bench", "--quick", "--workdir", str(tmp_path / "w"), "--no-markdown", "--json", str(tmp_path / "b.json")]
+    assert fedlora_main(args) == 0  # the broken suite is opt-in in quick mode: not run
+    assert fedlora_main([*args, "--only", "broken"]) == 1
+
+
+def test_help_lists_every_suite_and_what_each_mode_leaves_out(capsys):
+    with pytest.raises(SystemExit):
+        fedlora_main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("Suites, in the order they run: lora-vs-full, communication, overheads, secure-aggregation, privacy, "
+            "deployment, quality, strategies.") in text
+    assert "quick mode runs all but deployment and strategies, and full mode all but privacy and strategies" in text
+
+
+def test_the_parent_heading_is_found_in_the_real_benchmarks_file(tmp_path):
+    """Sections are found by their markers; the parent heading, with or without words after it, is not repeated."""
+    path = tmp_path / "BENCHMARKS.md"
+    original = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    path.write_text(original)
+    assert "issue" not in runner.PARENT_HEADING
+    runner.update_markdown(path, "overheads (quick)", "### Overheads (quick mode)\nreplaced")
+    runner.update_markdown(path, "privacy", "### Differential privacy\nnew")
+    text = path.read_text()
+    assert text.count("## `fedlora bench`") == original.count("## `fedlora bench`") == 1
+    begin, end = "<!-- fedlora bench: overheads (quick) (begin) -->", "<!-- fedlora bench: overheads (quick) (end) -->"
+    assert text[text.index(begin):text.index(end)] == begin + "\n### Overheads (quick mode)\nreplaced\n"
+    assert text.index(end) < text.index("<!-- fedlora bench: quality (quick) (begin) -->")  # in place
+    assert text.rstrip().endswith("### Differential privacy\nnew\n<!-- fedlora bench: privacy (end) -->")
+    before, after = original.split(begin)[0], text.split(begin)[0]
+    assert before == after  # everything above the section is left as it was
+
+
+def test_parent_heading_is_a_line_of_its_own():
+    assert runner.has_parent_heading("# B\n\n## `fedlora bench`\n")
+    assert runner.has_parent_heading("# B\n\n## `fedlora bench` (measured on a laptop)\n")
+    assert not runner.has_parent_heading("# B\n\n### `fedlora bench` quick\nsee ## `fedlora bench` below\n")
 
 
 def test_causal_scenario_files_are_instruction_rows(tmp_path):

@@ -209,7 +209,8 @@ def test_overheads_section_renders_every_part():
     text = ovh.render(fig, quick=False)
     for expected in ("| in-process (sites in turn) | 2.000 | 1.600 | 1.250 |", "Ray Simulation Engine",
                      "Ray's start and the actors' model loading are excluded", "| secagg | 1.200 | 1.200 |",
-                     "dp-hooks 0.030 s (× 1.50)", "| 4 | 0.300 | 0.050 |", "0.10 s + 0.050 s × sites"):
+                     "dp-hooks 0.030 s (× 1.50)", "| 4 | 0.300 | 0.050 |", "0.10 s + 0.050 s × sites",
+                     "`secure_aggregation.fedlora_round`", "`privacy.step_cost`"):  # the suites that measure them
         assert expected in text, expected
     del fig["framework"]["ray_round_seconds"]
     assert "skips the Ray Simulation Engine" in ovh.render(fig, quick=True)

@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning: the same model, the same data, the same optimizer steps.
 
 Both variants train the classifier of the default scenario on the pooled training rows
-of all its sites (the centralized baseline's data, fedlora/simulations/baselines.py)
+of all its sites (the centralized baseline's data, fedlora/bench/baselines.py)
 and are scored on the central test set. LoRA is what a fedlora site trains (the
 configured LoRA factors plus the task head, through `fedlora.models.load_model`);
 full fine-tuning trains every weight of the same base model. The framework has no

@@ -9,8 +9,8 @@
     parallel actors.
 (b) Secure aggregation and site DP-SGD: a round with `secagg.enabled` and a round with
     `privacy.enabled` against a plain round, same run settings, in-process; beside them
-    the protocol-only cost (`secagg_benchmark.fedlora_round`, a synthetic update of the
-    same size) and the step cost (`dp_benchmark.step_cost`) the existing benchmarks measure.
+    the protocol-only cost (`secure_aggregation.fedlora_round`, a synthetic update of the
+    same size) and the step cost (`privacy.step_cost`) the secure-aggregation and privacy suites measure.
 (c) Round wall time as the federation grows (in-process, tiny-bert, few records per site).
 
 A "round" is the second of two: the first also pays loading the model and the sites'
@@ -31,12 +31,13 @@ import numpy as np
 
 from fedlora import config as cfg
 from fedlora.bench.lora_vs_full import ratio
+from fedlora.bench.privacy import step_cost
+from fedlora.bench.secure_aggregation import best, fedlora_round
 from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table
 from fedlora.data.labels import infer_labels
 from fedlora.data.sites import central_test_rows, simulated_site_data
 from fedlora.models import load_model, set_trainable_state, trainable_state
 from fedlora.server.rundir import RunDirectory
-from fedlora.simulations import dp_benchmark, secagg_benchmark
 from fedlora.simulations.inprocess import run_inprocess
 from fedlora.simulations.launcher import simulate
 from fedlora.strategies.base import SiteUpdate, add_delta, weighted_mean
@@ -55,8 +56,8 @@ class Plan:
     repeats: int                       # (a), (b): turns of every variant
     ray: bool                          # (a) also on the Ray Simulation Engine
     cost_sets: list[str]               # (b) run settings (3 sites)
-    protocol_repeats: int              # (b) secagg_benchmark rounds per variant (the fastest kept)
-    step_repeats: int                  # (b) dp_benchmark timed steps per variant
+    protocol_repeats: int              # (b) protocol-only rounds per variant (the fastest kept)
+    step_repeats: int                  # (b) timed DP-SGD steps per variant
     scale_sites: list[int]             # (c)
     scale_sets: list[str] = field(default_factory=lambda: [
         "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=20", "train.local-steps=2",
@@ -234,16 +235,15 @@ def security_costs(plan: Plan, folder: Path, progress) -> dict:
     fig["round_ratio"] = {k: ratio(v, fig["round_seconds"]["plain"]) for k, v in fig["round_seconds"].items()}
     fig["train_ratio"] = {k: ratio(v, fig["train_seconds"]["plain"]) for k, v in fig["train_seconds"].items()}
 
-    # The existing benchmarks: secure aggregation's protocol alone, and one DP-SGD step.
-    plain_m, secure_m = secagg_benchmark.best(
-        [lambda: secagg_benchmark.fedlora_round(False, 3, adapter_params),
-         lambda: secagg_benchmark.fedlora_round(True, 3, adapter_params)], plan.protocol_repeats)
+    # The other suites' measurements: secure aggregation's protocol alone, and one DP-SGD step.
+    plain_m, secure_m = best([lambda: fedlora_round(False, 3, adapter_params),
+                              lambda: fedlora_round(True, 3, adapter_params)], plan.protocol_repeats)
     fig["protocol"] = {"plain_cpu_seconds": plain_m.parallel, "secure_cpu_seconds": secure_m.parallel,
                        "ratio": ratio(secure_m.parallel, plain_m.parallel),
                        "secure_upload_bytes_per_param": secure_m.upload_per_param,
                        "repeats": plan.protocol_repeats}
     step_config = infer_labels(configs["plain"])
-    fig["dp_step"] = dp_benchmark.step_cost(step_config, step_config.train.batch_size, plan.step_repeats)
+    fig["dp_step"] = step_cost(step_config, step_config.train.batch_size, plan.step_repeats)
     return fig
 
 
@@ -314,12 +314,12 @@ def render(fig: dict, quick: bool) -> str:
         markdown_table(["round", "round, s", "× plain", "slowest site's training, s", "× plain"],
                        [[k, rs[k], rr[k], b["train_seconds"][k], tr[k]] for k in rs]),
         "",
-        f"Protocol alone (`secagg_benchmark.fedlora_round`: the same coordinator and site code, training replaced "
+        f"Protocol alone (`secure_aggregation.fedlora_round`: the same coordinator and site code, training replaced "
         f"by a fixed update of {b['adapter_parameters']:,} parameters; CPU seconds as if sites ran in parallel, "
         f"best of {p['repeats']}): plain {p['plain_cpu_seconds']:.3f} s, secure {p['secure_cpu_seconds']:.3f} s, "
         f"× {p['ratio']:.1f}; the masked upload takes {p['secure_upload_bytes_per_param']:.2f} bytes per parameter.",
         "",
-        f"One step (`dp_benchmark.step_cost`, batch {d['batch']}, median of {d['repeats']} interleaved steps): "
+        f"One step (`privacy.step_cost`, batch {d['batch']}, median of {d['repeats']} interleaved steps): "
         + ", ".join(f"{k} {v:.3f} s (× {d['ratio'][k]:.2f})" for k, v in d["seconds"].items()) + ".",
         "",
         "#### (c) Round wall time against the number of sites",

@@ -4,7 +4,7 @@ Every federated run is the real ServerApp and ClientApp over the in-process
 Grid (fedlora/simulations/inprocess.py: messages serialized, sites one after
 the other), so a sweep of dozens of runs fits on two cores. Baselines use the
 same training code and the same number of optimizer steps
-(fedlora/simulations/baselines.py): centralized = every site's training rows
+(fedlora/bench/baselines.py): centralized = every site's training rows
 pooled, local-only = each site alone. All are scored on one central test set.
 
 Scenarios:
@@ -27,9 +27,9 @@ from pathlib import Path
 from statistics import mean
 
 from fedlora import config as cfg
+from fedlora.bench.baselines import run_baselines
 from fedlora.bench.suite import BenchContext, SuiteResult, cell, markdown_table
 from fedlora.data import synthetic
-from fedlora.simulations.baselines import run_baselines
 from fedlora.simulations.inprocess import run_inprocess
 
 NAME = "quality"

@@ -30,9 +30,17 @@ SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "lora-vs-full": "fedlora.bench.lora_vs_full",
     "communication": "fedlora.bench.communication",
     "overheads": "fedlora.bench.overheads",
+    "secure-aggregation": "fedlora.bench.secure_aggregation",
+    "privacy": "fedlora.bench.privacy",
+    "deployment": "fedlora.bench.deployment",
     "quality": "fedlora.bench.quality",
+    "strategies": "fedlora.bench.strategies",
 }
-PARENT_HEADING = "## `fedlora bench` (issue 7)"
+# Suites too long for a mode's default run: without --only that mode skips them (name them to run them).
+# Quick: the deployment starts real processes (minutes), strategies are 32 runs; full: privacy takes
+# about an hour, strategies about two.
+OPT_IN = {"quick": ("deployment", "strategies"), "full": ("privacy", "strategies")}
+PARENT_HEADING = "## `fedlora bench`"
 
 
 def machine() -> dict:
@@ -59,13 +67,23 @@ def update_markdown(path: Path, name: str, section: str) -> None:
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
-        if PARENT_HEADING not in text:
+        if not has_parent_heading(text):
             text = text.rstrip() + f"\n\n{PARENT_HEADING}\n\nProduced by `fedlora bench`; each section says the " \
                 "command, mode, machine and versions it was measured with.\n"
         text = text.rstrip() + "\n\n" + block + "\n"
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)  # a crash mid-write never leaves half a file
+
+
+def has_parent_heading(text: str) -> bool:
+    """Whether `text` has the parent heading as a line of its own (words may follow it on that line)."""
+    return re.search("^" + re.escape(PARENT_HEADING) + r"(\s.*)?$", text, re.M) is not None
+
+
+def default_suites(quick: bool) -> list[str]:
+    """The suites `fedlora bench` runs without --only: all but the mode's opt-in ones, in order."""
+    return [name for name in SUITES if name not in OPT_IN["quick" if quick else "full"]]
 
 
 def update_json(path: Path, name: str, entry: dict) -> None:
@@ -122,12 +140,16 @@ def run_suites(names: list[str], quick: bool, workdir: Path, markdown: Path | No
 def add_parser(sub) -> None:
     bench = sub.add_parser(
         "bench", help="run the benchmark suites; write BENCHMARKS.md sections and BENCHMARKS.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__ + "\nSuites: " +
-        ", ".join(SUITES) + ".\n\nQuick mode takes a few minutes on 2 cores (small models and data, few rounds); "
-        "full mode runs the default scenario and takes about an hour there. Run directories are kept in "
-        "--workdir; a finished one is reused, so an interrupted bench continues where it stopped.")
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__ + "\nSuites, in the order they "
+        "run: " + ", ".join(SUITES) + ".\n\nWithout --only, quick mode runs all but " + " and ".join(OPT_IN["quick"])
+        + ", and full mode all but " + " and ".join(OPT_IN["full"]) + "; name a suite in --only to run it anyway. "
+        "Quick mode takes about 5 minutes on 2 cores (small models and data, few rounds); full mode runs the "
+        "default scenario and takes over an hour there (privacy adds about an hour, strategies about two). "
+        "Run directories are kept in --workdir; a finished one is reused, so an interrupted bench continues "
+        "where it stopped.")
     bench.add_argument("--quick", action="store_true", help="a few minutes on 2 cores instead of the full suite")
-    bench.add_argument("--only", default="", help="comma-separated suites to run (default: all)")
+    bench.add_argument("--only", default="", help="comma-separated suites to run, opt-in ones included "
+                                                  "(default: all but the mode's opt-in suites)")
     bench.add_argument("--workdir", default="runs/bench", help="where the suites' run directories go")
     bench.add_argument("--markdown", default="BENCHMARKS.md", help="Markdown file whose sections are replaced")
     bench.add_argument("--json", default="", help="JSON file of every figure (default: next to --markdown, "
@@ -137,7 +159,7 @@ def add_parser(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(SUITES)
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or default_suites(args.quick)
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(f"fedlora bench: unknown suite(s) {unknown}; known: {', '.join(SUITES)}", file=sys.stderr)

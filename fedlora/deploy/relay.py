@@ -9,7 +9,7 @@ Either way the same ClientApp handlers answer.
 
 Per message it appends one line to `<state-dir>/timings.jsonl` at the site
 (never sent): how long the process took to start, to import fedlora, to load
-the model and data, and to train; `fedlora.simulations.deploy_benchmark` reads
+the model and data, and to train; `fedlora.bench.deployment` reads
 these lines.
 """
 
