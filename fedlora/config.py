@@ -415,6 +415,11 @@ class SecAggSection(Section):
         10000.0, "M: public bound on a site's aggregation weight (its training examples). Sites upload "
         "(w/M)*update and w/M, so only the total weight is learned; a larger w is capped at M; the "
         "error of the mean grows with M / total weight: keep M near the largest site.")
+    allow_weak_threshold: bool = option(
+        False, "Accept a threshold of at most half a neighbourhood, which a coordinator sending different "
+        "dropout lists to different sites can defeat to unmask one site's update. Recorded in every round's "
+        "metrics (secagg_weak_threshold); each site also refuses such a session unless its own node config sets "
+        "secagg-allow-weak-threshold = true.")
     stage_timeout: float = option(
         120.0, "Seconds to wait for replies in the key, share and unmask stages (the masked-input "
         "stage, which trains, uses federation.round-timeout).")

@@ -72,3 +72,11 @@ def test_secure_only_options_are_refused_when_secure_aggregation_is_off():
     with pytest.raises(cfg.ConfigError) as err:
         cfg.load_config(None, ['simulation.secagg-dropouts="1@setup"', "secagg.dp-noise-multiplier=1"])
     assert sum("only applies with secagg.enabled" in p for p in err.value.problems) == 2
+
+
+def test_a_defeatable_threshold_is_refused_unless_explicitly_allowed_and_recorded():
+    problems = _problems("federation.num-sites=6", "secagg.threshold=3")
+    assert any("secagg" in p and "dropout lists" in p and "threshold >= 4" in p for p in problems), problems
+    c = cfg.load_config(None, [*SECURE, "federation.num-sites=6", "secagg.threshold=3",
+                               "secagg.allow-weak-threshold=true"])
+    assert c.secagg.allow_weak_threshold and "secagg_weak_threshold" in cfg.describe_options()

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
@@ -11,7 +11,7 @@ from fedlora import flower, wire
 from fedlora.arrays import payload_bytes
 from fedlora.client import secure
 from fedlora.client.app import SITE_MODS
-from fedlora.privacy.secagg import SecAggClient, SecAggConfig, SecAggServer, messages as m, run_in_memory
+from fedlora.privacy.secagg import ProtocolViolation, SecAggClient, SecAggConfig, SecAggServer, messages as m, run_in_memory
 from fedlora.privacy.secagg.records import (
     from_config_record,
     payload_of,
@@ -147,3 +147,36 @@ def test_a_site_checks_the_masked_input_request_before_it_trains():
     replies = stage(m.MASKED_INPUT, {victim: requests[victim]})
     assert replies[victim].has_error() and "ShareDecryptionError" in replies[victim].error.reason
     assert trained == []
+
+
+def test_a_replayed_site_state_cannot_answer_unmask_twice(tmp_path):
+    """The 'answer unmask once' rule used to live only in the state Flower keeps for the node, which a
+    restarted SuperNode (or an older copy of the context) can replay; now the site's own disk has it."""
+    ids = [101, 202, 303, 404]
+    server = SecAggServer(ids, SecAggConfig(), vector_length=8)
+    clients = {i: SecAggClient(i) for i in ids}
+    reqs = server.setup_requests()
+    reqs = server.share_keys_requests({i: clients[i].advertise_keys(r) for i, r in reqs.items()})
+    reqs = server.masked_input_requests({i: clients[i].share_keys(r) for i, r in reqs.items()})
+    vectors = {i: np.zeros(8, np.float32) for i in ids}
+    unmask = server.unmask_requests({i: clients[i].masked_input(r, vectors[i]) for i, r in reqs.items()})
+    site = 101
+    config = cfg.load_config(None, ["secagg.enabled=true", "federation.num-sites=4", "federation.min-sites=3"])
+    saved = secure.to_config_record(clients[site].state_dict())  # the state before unmask, as Flower kept it
+    flower.set_task_identity(1, flower.SERVER_NODE_ID, 1)
+
+    def ask(request):
+        context = Context(run_id=1, node_id=site, node_config={"state-dir": str(tmp_path)}, run_config=config.to_flat(),
+                          state=RecordDict({secure.STATE: saved}))  # replayed: the same saved state every time
+        msg = Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1}), **payload_records(request)}),
+                      dst_node_id=site, message_type=MessageType.TRAIN)
+        return secure.secure_aggregation_mod(msg, context, lambda *_: pytest.fail("unmask never trains"))
+
+    assert not ask(unmask[site]).has_error()
+    other_list = dict(unmask[site], **{m.SURVIVOR_IDS: [101, 202, 303], m.DROPPED_IDS: [404]})
+    with pytest.raises(ProtocolViolation, match="already answered"):
+        ask(other_list)
+    # Control: without the durable record, the replayed state answers again, with the other kind of share.
+    (tmp_path / secure.UNMASK_RECORD).unlink()
+    reply = payload_of(ask(other_list).content)
+    assert reply[m.KEY_SHARE_IDS] == [404]

@@ -113,6 +113,10 @@ def test_dp_sgd_and_distributed_dp_compose_with_secure_aggregation(tmp_path):
     new_state, row = secure.train_round(sorted(grid.get_node_ids()), state, 1)
     assert row["sites"] == 4 and "train_loss" not in row  # neither DP releases a loss
     assert row["epsilon"] > 0  # each site's DP-SGD spend, reported in clear
+    # ...but not the sampling rate, steps or sigma: batch / q would give away the record count the masked
+    # weight hides (an audit finding); the coordinator's record of them stays empty.
+    reports = secure.privacy.sites.values()
+    assert reports and all(math.isnan(r["sample_rate"]) and math.isnan(r["noise_multiplier"]) for r in reports)
     assert row["secagg_dp_epsilon"] == pytest.approx(epsilon_exact(sigma, 1, 1e-5))
     # fedit adds the mean update: its coordinates are the noise (4 sites, threshold 3) plus a
     # clipped signal of norm <= clip over ~4400 coordinates, negligible beside it.

@@ -9,6 +9,7 @@ from fedlora.privacy.secagg import (
     ProtocolViolation,
     SecAggClient,
     SecAggConfig,
+    SecAggConfigError,
     SecAggServer,
     ShareDecryptionError,
     ShareVerificationError,
@@ -250,3 +251,49 @@ def test_client_rejects_unsafe_setup():
     client.advertise_keys(request)
     with pytest.raises(ProtocolViolation, match="replayed"):
         client.advertise_keys(request)
+
+
+def _inconsistent_dropout_lists(vectors, threshold, target=11):
+    """A malicious coordinator's unmask stage: it tells the target and some sites "the target
+    survived" (they reveal its self-mask shares) and the others "it dropped" (they reveal its mask-key
+    shares), then rebuilds both secrets and strips every mask from the target's upload."""
+    config = SecAggConfig(threshold=threshold, allow_weak_threshold=True)
+    server = SecAggServer(list(vectors), config)
+    clients = {i: SecAggClient(i) for i in vectors}
+    reqs = server.setup_requests()
+    reqs = server.share_keys_requests({i: clients[i].advertise_keys(r, True) for i, r in reqs.items()})
+    reps = {i: clients[i].share_keys(r) for i, r in reqs.items()}
+    after_keys = {i: c.state_dict() for i, c in clients.items()}
+    reqs = server.masked_input_requests(reps)
+    uploads = {i: clients[i].masked_input(r, vectors[i]) for i, r in reqs.items()}
+    honest = server.unmask_requests(uploads)
+    others = [i for i in vectors if i != target]
+    told_survived, told_dropped = others[:threshold - 1], others[threshold - 1:]  # the target answers too
+    seed_pts, key_pts = [], []
+    for i in [target, *told_survived]:
+        reply = clients[i].unmask(dict(honest[i], **{m.SURVIVOR_IDS: list(vectors), m.DROPPED_IDS: []}))
+        share = reply[m.SEED_SHARES][reply[m.SEED_SHARE_IDS].index(target)]
+        seed_pts.append((shamir.share_x(i), shamir.decode_share(share)))
+    for i in told_dropped:
+        reply = clients[i].unmask(dict(honest[i], **{m.SURVIVOR_IDS: others, m.DROPPED_IDS: [target]}))
+        key_pts.append((shamir.share_x(i), shamir.decode_share(reply[m.KEY_SHARES][0])))
+    seed = (shamir.interpolate_at(seed_pts[:threshold], 0) % 2**256).to_bytes(32, "big")
+    mask_sk = (shamir.interpolate_at(key_pts[:threshold], 0) % 2**256).to_bytes(32, "big")
+    return _unmask_with(target, seed, mask_sk, server, after_keys, uploads[target]), server
+
+
+def test_a_threshold_a_coordinator_can_defeat_with_inconsistent_dropout_lists_is_refused():
+    """The audit: with t = 3 of 6 a coordinator that sent different dropout lists to different
+    sites recovered one site's update alone."""
+    vectors = _vectors([11, 22, 33, 44, 55, 66])
+    exposed, server = _inconsistent_dropout_lists(vectors, threshold=3)  # the attack, replayed
+    assert np.abs(exposed - vectors[11]).max() <= server.quantizer.step
+    # Now the protocol refuses that threshold for 6 sites, and so does every site, whatever the server asks...
+    with pytest.raises(SecAggConfigError, match="dropout lists"):
+        SecAggConfig(threshold=3).resolve(6)
+    request = SecAggServer(list(vectors), SecAggConfig(threshold=3, allow_weak_threshold=True)).setup_requests()[22]
+    with pytest.raises(ProtocolViolation, match="dropout lists"):
+        SecAggClient(22).advertise_keys(request)
+    # ...and at the smallest accepted threshold the same attack gets garbage.
+    garbage, _ = _inconsistent_dropout_lists(vectors, threshold=4)
+    assert np.mean(np.abs(garbage - vectors[11]) < 0.01) < 0.01

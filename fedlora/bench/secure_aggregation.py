@@ -149,11 +149,11 @@ def _fedlora_client(params: int) -> ClientApp:
 
 
 def fedlora_round(secure: bool, sites: int, params: int, bytes_per_param: int = 4) -> Measurement:
-    config = cfg.load_config(None, [f"federation.num-sites={sites}", "federation.min-sites=3",
-                                    f"secagg.enabled={str(secure).lower()}",
-                                    f"secagg.bytes-per-param={bytes_per_param}", "secagg.max-weight=1000"])
-    grid = InProcessGrid(_fedlora_client(params), config.to_flat(), sites, clock=CLOCK)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the run directory; sites keep their durable records under it
+        config = cfg.load_config(None, [f"federation.num-sites={sites}", "federation.min-sites=3",
+                                        f"secagg.enabled={str(secure).lower()}", f'output.dir="{tmp}"',
+                                        f"secagg.bytes-per-param={bytes_per_param}", "secagg.max-weight=1000"])
+        grid = InProcessGrid(_fedlora_client(params), config.to_flat(), sites, clock=CLOCK)
         coordinator = build_coordinator(grid, config, RunDirectory(tmp), None, "synthetic")
         state, nodes = synthetic_state(params), sorted(grid.get_node_ids())
         result = {}

@@ -13,12 +13,21 @@ site never sends its update in clear.
 
 The protocol state (private keys, self-mask seed, received shares) lives in
 the node's `context.state`, never in a reply: in deployment each message may
-start a fresh ClientApp process, and the SuperNode keeps the context.
+start a fresh ClientApp process, and the SuperNode keeps the context. That
+state can be replayed (a restarted SuperNode, an older copy of the context),
+so the one rule a replay must not break — answer a session's unmask request
+once, or a second request with another dropout list reveals both kinds of
+shares of a site — is kept in the site's own durable folder too
+(`secagg-unmasked.log` in its `state-dir`; in a simulation
+`<output.dir>/sites/node-<id>/`), written before the answer leaves.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
@@ -26,7 +35,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedlora import wire
 from fedlora.arrays import from_record
 from fedlora.client.runtime import site_config
-from fedlora.privacy.secagg import SecAggClient
+from fedlora.privacy.budget import NODE_STATE_DIR, PrivacyStateError
+from fedlora.privacy.secagg import ProtocolViolation, SecAggClient
 from fedlora.privacy.secagg import messages as m
 from fedlora.privacy.secagg.distributed_dp import clip_and_noise, site_noise_std
 from fedlora.privacy.secagg.records import RECORD, from_config_record, payload_of, payload_records, to_config_record
@@ -35,6 +45,7 @@ from fedlora.privacy.secagg.updates import LAYOUT, encode, weight_scale
 log = logging.getLogger(__name__)
 
 STATE = "secagg-client"  # context.state record: holds private keys, never sent
+NODE_ALLOW_WEAK_THRESHOLD = "secagg-allow-weak-threshold"  # node config: accept a defeatable threshold
 
 
 def stage_of(msg: Message) -> str | None:
@@ -55,8 +66,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     request = payload_of(msg.content)
     client = _load(context)
     clear: dict = {}
-    if stage == m.SETUP:
-        reply = client.advertise_keys(request)
+    if stage == m.SETUP:  # the site's own node config, never the run's, may accept a weak threshold
+        reply = client.advertise_keys(request, bool(context.node_config.get(NODE_ALLOW_WEAK_THRESHOLD, False)))
     elif stage == m.SHARE_KEYS:
         reply = client.share_keys(request)
     elif stage == m.MASKED_INPUT:
@@ -69,9 +80,40 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         clear = {name: record for name, record in trained.content.items() if name != wire.ARRAYS}
         clear[wire.METRICS] = _clear_metrics(trained)
     else:
+        _answer_unmask_once(_durable_folder(context), request[m.SESSION_ID])
         reply = client.unmask(request)
     context.state[STATE] = to_config_record(client.state_dict())
     return Message(RecordDict({**payload_records(reply), **clear}), reply_to=msg)
+
+
+UNMASK_RECORD = "secagg-unmasked.log"  # the sessions whose unmask request this site answered
+
+
+def _durable_folder(context: Context) -> Path:
+    """The site's own persistent folder: its node config's state-dir (a simulated site: one under the
+    run directory); a deployed site without one cannot keep the rule across restarts, and refuses."""
+    if context.node_config.get(NODE_STATE_DIR):
+        return Path(str(context.node_config[NODE_STATE_DIR])).expanduser()
+    output = site_config(context).output.dir
+    if "partition-id" in context.node_config and output:
+        return Path(output).expanduser() / "sites" / f"node-{context.node_id}"
+    raise PrivacyStateError(f"secure aggregation needs a folder on the site's persistent disk to record the "
+                            f"sessions it unmasked; set node config {NODE_STATE_DIR}=\"/path\"")
+
+
+def _answer_unmask_once(folder: Path, session_id: bytes) -> None:
+    """Record, durably and before answering, that this session's unmask request is answered;
+    refuse if it already was (across processes, restarts and replayed context states)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / UNMASK_RECORD).open("a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        if session_id.hex() in fh.read().split():
+            raise ProtocolViolation("this site already answered the unmask request of this session (its durable "
+                                    "record says so); refusing a second one, whatever its state says")
+        fh.write(session_id.hex() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _load(context: Context) -> SecAggClient:
@@ -108,7 +150,14 @@ def _site_vector(msg: Message, trained: Message, context: Context, threshold: in
     return encoded.vector
 
 
+# Masked, or never sent under secure aggregation: the weight and the loss travel inside the masked
+# vector; the DP-SGD sampling rate, the local steps and the noise multiplier (calibrated from them) would
+# give away the site's record count that masking the weight hides.
+HIDDEN_UNDER_SECAGG = frozenset({wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.DP_SAMPLE_RATE, wire.LOCAL_STEPS,
+                                 wire.DP_NOISE_MULTIPLIER})
+
+
 def _clear_metrics(trained: Message) -> MetricRecord:
-    """The training metrics that may travel in clear: not the weight or the loss (they are masked)."""
-    hidden = {wire.NUM_EXAMPLES, wire.TRAIN_LOSS}
+    """The training metrics that may travel in clear (HIDDEN_UNDER_SECAGG never does)."""
+    hidden = HIDDEN_UNDER_SECAGG
     return MetricRecord({k: v for k, v in trained.content[wire.METRICS].items() if k not in hidden})

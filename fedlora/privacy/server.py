@@ -64,8 +64,9 @@ class ServerPrivacy:
             "epsilon_rdp": float(metrics[wire.DP_EPSILON_RDP]),
             "delta": float(metrics[wire.DP_DELTA]),
             "budget_epsilon": float(metrics[wire.DP_BUDGET_EPSILON]),
-            "noise_multiplier": float(metrics[wire.DP_NOISE_MULTIPLIER]),
-            "sample_rate": float(metrics[wire.DP_SAMPLE_RATE]),
+            # Under secure aggregation a site keeps these (they would give its record count away).
+            "noise_multiplier": float(metrics.get(wire.DP_NOISE_MULTIPLIER, float("nan"))),
+            "sample_rate": float(metrics.get(wire.DP_SAMPLE_RATE, float("nan"))),
             "unit": str(record.get(wire.DP_UNIT, "")),
             "ledger_head": str(record.get(wire.DP_LEDGER_HEAD, "")),
             "last_round": server_round,

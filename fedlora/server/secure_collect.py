@@ -85,6 +85,7 @@ class SecureCollector:
             "secagg_dropped": [self.messenger.name(n) for n in dropped],
             "secagg_max_error": mean.error_bound,
             "secagg_bytes_per_param": bytes_per_param,
+            **({"secagg_weak_threshold": True} if self.config.secagg.allow_weak_threshold else {}),
             **self._dp_row(),
         }
         return Collected([update], [site_name(trained[n]) for n in included], list(trained.values()), traffic, [],

@@ -19,7 +19,7 @@ from . import messages as m
 from .config import MIN_CLIENTS
 from .encoding import Quantizer, pack
 from .errors import ProtocolViolation, SecAggAbort, SecAggConfigError, ShareDecryptionError
-from .graph import effective_degree, neighbour_graph
+from .graph import effective_degree, neighbour_graph, weak_threshold_problem
 from .prg import apply_mask
 
 _SHARE_PAIR_BYTES = 2 * shamir.SHARE_BYTES
@@ -62,8 +62,9 @@ class SecAggClient:
         self.partner_key_shares: list[bytes] = []
 
     # ----------------------------------------------------------------- stages
-    def advertise_keys(self, request: Mapping[str, Any]) -> dict[str, Any]:
-        """SETUP: check the parameters, create fresh keys and seed, publish keys + commitment."""
+    def advertise_keys(self, request: Mapping[str, Any], allow_weak_threshold: bool = False) -> dict[str, Any]:
+        """SETUP: check the parameters, create fresh keys and seed, publish keys + commitment.
+        A threshold a coordinator could defeat is refused unless this site allows it."""
         if request.get(m.STAGE) != m.SETUP:
             raise ProtocolViolation(f"expected a {m.SETUP!r} request, got {request.get(m.STAGE)!r}")
         session_id = _get(request, m.SESSION_ID, bytes)
@@ -94,6 +95,9 @@ class SecAggClient:
             raise ProtocolViolation(f"degree {degree} is not valid for {n} clients")
         if not 2 <= threshold <= degree + 1:
             raise ProtocolViolation(f"threshold {threshold} outside [2, degree + 1 = {degree + 1}]")
+        weak = weak_threshold_problem(threshold, degree)
+        if weak and not allow_weak_threshold:
+            raise ProtocolViolation(f"refusing the session: {weak}")
         if n > quantizer.max_clients():
             raise ProtocolViolation(
                 f"modulus 2^{quantizer.modulus_bits} cannot hold the sum of {n} {quantizer.bits}-bit values"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .encoding import DEFAULT_CLIP_RANGE, Quantizer
 from .errors import SecAggConfigError
-from .graph import default_degree, default_threshold, effective_degree
+from .graph import default_degree, default_threshold, effective_degree, weak_threshold_problem
 
 MIN_CLIENTS = 3  # with two, each client learns the other's update from the sum
 
@@ -27,6 +27,8 @@ class SecAggConfig:
         that fits ``bytes_per_param`` bytes for n clients.
     bytes_per_param: upload width (1-4) used when ``bits`` is None.
     min_survivors: fewest clients whose inputs may be summed. Default max(t, 3).
+    allow_weak_threshold: accept a threshold at most half a neighbourhood, which a coordinator
+        sending inconsistent dropout lists can defeat (refused otherwise).
     """
 
     threshold: int | None = None
@@ -35,6 +37,7 @@ class SecAggConfig:
     bits: int | None = None
     bytes_per_param: int = 4
     min_survivors: int | None = None
+    allow_weak_threshold: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -64,6 +67,9 @@ class SecAggConfig:
             raise SecAggConfigError(
                 f"threshold {threshold} exceeds the neighbourhood size {degree + 1} (degree {degree} + self)"
             )
+        weak = weak_threshold_problem(threshold, degree)
+        if weak and not self.allow_weak_threshold:
+            raise SecAggConfigError(weak)
         quantizer = Quantizer.for_clients(n, self.clip_range, self.bits, self.bytes_per_param)
         min_survivors = self.min_survivors if self.min_survivors is not None else max(threshold, MIN_CLIENTS)
         if min_survivors > n:

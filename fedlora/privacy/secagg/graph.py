@@ -26,8 +26,21 @@ def default_degree(n: int) -> int:
 
 
 def default_threshold(degree: int) -> int:
-    """A strict majority of a neighbourhood (degree + 1 clients, self included)."""
+    """A strict majority of a neighbourhood (degree + 1 clients, self included), the smallest safe
+    threshold: a client's self-mask shares are held by its neighbourhood (itself included) and its
+    mask-key shares by its `degree` neighbours, so a coordinator that sends some of them "it
+    survived" and others "it dropped" collects t of each only if 2t <= degree + 1."""
     return (degree + 1) // 2 + 1
+
+
+def weak_threshold_problem(threshold: int, degree: int) -> str | None:
+    """Why `threshold` lets a coordinator unmask one client with inconsistent dropout lists, or None."""
+    safe = default_threshold(degree)
+    if threshold >= safe:
+        return None
+    return (f"threshold {threshold} is at most half the neighbourhood of {degree + 1}: a coordinator that sends "
+            f"different dropout lists to different sites could collect {threshold} self-mask shares and "
+            f"{threshold} mask-key shares of one site and unmask its update; use a threshold >= {safe}")
 
 
 def effective_degree(n: int, degree: int) -> int:

@@ -17,4 +17,5 @@ def session_config(run_config) -> SecAggConfig:
         clip_range=float(s.clip_range),
         bytes_per_param=int(s.bytes_per_param),
         min_survivors=max(MIN_CLIENTS, fed.min_sites),
+        allow_weak_threshold=bool(s.allow_weak_threshold),
     )

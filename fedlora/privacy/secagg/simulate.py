@@ -65,7 +65,7 @@ def run_in_memory(
             client = SecAggClient.from_state_dict(states[i])
             start = time.perf_counter()
             if stage == m.SETUP:
-                reply = client.advertise_keys(request)
+                reply = client.advertise_keys(request, config.allow_weak_threshold)
             elif stage == m.SHARE_KEYS:
                 reply = client.share_keys(request)
             elif stage == m.MASKED_INPUT:
