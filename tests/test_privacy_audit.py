@@ -9,21 +9,32 @@ import math
 
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from fedlora import flower
+from fedlora.client.app import app as site_app
 from fedlora.config import load_config
+from fedlora.config import load_config as cfg_load_config
+from fedlora.data.labels import infer_labels
 from fedlora.privacy.accounting import Mechanism
 from fedlora.privacy.budget import SITE_DELTA, resolve_budget
 from fedlora.privacy.client_dp import ClientLevelDP
-from fedlora.privacy.site import SiteAccountant
+from fedlora.privacy.ledger import Ledger
 from fedlora.privacy.server import ServerPrivacy
+from fedlora.privacy.site import SiteAccountant
+from fedlora.server.app import main
 from fedlora.server.collect import Messenger
 from fedlora.server.pipeline import Coordinator
-from fedlora.simulations.inprocess import run_inprocess
+from fedlora.simulations.inprocess import RUN_ID, InProcessGrid, run_inprocess
 from fedlora.strategies.compose import server_strategy
 
 dp_accounting = pytest.importorskip("dp_accounting")
+
+
+def cfg_load(settings):
+    return infer_labels(cfg_load_config(None, settings))
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:
@@ -143,3 +154,37 @@ def test_client_level_dp_ends_the_run_before_its_budget_and_keeps_losses_and_par
     assert all("train_loss" not in r for r in rows)  # not noised: it stays at the sites
     assert summary["sites"] == {} and "secret" in summary["privacy"]["client_level"]["assumes"]
     assert summary["privacy"]["client_level"]["epsilon_unamplified"] >= spent
+
+
+# -- distributed DP: the site's own floor, budget and ledger ----------------------------------------
+def test_a_site_enforces_its_own_floor_and_budget_for_distributed_dp(tmp_path):
+    """The audit: sigma, the clip norm and the threshold came from the coordinator, and only the
+    coordinator counted epsilon. Each site now checks the noise against its own floor and its own
+    site-level budget before it trains, and keeps the count in its ledger."""
+    sigma, delta = 1.0, 1e-5
+    two = gaussian_epsilon(math.sqrt(2) / sigma, delta)  # the closed form: 2 releases fit this budget...
+    budget = (two + gaussian_epsilon(math.sqrt(3) / sigma, delta)) / 2  # ...3 do not
+    config = cfg_load(["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=24",
+                       "train.local-steps=1", "federation.rounds=4", "federation.num-sites=4",
+                       "federation.min-sites=3", "secagg.enabled=true", f"secagg.dp-noise-multiplier={sigma}",
+                       "secagg.dp-clip=0.05", f'output.dir="{tmp_path}"'])
+    grid = InProcessGrid(site_app, config.to_flat(), 4)
+    contexts = list(grid.contexts.values())
+    contexts[2].node_config["secagg-dp-epsilon"] = budget
+    contexts[3].node_config["secagg-dp-min-noise"] = 2 * sigma  # this site wants more noise than the run gives
+    main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                       run_config=config.to_flat()))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Site 3 never joined; site 2 refused round 3, leaving too few for a secure sum, and then the run ended.
+    assert [r["sites"] for r in rows] == [3, 3, 0] and "secagg_failed" in rows[2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "out of privacy budget" in summary["privacy"]["stopped"]  # then fewer than min-sites could train
+
+    def releases(context):
+        folder = tmp_path / "sites" / f"node-{context.node_id}"
+        return [e for e in Ledger(folder).entries() if e["event"] == "distributed-dp"] if folder.exists() else []
+
+    assert releases(contexts[3]) == []  # refused before training: nothing recorded, nothing sent
+    recorded = releases(contexts[2])
+    assert [e["round"] for e in recorded] == [1, 2] and recorded[-1]["epsilon"] == pytest.approx(two, rel=1e-4)
+    assert all(e["epsilon"] <= budget for e in recorded)

@@ -36,11 +36,13 @@ from fedlora import wire
 from fedlora.arrays import from_record
 from fedlora.client.runtime import site_config
 from fedlora.privacy.budget import NODE_STATE_DIR, PrivacyStateError
+from fedlora.privacy.distributed_site import NODE_MIN_NOISE, reserve_release
 from fedlora.privacy.secagg import ProtocolViolation, SecAggClient
 from fedlora.privacy.secagg import messages as m
 from fedlora.privacy.secagg.distributed_dp import clip_and_noise, site_noise_std
 from fedlora.privacy.secagg.records import RECORD, from_config_record, payload_of, payload_records, to_config_record
 from fedlora.privacy.secagg.updates import LAYOUT, encode, weight_scale
+from fedlora.privacy.site import BudgetExhausted
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     clear: dict = {}
     if stage == m.SETUP:  # the site's own node config, never the run's, may accept a weak threshold
         reply = client.advertise_keys(request, bool(context.node_config.get(NODE_ALLOW_WEAK_THRESHOLD, False)))
+        refusal = _distributed_dp_refusal(msg, context, client.threshold)  # before any key leaves
+        if refusal is not None:
+            return refusal
     elif stage == m.SHARE_KEYS:
         reply = client.share_keys(request)
     elif stage == m.MASKED_INPUT:
@@ -114,6 +119,24 @@ def _answer_unmask_once(folder: Path, session_id: bytes) -> None:
         fh.write(session_id.hex() + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _distributed_dp_refusal(msg: Message, context: Context, threshold: int) -> Message | None:
+    """Under distributed DP (or when the site demands it), the site's own floor and budget decide at
+    setup, and the round is in its ledger before it trains; an error reply when it refuses."""
+    config, node = site_config(context), context.node_config
+    sigma = config.secagg.dp_noise_multiplier
+    if sigma <= 0 and NODE_MIN_NOISE not in node:
+        return None
+    try:
+        reserve_release(_durable_folder(context), node, config.privacy.epsilon,
+                        str(node.get("site", f"node-{context.node_id}")),
+                        int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), sigma, config.secagg.dp_clip, threshold,
+                        run=str(context.run_id))
+    except BudgetExhausted as err:
+        log.warning("%s", err)
+        return Message(Error(code=wire.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
+    return None
 
 
 def _load(context: Context) -> SecAggClient:

@@ -41,7 +41,7 @@ class Budget:
     source: str   # which configuration set each value, for the ledger and the report
 
 
-def _positive(node: Mapping[str, Any], key: str) -> float:
+def positive(node: Mapping[str, Any], key: str) -> float:
     try:
         value = float(node[key])
     except (TypeError, ValueError):
@@ -55,10 +55,10 @@ def resolve_budget(run_epsilon: float, run_delta: float, node: Mapping[str, Any]
     """The stricter of the run's and the site's (epsilon, delta), per component. The site's delta is
     its node config's, else SITE_DELTA, and never above 1/(10·units) of its own data."""
     eps, eps_src = run_epsilon, "run config"
-    if NODE_EPSILON in node and _positive(node, NODE_EPSILON) < eps:
-        eps, eps_src = _positive(node, NODE_EPSILON), "node config"
+    if NODE_EPSILON in node and positive(node, NODE_EPSILON) < eps:
+        eps, eps_src = positive(node, NODE_EPSILON), "node config"
     candidates = [(run_delta, "run config"),
-                  (_positive(node, NODE_DELTA), "node config") if NODE_DELTA in node else (SITE_DELTA, "site default")]
+                  (positive(node, NODE_DELTA), "node config") if NODE_DELTA in node else (SITE_DELTA, "site default")]
     if units:
         candidates.append((0.1 / units, f"1/(10 x {units} units)"))
     delta, delta_src = min(candidates, key=lambda c: c[0])

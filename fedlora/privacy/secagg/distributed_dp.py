@@ -56,11 +56,17 @@ def gdp_delta(epsilon: float, mu: float) -> float:
 
 def epsilon_exact(noise_multiplier: float, rounds: int, delta: float) -> float:
     """Exact epsilon of `rounds` Gaussian releases of multiplier sigma (no sampling), at `delta`."""
-    if rounds == 0:
+    return epsilon_of_releases([noise_multiplier] * rounds, delta)
+
+
+def epsilon_of_releases(noise_multipliers: list[float], delta: float) -> float:
+    """Exact epsilon of Gaussian releases of these multipliers (no sampling): mu-GDP with
+    mu = sqrt(sum 1/sigma^2) (Dong, Roth, Su 2019), at `delta`."""
+    if not noise_multipliers:
         return 0.0
-    if noise_multiplier <= 0:
+    if min(noise_multipliers) <= 0:
         return math.inf
-    mu = math.sqrt(rounds) / noise_multiplier
+    mu = math.sqrt(sum(1 / s ** 2 for s in noise_multipliers))
     lo, hi = 0.0, 1.0
     while gdp_delta(hi, mu) > delta:
         lo, hi = hi, 2 * hi
