@@ -47,6 +47,10 @@ class ParametersDidNotTrain(RuntimeError):
 class DPSettings:
     max_grad_norm: float          # per-record clip norm C
     grad_sample_mode: str = "hooks"
+    # Opacus' secure_mode: each noise value combines several Gaussian draws, which defeats the
+    # floating-point attack on Gaussian sampling (arXiv 2107.10138, 2112.05307). It needs no torchcsprng
+    # (only PrivacyEngine's own generator does); `fedlora bench --only privacy` measures its cost.
+    secure_mode: bool = True
 
 
 def secret_generator() -> torch.Generator:
@@ -88,7 +92,8 @@ class DPSGD:
         self.hooks = prepare_module(model, mode, wrap_model=False, batch_first=True, loss_reduction="mean", **extra)
         self.optimizer = get_optimizer_class("flat", False, mode)(
             optimizer, noise_multiplier=self.effective_sigma, max_grad_norm=clip,
-            expected_batch_size=self.expected_records, loss_reduction="mean", generator=self.noise_generator)
+            expected_batch_size=self.expected_records, loss_reduction="mean", generator=self.noise_generator,
+            secure_mode=self.settings.secure_mode)
 
         def after_noise(_optimizer) -> None:  # once per step, after clipping and noise
             self.noised_steps += 1
