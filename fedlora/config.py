@@ -308,7 +308,7 @@ class PrivacySection(Section):
     NAME = "privacy"
     enabled: bool = option(
         False, "DP-SGD (Opacus) at every site. Each site enforces its own (epsilon, delta) budget, "
-        "keeps a hash-chained ledger of its spend on its own disk and refuses to train past it.")
+        "keeps a keyed, chained ledger of its spend on its own disk and refuses to train past it.")
     epsilon: float = option(
         8.0, "Target epsilon per site for the whole collaboration. A site's node config "
         "`privacy-epsilon` may impose a smaller one: the stricter wins.")
@@ -339,6 +339,10 @@ class PrivacySection(Section):
         5e-3, "Site learning rate under DP-SGD (noisy steps need a larger one); 0: train.learning-rate.")
     local_epochs: float = option(
         2.0, "Local epochs per round under DP-SGD; 0: train.local-epochs (train.local-steps, when set, wins).")
+    ledger_heads: str = option(
+        "", "File where the coordinator keeps the last ledger head each site reported; a site checks, "
+        "before it trains, that the head sent back is still in its ledger (a rewritten ledger is refused). "
+        "Empty: ledger-heads.json in the run directory; `fedlora coordinator` keeps one across runs.")
     client_dp: bool = option(
         False, "Client-level DP at the coordinator (unit = a whole site): clip each site's update, "
         "add Gaussian noise to the aggregate. Only useful with many sites (hundreds).")

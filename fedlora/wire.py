@@ -46,7 +46,9 @@ DP_BUDGET_EPSILON = "dp-budget-epsilon"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_SAMPLE_RATE = "dp-sample-rate"
 DP_UNIT = "unit"                       # in the PRIVACY record: "record" or the grouping column
-DP_LEDGER_HEAD = "ledger-head"         # hash of the site's last ledger entry
+DP_LEDGER_HEAD = "ledger-head"         # MAC of the site's last ledger entry (its ledger head)
+# Differential privacy (server -> site), in a train message's CONFIG record.
+LEDGER_ANCHOR = "ledger-anchor"        # the last ledger head this site reported: it must be in its ledger
 # Error codes of a train reply whose site refuses.
 BUDGET_EXHAUSTED = 4001       # its privacy budget would be exceeded
 CLEAR_UPLOAD_REFUSED = 4002   # the run uses secure aggregation, and the message asks for an update in clear

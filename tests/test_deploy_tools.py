@@ -410,3 +410,4 @@ def test_run_needs_a_running_coordinator_and_the_label_list(tmp_path, capsys):
         resolve(home, cfg.load_config(None, []), None, resume=False)
     config, out = resolve(home, cfg.load_config(None, ["task.labels=a,b"]), None, resume=True)
     assert out.parent == home.runs and config.output.dir == str(out) and config.output.resume
+    assert config.privacy.ledger_heads == str(home.ledger_heads)  # one record of the sites' ledgers, across runs

@@ -188,3 +188,122 @@ def test_a_site_enforces_its_own_floor_and_budget_for_distributed_dp(tmp_path):
     recorded = releases(contexts[2])
     assert [e["round"] for e in recorded] == [1, 2] and recorded[-1]["epsilon"] == pytest.approx(two, rel=1e-4)
     assert all(e["epsilon"] <= budget for e in recorded)
+
+
+# -- the ledger is keyed, and the coordinator's record of its head is checked --------------------
+def _rewrite(ledger: Ledger, link: str, mac, factor: float = 6) -> None:
+    """The audit's attack: raise sigma in every training entry, recompute the chain and the head."""
+    entries = [json.loads(line) for line in ledger.path.read_text().splitlines()]
+    prev, renamed = "0" * 64, {}
+    for entry in entries:
+        old = entry.pop("hash", None) or entry.pop("mac")
+        if entry["event"] in ("train", "reserved"):
+            entry["noise_multiplier"] *= factor
+        if "reservation" in entry:
+            entry["reservation"] = renamed.get(entry["reservation"], entry["reservation"])
+        entry["prev"] = prev
+        body = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+        entry[link] = prev = renamed[old] = mac(body)
+    ledger.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    ledger.head_path.write_text(json.dumps({"count": len(entries), link: prev}))
+
+
+def _site_with_rounds(folder, rounds: int = 5) -> tuple[SiteAccountant, str]:
+    from fedlora.privacy.budget import Budget
+
+    site = SiteAccountant(folder, Budget(10.0, 1e-5, "test"), "prv")
+    for r in range(1, rounds + 1):
+        site.commit(site.plan_round(r, 0.25, 8, 1.1))
+    return site, site.ledger.head()
+
+
+def test_a_rewritten_ledger_is_refused_with_or_without_its_key(tmp_path):
+    """The audit raised sigma in every entry and recomputed the SHA-256 chain: accepted, epsilon 4.62 ->
+    0.29. Now the chain is an HMAC under the site's key; a rewrite by the key's holder (or one that
+    deletes the key and passes for an old unkeyed ledger) is caught by the head the coordinator kept."""
+    import hashlib
+    import hmac as hmac_lib
+
+    from fedlora.privacy.ledger import LedgerTampered
+
+    honest = _pld_epsilon(1.1, 0.25, 40, 1e-5)
+    forged = _pld_epsilon(6.6, 0.25, 40, 1e-5)
+    assert forged < honest / 10  # what the rewrite would buy
+
+    site, _ = _site_with_rounds(tmp_path / "a")
+    assert site.spent()["epsilon"] == pytest.approx(honest, rel=0.02)
+    _rewrite(site.ledger, "mac", lambda body: hashlib.sha256(body).hexdigest())
+    with pytest.raises(LedgerTampered, match="mac mismatch"):
+        site.spent()
+
+    site, reported = _site_with_rounds(tmp_path / "b")
+    key = bytes.fromhex(site.ledger.key_path.read_text())
+    _rewrite(site.ledger, "mac", lambda body: hmac_lib.new(key, body, hashlib.sha256).hexdigest())
+    assert site.spent()["epsilon"] == pytest.approx(forged, rel=0.05)  # with the key, the chain verifies...
+    with pytest.raises(LedgerTampered, match="coordinator's record"):  # ...but not the coordinator's anchor
+        site.plan_round(6, 0.25, 8, 1.1, anchor=reported)
+
+    site, reported = _site_with_rounds(tmp_path / "c")
+    _rewrite(site.ledger, "hash", lambda body: hashlib.sha256(body).hexdigest())  # an "old" ledger
+    with pytest.raises(LedgerTampered, match="unkeyed but"):
+        site.spent()
+    site.ledger.key_path.unlink()  # passes for a ledger from before keys: converted...
+    assert site.spent()["epsilon"] == pytest.approx(forged, rel=0.05)
+    with pytest.raises(LedgerTampered, match="coordinator's record"):  # ...and caught all the same
+        site.plan_round(6, 0.25, 8, 1.1, anchor=reported)
+
+
+def test_an_unkeyed_ledger_is_converted_once_and_its_head_still_matches(tmp_path):
+    import hashlib
+
+    site, _ = _site_with_rounds(tmp_path)
+    spent = site.spent()["epsilon"]
+    # the same ledger as written before keys: a SHA-256 chain, no key file
+    _rewrite(site.ledger, "hash", lambda body: hashlib.sha256(body).hexdigest(), factor=1)
+    prev = json.loads(site.ledger.head_path.read_text())["hash"]
+    site.ledger.key_path.unlink()
+    assert site.spent()["epsilon"] == spent
+    converted = site.ledger.entries()
+    assert converted[-1]["event"] == "keyed" and converted[-1]["legacy_head"] == prev
+    assert site.ledger.contains(prev)  # the head a coordinator recorded before the conversion
+    assert oct(site.ledger.key_path.stat().st_mode & 0o777) == "0o600"
+    site.ledger.key_path.chmod(0o644)
+    with pytest.raises(Exception, match="chmod 600"):
+        site.spent()
+
+
+def test_the_coordinator_sends_each_site_its_last_head_across_runs(tmp_path, caplog):
+    """Two runs over the same sites' state folders: between them one site's ledger is rewritten with its
+    key. In the second run that site refuses to train (its ledger lacks the head the coordinator kept),
+    the coordinator learns only the error's kind, and the other site trains."""
+    import hashlib
+    import hmac as hmac_lib
+
+    heads = tmp_path / "ledger-heads.json"
+
+    def run(out):
+        config = cfg_load(["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=24",
+                           "train.local-steps=1", "federation.rounds=1", "federation.num-sites=2",
+                           "federation.min-sites=1", "privacy.enabled=true", "privacy.noise-multiplier=1.0",
+                           "privacy.local-epochs=0", f'privacy.ledger-heads="{heads}"', f'output.dir="{out}"'])
+        grid = InProcessGrid(site_app, config.to_flat(), 2)
+        for i, context in enumerate(grid.contexts.values()):
+            context.node_config["state-dir"] = str(tmp_path / f"site-{i}")
+        main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                           run_config=config.to_flat()))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert run(tmp_path / "run1")[0]["sites"] == 2
+    recorded = json.loads(heads.read_text())
+    ledger = Ledger(tmp_path / "site-0")
+    assert sorted(h["head"] for h in recorded.values()) == sorted([ledger.head(), Ledger(tmp_path / "site-1").head()])
+    key = bytes.fromhex(ledger.key_path.read_text())
+    _rewrite(ledger, "mac", lambda body: hmac_lib.new(key, body, hashlib.sha256).hexdigest())
+    trained_before = len([e for e in ledger.entries() if e["event"] == "train"])
+    rows = run(tmp_path / "run2")
+    assert rows[0]["sites"] == 1
+    assert len([e for e in ledger.entries() if e["event"] == "train"]) == trained_before
+    assert len([e for e in Ledger(tmp_path / "site-1").entries() if e["event"] == "train"]) == 2
+    upstream = [r.getMessage() for r in caplog.records if r.name == "fedlora.server.collect"]
+    assert any("LedgerTampered at the site" in line for line in upstream)
+    assert not any(str(tmp_path) in line for line in upstream)  # the site's path stays at the site

@@ -56,7 +56,7 @@ def test_budget_stop_refuses_at_the_right_round(tmp_path):
     assert _run_until_refusal(accountant) == expected
     entries = Ledger(tmp_path).entries()
     assert [e["event"] for e in entries] == ["reserved", "train"] * (expected - 1) + ["refused"]
-    assert all(t["reservation"] == r["hash"] for r, t in zip(entries[0:-1:2], entries[1:-1:2]))
+    assert all(t["reservation"] == r["mac"] for r, t in zip(entries[0:-1:2], entries[1:-1:2]))
     assert entries[-2]["epsilon"] <= target < entries[-1]["projected_epsilon"]
     assert entries[-2]["epsilon"] == pytest.approx(by_round[expected - 2])
 
@@ -104,7 +104,7 @@ def test_ledger_detects_an_edited_entry(tmp_path):
     entry["noise_multiplier"] = 5.0  # claim more noise than was used
     lines[1] = json.dumps(entry, sort_keys=True)
     ledger.path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(LedgerTampered, match="hash mismatch"):
+    with pytest.raises(LedgerTampered, match="mac mismatch"):
         ledger.entries()
 
 
@@ -125,7 +125,7 @@ def test_ledger_detects_removed_entries(tmp_path):
 def test_tampered_ledger_stops_the_site(tmp_path):
     accountant = SiteAccountant(tmp_path, Budget(8.0, DELTA, "test"), "rdp")
     accountant.commit(accountant.plan_round(1, Q, STEPS, SIGMA))
-    accountant.ledger.head_path.write_text(json.dumps({"count": 1, "hash": "0" * 64}))
+    accountant.ledger.head_path.write_text(json.dumps({"count": 1, "mac": "0" * 64}))
     with pytest.raises(LedgerTampered):
         accountant.plan_round(2, Q, STEPS, SIGMA)
 

@@ -131,7 +131,7 @@ def test_dp_sgd_resumes_with_the_same_spend_and_the_refused_site_stays_refused(t
 @pytest.mark.parametrize("family, settings, column", [
     ("client-level DP", ["privacy.client-dp=true", "privacy.client-noise-multiplier=0.5", "privacy.client-epsilon=100"],
      "client_epsilon"),
-    ("distributed DP", ["secagg.enabled=true", "federation.min-sites=3", "secagg.dp-noise-multiplier=0.5",
+    ("distributed DP", ["secagg.enabled=true", "federation.min-sites=3", "secagg.dp-noise-multiplier=2.0",
                         "secagg.dp-clip=0.05"], "secagg_dp_epsilon"),
 ])
 def test_coordinator_side_dp_resumes_its_accounting(tmp_path, family, settings, column):

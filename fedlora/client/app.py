@@ -61,7 +61,8 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         if dp_enabled(rt.config, context.node_config):
             try:  # DP-SGD; the spend is on the site's disk before this reply is built
                 private = train_privately(rt, context.node_config, server_round, seed, str(context.run_id),
-                                          extra_loss=extra_loss)
+                                          extra_loss=extra_loss,
+                                          anchor=str(msg.content[wire.CONFIG].get(wire.LEDGER_ANCHOR, "")))
             except BudgetExhausted as err:
                 log.warning("%s", err)
                 return Message(Error(code=wire.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)

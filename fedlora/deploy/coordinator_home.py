@@ -6,7 +6,7 @@
     ca/ca.key          the CA private key: keep it offline once certificates are issued
     tls/server.*       the coordinator's TLS certificate and key
     sites/NAME.pub     registered site public keys; sites/registry.json their Flower node ids
-    state/             the SuperLink database, pid file
+    state/             the SuperLink database, pid file, the sites' last ledger heads (ledger-heads.json)
     flwr-home/         Flower CLI connection to the loopback SuperLink
     logs/, runs/       SuperLink and proxy logs; run directories
 """
@@ -65,6 +65,11 @@ class CoordinatorHome:
     @property
     def pid_file(self) -> Path:
         return self.path / "state" / "coordinator.pid"
+
+    @property
+    def ledger_heads(self) -> Path:
+        """The last privacy-ledger head each site reported, kept across runs (privacy.ledger-heads)."""
+        return self.path / "state" / "ledger-heads.json"
 
     @property
     def superlink_address(self) -> str:

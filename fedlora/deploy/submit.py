@@ -44,7 +44,10 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
     if out is None:
         out = home.runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     out = Path(out).expanduser().resolve()
-    config = cfg.from_nested(config.to_nested(), {"output.dir": str(out), "output.resume": resume})
+    overrides = {"output.dir": str(out), "output.resume": resume}
+    if not config.privacy.ledger_heads:  # one record across runs: a site's ledger is checked from run to run
+        overrides["privacy.ledger-heads"] = str(home.ledger_heads)
+    config = cfg.from_nested(config.to_nested(), overrides)
     if config.task.type == "classification" and not config.task.labels:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "
                                "does not see the sites' data); list every label, in the same order at every site"])

@@ -9,14 +9,22 @@
   the run ends cleanly with what it has. The refusals are part of the
   coordinator's checkpoint, so a resumed run does not ask those sites again.
 
+- The last ledger head (MAC) each site reported is kept in a file that outlives
+  the run (privacy.ledger-heads) and sent back with the site's next train
+  message (`anchor`): the site refuses if its ledger no longer holds it, so a
+  ledger rewritten at the site, even with its key, is caught.
+
 Client-level DP, which the coordinator applies itself, is a strategy wrapper
 (client_dp.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 from fedlora import wire
@@ -34,6 +42,9 @@ class ServerPrivacy:
         self.sites: dict[str, dict[str, Any]] = {}   # site -> its latest privacy report
         self.exhausted: dict[int, str] = {}           # node id -> the site's refusal
         self.stopped: str | None = None               # why the run ended early, if it did
+        self.heads_path = ledger_heads_path(config)
+        self.heads: dict[str, dict[str, Any]] = (      # node id -> the last ledger head it reported
+            json.loads(self.heads_path.read_text()) if self.heads_path and self.heads_path.exists() else {})
 
     # -- which sites can still train ----------------------------------------------
     def eligible(self, nodes: list[int]) -> list[int]:
@@ -54,11 +65,17 @@ class ServerPrivacy:
         return True
 
     # -- site reports -------------------------------------------------------------
+    def anchor(self, node_id: int) -> str:
+        """The ledger head this node last reported ("" if none): its ledger must still hold it."""
+        return str(self.heads.get(str(node_id), {}).get("head", ""))
+
     def observe(self, site: str, reply, server_round: int) -> None:
         metrics = reply.content[wire.METRICS]
         if wire.DP_EPSILON not in metrics:
             return
         record = reply.content.config_records.get(wire.PRIVACY, {})
+        if record.get(wire.DP_LEDGER_HEAD):
+            self._record_head(reply.metadata.src_node_id, site, str(record[wire.DP_LEDGER_HEAD]), server_round)
         self.sites[site] = {
             "epsilon": float(metrics[wire.DP_EPSILON]),
             "epsilon_rdp": float(metrics[wire.DP_EPSILON_RDP]),
@@ -71,6 +88,16 @@ class ServerPrivacy:
             "ledger_head": str(record.get(wire.DP_LEDGER_HEAD, "")),
             "last_round": server_round,
         }
+
+    def _record_head(self, node_id: int, site: str, head: str, server_round: int) -> None:
+        self.heads[str(node_id)] = {"head": head, "site": site, "round": server_round,
+                                    "run": str(self.config.output.dir)}
+        if self.heads_path is None:
+            return
+        self.heads_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.heads_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.heads, indent=1, sort_keys=True))
+        os.replace(tmp, self.heads_path)
 
     # -- what the run directory shows ----------------------------------------------
     def row(self) -> dict[str, Any]:
@@ -107,6 +134,12 @@ class ServerPrivacy:
         self.sites = dict(state["sites"])
         self.exhausted = {int(node): why for node, why in state["exhausted"].items()}
         self.stopped = state["stopped"]
+
+
+def ledger_heads_path(config) -> Path | None:
+    if config.privacy.ledger_heads:
+        return Path(config.privacy.ledger_heads).expanduser()
+    return Path(config.output.dir).expanduser() / "ledger-heads.json" if config.output.dir else None
 
 
 def finite(tree: Any) -> Any:

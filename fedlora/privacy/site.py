@@ -30,7 +30,7 @@ from fedlora.privacy.accounting import (
     epsilon_rdp,
 )
 from fedlora.privacy.budget import Budget
-from fedlora.privacy.ledger import Ledger
+from fedlora.privacy.ledger import Ledger, LedgerTampered
 from fedlora.versions import library_versions
 
 TRAIN = "train"
@@ -70,7 +70,7 @@ class SiteAccountant:
         """The ledger entries that count: every committed round and every open reservation."""
         entries = self.ledger.entries()
         closed = {e["reservation"] for e in entries if e["event"] in (TRAIN, RELEASED) and e.get("reservation")}
-        return [e for e in entries if e["event"] == TRAIN or (e["event"] == RESERVED and e["hash"] not in closed)]
+        return [e for e in entries if e["event"] == TRAIN or (e["event"] == RESERVED and e["mac"] not in closed)]
 
     def history(self) -> History:
         return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.spending())
@@ -84,15 +84,23 @@ class SiteAccountant:
 
     # -- before training --------------------------------------------------------
     def plan_round(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float = 0.0,
-                   rounds_left: int = 1, run: str = "") -> RoundPlan:
+                   rounds_left: int = 1, run: str = "", anchor: str = "") -> RoundPlan:
         """This round's sigma and projected epsilon, its spend reserved in the ledger; raises
-        BudgetExhausted (after recording the refusal) when the round would exceed the budget."""
+        BudgetExhausted (after recording the refusal) when the round would exceed the budget, and
+        LedgerTampered when `anchor` (the coordinator's record of this site's last ledger head) is not
+        in the ledger."""
         with self.ledger.transaction():
+            if anchor and not self.ledger.contains(anchor):
+                raise LedgerTampered(
+                    f"site {self.site}: the coordinator's record of this site's last ledger entry "
+                    f"({anchor[:12]}) is not in {self.ledger.path}: the ledger was rewritten, replaced or reset "
+                    "since; restore it (a reset the consortium agrees to: the coordinator removes this site "
+                    "from its privacy.ledger-heads file)")
             plan = self._plan(server_round, sample_rate, steps, noise_multiplier, rounds_left, run)
             reserved = self.ledger.append({"event": RESERVED, "site": self.site, "run": run, **asdict(plan),
                                            "delta": self.budget.delta, "accountant": self.accountant,
                                            "time": _now()})
-        return replace(plan, reservation=reserved["hash"])
+        return replace(plan, reservation=reserved["mac"])
 
     def _plan(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float,
               rounds_left: int, run: str) -> RoundPlan:

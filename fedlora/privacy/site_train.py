@@ -40,10 +40,12 @@ def dp_settings(config) -> DPSettings:
 
 
 def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, run: str = "",
-                    extra_loss=None) -> PrivateRound:
+                    extra_loss=None, anchor: str = "") -> PrivateRound:
     """DP-SGD for one round at the site `rt` (a client.runtime.SiteRuntime).
-    Raises BudgetExhausted when the site refuses the round. `extra_loss(model)`:
-    a data-independent term such as FedProx's proximal term."""
+    Raises BudgetExhausted when the site refuses the round, LedgerTampered when its
+    ledger does not verify or no longer holds `anchor`, the head the coordinator
+    last saw. `extra_loss(model)`: a data-independent term such as FedProx's
+    proximal term."""
     examples = rt.train_examples
     config, d = rt.config, rt.config.privacy
     simulated = "data-path" not in node
@@ -58,7 +60,7 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     steps = planned_steps(units.count, batch, d.local_epochs or config.train.local_epochs,
                           config.train.local_steps)
     plan = accountant.plan_round(server_round, sample_rate, steps, d.noise_multiplier,
-                                 rounds_left=config.federation.rounds - server_round + 1, run=run)
+                                 rounds_left=config.federation.rounds - server_round + 1, run=run, anchor=anchor)
     settings = dp_settings(config)
     learning_rate = d.learning_rate or config.train.learning_rate
     try:
@@ -83,5 +85,5 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
         wire.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
         wire.DP_SAMPLE_RATE: sample_rate,
     }
-    record = {wire.DP_UNIT: units.describe(), wire.DP_LEDGER_HEAD: entry["hash"]}
+    record = {wire.DP_UNIT: units.describe(), wire.DP_LEDGER_HEAD: entry["mac"]}
     return PrivateRound(TrainResult(dp.steps, float("nan"), dp.seconds, dp.records, dp.empty_steps), metrics, record)

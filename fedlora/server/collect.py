@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora import wire
@@ -66,6 +66,8 @@ class Messenger:
     def send(self, messages: list[Message], timeout: float, traffic: Traffic, what: str,
              server_round: int) -> tuple[list[Message], list[str]]:
         """The usable replies to `messages`, and one line per site that failed, refused or did not reply."""
+        for message in messages:
+            self._add_anchor(message)
         traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
         replies, failures, answered = [], [], set()
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
@@ -87,6 +89,13 @@ class Messenger:
         for failure in failures:
             log.warning("round %d %s: %s", server_round, what, failure)
         return replies, failures
+
+
+    def _add_anchor(self, message: Message) -> None:
+        """A train message carries the last ledger head its site reported (the site checks it)."""
+        anchor = self.privacy.anchor(message.metadata.dst_node_id)
+        if anchor and message.metadata.message_type == MessageType.TRAIN and wire.CONFIG in message.content:
+            message.content[wire.CONFIG] = ConfigRecord({**message.content[wire.CONFIG], wire.LEDGER_ANCHOR: anchor})
 
 
 def site_name(reply: Message) -> str:

@@ -115,7 +115,7 @@ def _sites(summary: dict) -> dict[str, dict]:
     for name, spend in ((summary.get("privacy") or {}).get("site_level", {}).get("sites") or {}).items():
         row = sites.setdefault(name, {})
         for key, value in spend.items():
-            if key == "ledger_head":  # a hash: its start is enough to compare with the site's ledger
+            if key == "ledger_head":  # a MAC: its start is enough to compare with the site's ledger
                 value = str(value)[:16]
             row.setdefault(key, value)
     return sites
