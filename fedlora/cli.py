@@ -12,6 +12,7 @@ from fedlora import config as cfg
 from fedlora.bench.runner import add_parser as add_bench_parser
 from fedlora.data.readers import DataError
 from fedlora.deploy.cli import add_commands as add_deploy_commands
+from fedlora.deploy.site_home import privacy_state
 from fedlora.model_sources import ModelLoadError
 from fedlora.privacy.plan import add_parsers as add_privacy_parsers
 from fedlora.simulations.launcher import SimulationFailed, simulate
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print Flower's full log at the end, and the traceback of an error")
     sim.set_defaults(func=_simulate)
 
-    add_privacy_parsers(sub)  # `fedlora privacy plan`, `fedlora privacy plan-clients`
+    add_privacy_parsers(sub, privacy_state)  # `fedlora privacy plan [--site DIR]`, `fedlora privacy plan-clients`
     add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
     add_bench_parser(sub)  # `fedlora bench`
     return parser

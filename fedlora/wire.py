@@ -45,6 +45,7 @@ DP_DELTA = "dp-delta"
 DP_BUDGET_EPSILON = "dp-budget-epsilon"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_SAMPLE_RATE = "dp-sample-rate"
+DP_RUN_EPSILON = "dp-run-epsilon"      # the epsilon of this run's rounds alone, at the site
 DP_UNIT = "unit"                       # in the PRIVACY record: "record" or the grouping column
 DP_LEDGER_HEAD = "ledger-head"         # MAC of the site's last ledger entry (its ledger head)
 # Differential privacy (server -> site), in a train message's CONFIG record.

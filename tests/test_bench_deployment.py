@@ -7,7 +7,10 @@ import math
 from fedlora.bench import deployment as dep
 from fedlora.bench.suite import BenchContext
 
-TIMINGS = [  # one site, two rounds, a train and an evaluate message each (cold: every message loads)
+TIMINGS = [  # one site, two rounds, a train and an evaluate message each (cold: every message loads),
+    # and the forecast query before round one (a site without DP answers it without loading anything)
+    {"round": 1, "type": "query", "process_seconds": 5.0, "import_seconds": 8.0, "load_seconds": 0.0,
+     "handler_seconds": 0.5},
     {"round": 1, "type": "train", "process_seconds": 5.0, "import_seconds": 8.0, "load_seconds": 6.0,
      "train_seconds": 20.0, "handler_seconds": 21.0},
     {"round": 1, "type": "evaluate", "process_seconds": 5.0, "import_seconds": 8.0, "load_seconds": 6.0,
@@ -20,7 +23,7 @@ TIMINGS = [  # one site, two rounds, a train and an evaluate message each (cold:
 
 def test_site_rounds_split_loading_training_and_evaluation():
     rounds = dep._site_rounds(TIMINGS)
-    assert rounds[1] == {"overhead": 38.0, "train": 20.0, "evaluate": 2.0}
+    assert rounds[1] == {"overhead": 51.5, "train": 20.0, "evaluate": 2.0}
     assert rounds[2] == {"overhead": 8.0, "train": 18.0, "evaluate": 1.5}  # no imports: a worker answered
 
 
@@ -28,7 +31,7 @@ def test_summary_separates_the_first_round_from_the_later_ones():
     result = {"sites": {"site1": dep._site_rounds(TIMINGS)},
               "rounds": [{"round_seconds": 90.0}, {"round_seconds": 40.0}, {"round_seconds": 50.0}]}
     s = dep.summarize(result)
-    assert (s["overhead_round1"], s["overhead_later"], s["train"], s["evaluate"]) == (38.0, 8.0, 19.0, 1.75)
+    assert (s["overhead_round1"], s["overhead_later"], s["train"], s["evaluate"]) == (51.5, 8.0, 19.0, 1.75)
     assert s["round_seconds"] == 60.0 and s["round_seconds_later"] == 45.0
     one_round = dep.summarize({"sites": {"site1": {1: dep._site_rounds(TIMINGS)[1]}},
                                "rounds": [{"round_seconds": 90.0}]})
@@ -54,7 +57,7 @@ def test_a_finished_deployment_is_reused_without_starting_one(tmp_path, monkeypa
     monkeypatch.setattr(dep, "run_mode", no_deployment)
     result = dep.run(BenchContext(quick=True, workdir=tmp_path / "quick"))
     assert result.figures["summaries"]["worker"]["overhead_later"] == 8.0  # round keys are ints again
-    assert "| cold | 38.0 | 8.0 | 19.0 | 4.0 |" in result.markdown
+    assert "| cold | 51.5 | 8.0 | 19.0 | 4.0 |" in result.markdown
     assert "tiny-bert + LoRA, 40 synthetic notes per site, 2 rounds" in result.markdown
 
 

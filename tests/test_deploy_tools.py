@@ -128,6 +128,7 @@ def test_site_folder_node_config_and_supernode_command(tmp_path):
     node = home.flower_node_config()
     assert node["data-path"] == str(data.resolve()) and node["site"] == "hospital-a"
     assert node["privacy-epsilon"] == 3.0 and node["privacy-delta"] == 1e-5  # the DP colleague's key names
+    assert node["privacy-epsilon-per-run"] == 0.75 and node["privacy-per-run"] == "refuse"  # a quarter per run
     assert node["state-dir"] == str(home.path / "state") and node["worker-socket"].endswith("worker.sock")
     command = supernode_command(home)
     assert command[command.index("--superlink") + 1] == "fl.example.org:9092"
@@ -138,7 +139,7 @@ def test_site_folder_node_config_and_supernode_command(tmp_path):
     assert written == node
     no_budget = init_site(tmp_path / "s2", "hospital-b", data, "fl.example.org:9092", coord.tls.ca_cert,
                           epsilon=None)
-    assert "privacy-epsilon" not in no_budget.flower_node_config()
+    assert not {"privacy-epsilon", "privacy-epsilon-per-run"} & set(no_budget.flower_node_config())
 
 
 def test_register_site_while_the_superlink_is_down_then_revoke(tmp_path):
@@ -360,9 +361,10 @@ def test_relay_answers_through_the_site_worker_and_keeps_the_model_loaded(inproc
     out = inprocess_run(nodes, rounds=2, name="worker")
     assert [r["round"] for r in _rows(out)] == [1, 2]
     timings = [json.loads(x) for x in (tmp_path / "state0" / "timings.jsonl").read_text().splitlines()]
-    assert [t["type"] for t in timings] == ["train", "evaluate", "train", "evaluate"]
+    assert [t["type"] for t in timings] == ["query", "train", "evaluate", "train", "evaluate"]  # forecast first
     assert all(t["mode"] == "worker" for t in timings)
-    assert all(t["load_seconds"] < 0.5 for t in timings[1:])  # loaded by the first message only
+    timings = timings[1:]  # without DP the forecast needs no model: the first train loads it
+    assert all(t["load_seconds"] < 0.5 for t in timings[1:])  # loaded by the first train message only
     assert timings[0]["train_seconds"] > 0
 
 

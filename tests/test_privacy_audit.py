@@ -307,3 +307,70 @@ def test_the_coordinator_sends_each_site_its_last_head_across_runs(tmp_path, cap
     upstream = [r.getMessage() for r in caplog.records if r.name == "fedlora.server.collect"]
     assert any("LedgerTampered at the site" in line for line in upstream)
     assert not any(str(tmp_path) in line for line in upstream)  # the site's path stays at the site
+
+
+# -- a run's cost is known before it starts, and a site caps what one run spends ------------------
+def _ledger_epsilon(folder, run=None) -> float:
+    """The epsilon of a site's ledger, recomputed by dp-accounting's PLD from its entries' (sigma, q, steps)."""
+    trained = [e for e in Ledger(folder).entries() if e["event"] == "train" and run in (None, e["run"])]
+    oracle = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for e in trained:
+        event = dp_accounting.PoissonSampledDpEvent(e["sample_rate"], dp_accounting.GaussianDpEvent(e["noise_multiplier"]))
+        oracle.compose(dp_accounting.SelfComposedDpEvent(event, e["steps"]))
+    return oracle.get_epsilon(trained[-1]["delta"]) if trained else 0.0
+
+
+def test_a_short_run_cannot_spend_a_sites_whole_budget_unseen(tmp_path, caplog):
+    """The audit: with the defaults a 3-round test run spent epsilon 7.96 of 8 and the next run trained
+    on pure noise, without a word. Now the coordinator gets each site's forecast before round 1, and a
+    site with a per-run share (fedlora site init writes a quarter of the budget) spends at most that."""
+    def run(name, run_id, settings, shares):
+        config = cfg_load(["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=48",
+                           "train.local-steps=1", "federation.rounds=3", "federation.num-sites=2",
+                           "federation.min-sites=1", "privacy.enabled=true", "privacy.local-epochs=0",
+                           f'output.dir="{tmp_path / name}"', *settings])
+        grid = InProcessGrid(site_app, config.to_flat(), 2)
+        for i, context in enumerate(grid.contexts.values()):
+            context.run_id = run_id
+            context.node_config.update({"state-dir": str(tmp_path / f"site-{i}"), **shares[i]})
+        main(grid, Context(run_id=run_id, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                           run_config=config.to_flat()))
+        return json.loads((tmp_path / name / "summary.json").read_text())["privacy"]
+
+    capped = {"privacy-epsilon-per-run": 2.0}
+    privacy = run("test-run", 11, [], [capped, {}])
+    forecast = privacy["forecast"]
+    capped_spent, uncapped_spent = _ledger_epsilon(tmp_path / "site-0"), _ledger_epsilon(tmp_path / "site-1")
+    assert 1.8 < capped_spent <= 2.0 * 1.01  # sigma calibrated to the share (PLD, within its discretization)
+    assert uncapped_spent > 7.5               # without a share: the whole budget, as the audit saw...
+    assert forecast["site-1"]["run-epsilon"] == pytest.approx(uncapped_spent, rel=0.02)  # ...but foretold
+    assert forecast["site-0"]["run-epsilon"] == pytest.approx(capped_spent, rel=0.02)
+    assert forecast["site-0"]["share-epsilon"] == 2.0 and forecast["site-1"]["refuses-at"] == 0
+    warned = [r.getMessage() for r in caplog.records if r.name == "fedlora.privacy.forecast"
+              and r.levelname == "WARNING"]
+    assert any("site-1 (" in line and "less than 10%" in line for line in warned)
+
+    # The next run's coordinator fixes a small sigma: the forecast says site-0 refuses at round 1, and it does.
+    caplog.clear()
+    privacy = run("next-run", 12, ["privacy.noise-multiplier=0.9"], [capped, {}])
+    assert privacy["forecast"]["site-0"]["refuses-at"] == 1 and privacy["forecast"]["site-1"]["refuses-at"] == 1
+    assert _ledger_epsilon(tmp_path / "site-0", run="12") == 0.0  # nothing trained, nothing spent
+    refusals = [e for e in Ledger(tmp_path / "site-0").entries() if e["event"] == "refused"]
+    assert "per-run share 2" in refusals[-1]["reason"]
+    assert any("site site-0 would refuse round 1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_site_that_only_warns_trains_past_its_share_and_says_so(tmp_path):
+    from fedlora.privacy import forecast
+    from fedlora.privacy.budget import Budget, RunShare
+
+    site = SiteAccountant(tmp_path, Budget(8.0, 1e-5, "test"), "prv", share=RunShare(1.0, refuse=False))
+    ahead = site.forecast(0.25, 8, 1.2, 3, run="r")
+    plan = site.plan_round(1, 0.25, 8, 1.2, rounds_left=3, run="r")  # no refusal
+    assert plan.run_projected == pytest.approx(ahead.run_epsilon) and ahead.over_share and not ahead.refuses_at
+    assert ahead.run_epsilon == pytest.approx(_pld_epsilon(1.2, 0.25, 24, 1e-5), rel=0.02)
+    lines = forecast.warnings({"s": forecast.pack(ahead, None, hide_noise=False)})
+    assert len(lines) == 1 and "privacy-per-run = warn" in lines[0]
+    with pytest.raises(ValueError, match="refuse or warn"):
+        from fedlora.privacy.budget import run_share
+        run_share({"privacy-epsilon-per-run": 1.0, "privacy-per-run": "ignore"})

@@ -56,3 +56,38 @@ def test_bad_privacy_settings_are_reported_together():
                                "privacy.client-noise-multiplier=2", "privacy.client-clipped-count-stddev=0.5"])
     options = cfg.describe_options()
     assert "[privacy]" in options and "\n  unit-column = ''" in options.split("[privacy]")[1]
+
+
+def test_plan_shows_what_a_deployed_site_has_spent_and_what_remains(tmp_path, capsys):
+    from fedlora.deploy.coordinator_home import init_coordinator
+    from fedlora.deploy.site_home import SiteHome, init_site
+    from fedlora.privacy.budget import Budget, RunShare
+    from fedlora.privacy.site import SiteAccountant
+
+    coord = init_coordinator(tmp_path / "c", ["fl.example.org"])
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "chest pain", "label": "cardiology"}\n')
+    home = init_site(tmp_path / "s", "hospital-a", data, "fl.example.org:9092", coord.tls.ca_cert, epsilon=3.0)
+    site = SiteAccountant(home.state, Budget(3.0, 1e-5, "node"), "prv", share=RunShare(0.75, True))
+    for r in (1, 2):  # what the site's own rounds wrote
+        site.commit(site.plan_round(r, 0.25, 8, 0.0, rounds_left=3 - r, run="41"), run="41")
+    dp_accounting = pytest.importorskip("dp_accounting")
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    for m in site.history():  # an independent computation of what the ledger holds
+        pld.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier)),
+            m.steps))
+    assert main(["privacy", "plan", "--site", str(home.path), "--accountant", "prv"]) == 0
+    out = capsys.readouterr().out
+    spent = float(out.split("DP-SGD spent: epsilon ")[1].split()[0])
+    assert spent == pytest.approx(pld.get_epsilon(1e-5), rel=0.02) and "2 round(s) in 1 run(s)" in out
+    assert f"remaining: epsilon {3.0 - spent:.4f}" in out and "per-run share 0.75 (refuse)" in out
+    assert main(["privacy", "plan", "--site", str(home.path), "--records", "256",
+                 "--rounds", "4"]) == 0
+    next_run = capsys.readouterr().out.split("the next run")[1]
+    run_epsilon = float(next_run.split("epsilon ")[1].split(" for the run")[0])
+    assert 0.7 < run_epsilon <= 0.75  # calibrated to the share, not to what remains
+    (home.state / "ledger.key").write_text("00" * 32)  # a ledger that no longer verifies: one line, exit 1
+    assert main(["privacy", "plan", "--site", str(home.path)]) == 1
+    assert "mac mismatch" in capsys.readouterr().err
+    assert SiteHome.load(home.path).state == home.state

@@ -47,15 +47,18 @@ FULL = Plan(sites=3, rounds=3, model="minilm", records=320)
 
 def _site_rounds(timings: list[dict]) -> dict[int, dict[str, float]]:
     """Per round: seconds before the site's code could work (process start, imports, model and data
-    load; train and evaluate messages together), and seconds of local training."""
+    load; every message of the round together, the pre-run privacy forecast query in round one
+    included, its answer too), and seconds of local training and of evaluation."""
     rounds: dict[int, dict[str, float]] = {}
     for t in timings:
         row = rounds.setdefault(t["round"], {"overhead": 0.0, "train": 0.0, "evaluate": 0.0})
         row["overhead"] += t["process_seconds"] + t.get("import_seconds", 0.0) + t["load_seconds"]
         if t["type"].startswith("train"):
             row["train"] += t.get("train_seconds", 0.0)
-        else:
+        elif t["type"].startswith("evaluate"):
             row["evaluate"] += t["handler_seconds"]
+        else:
+            row["overhead"] += t["handler_seconds"]
     return rounds
 
 

@@ -3,8 +3,10 @@
 Train: set the global adapter, train locally (DP-SGD wraps the same loop when
 the run or the site asks for it), reply with the update (local − global) and
 the site's weight. Evaluate: score the global adapter on the site's held-out
-rows and reply with sums the server pools exactly. Only trainable adapter
-tensors (and a task head) ever leave the site.
+rows and reply with sums the server pools exactly. Query (once, before round
+one): the site's own forecast of what the run will cost its privacy budget
+(privacy/forecast.py). Only trainable adapter tensors (and a task head) ever
+leave the site.
 
 What a site does to every message on top of that is a Flower ClientApp mod,
 in `SITE_MODS`: errors are logged at the site and reported upstream as a
@@ -26,10 +28,12 @@ from flwr.clientapp import ClientApp
 from fedlora import wire
 from fedlora.arrays import to_record
 from fedlora.client.mods import compression_mod, site_errors_mod
-from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_runtime
-from fedlora.client.secure import secure_aggregation_mod
+from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_config, site_runtime
+from fedlora.client.secure import durable_folder, secure_aggregation_mod
 from fedlora.client.site_strategy import SitePlan
-from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, train_privately
+from fedlora.privacy import forecast
+from fedlora.privacy.distributed_site import NODE_MIN_NOISE, forecast_releases
+from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, forecast_privately, train_privately
 from fedlora.training import evaluate_counts, plain_train, site_seed
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,26 @@ def evaluate(rt: SiteRuntime, msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)
 
 
+def query(rt_of: Runtime, msg: Message, context: Context) -> Message:
+    """The pre-run privacy forecast (privacy/forecast.py): what this run would cost this site, from its
+    own ledger and budget; nothing is written or spent. A site that spends no budget answers without
+    loading its model."""
+    config, node = site_config(context), context.node_config
+    first_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    records: dict = {}
+    dp_sgd = distributed = None
+    if dp_enabled(config, node):
+        rt = rt_of(context)
+        dp_sgd = forecast_privately(rt, node, first_round, str(context.run_id))
+        records[wire.SITE] = _site_record(rt)
+    s = config.secagg
+    if s.enabled and (s.dp_noise_multiplier > 0 or NODE_MIN_NOISE in node):
+        distributed = forecast_releases(durable_folder(context), node, config.privacy.epsilon, s.dp_noise_multiplier,
+                                        max(0, config.federation.rounds - first_round + 1))
+    records[forecast.RECORD] = MetricRecord(forecast.pack(dp_sgd, distributed, hide_noise=s.enabled))
+    return Message(RecordDict(records), reply_to=msg)
+
+
 def build_client_app(runtime: Runtime = site_runtime, mods: list | None = None) -> ClientApp:
     """A ClientApp answering train and evaluate messages with the site that `runtime` builds
     from a message's Context (its model, data and configuration), through `mods`."""
@@ -116,6 +140,10 @@ def build_client_app(runtime: Runtime = site_runtime, mods: list | None = None) 
     @client.evaluate()
     def evaluate_handler(msg: Message, context: Context) -> Message:
         return evaluate(runtime(context), msg, context)
+
+    @client.query()
+    def query_handler(msg: Message, context: Context) -> Message:
+        return query(runtime, msg, context)
 
     return client
 

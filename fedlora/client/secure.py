@@ -85,7 +85,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         clear = {name: record for name, record in trained.content.items() if name != wire.ARRAYS}
         clear[wire.METRICS] = _clear_metrics(trained)
     else:
-        _answer_unmask_once(_durable_folder(context), request[m.SESSION_ID])
+        _answer_unmask_once(durable_folder(context), request[m.SESSION_ID])
         reply = client.unmask(request)
     context.state[STATE] = to_config_record(client.state_dict())
     return Message(RecordDict({**payload_records(reply), **clear}), reply_to=msg)
@@ -94,7 +94,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 UNMASK_RECORD = "secagg-unmasked.log"  # the sessions whose unmask request this site answered
 
 
-def _durable_folder(context: Context) -> Path:
+def durable_folder(context: Context) -> Path:
     """The site's own persistent folder: its node config's state-dir (a simulated site: one under the
     run directory); a deployed site without one cannot keep the rule across restarts, and refuses."""
     if context.node_config.get(NODE_STATE_DIR):
@@ -129,7 +129,7 @@ def _distributed_dp_refusal(msg: Message, context: Context, threshold: int) -> M
     if sigma <= 0 and NODE_MIN_NOISE not in node:
         return None
     try:
-        reserve_release(_durable_folder(context), node, config.privacy.epsilon,
+        reserve_release(durable_folder(context), node, config.privacy.epsilon,
                         str(node.get("site", f"node-{context.node_id}")),
                         int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), sigma, config.secagg.dp_clip, threshold,
                         run=str(context.run_id))

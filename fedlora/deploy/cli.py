@@ -87,7 +87,8 @@ def _site_init(args: argparse.Namespace) -> int:
 
     try:
         home = init_site(args.dir, args.name, Path(args.data), args.superlink, Path(args.ca),
-                         None if args.no_privacy_budget else args.epsilon, args.delta, args.runtime_port)
+                         None if args.no_privacy_budget else args.epsilon, args.delta, args.runtime_port,
+                         args.epsilon_per_run)
     except (SiteError, FileExistsError) as err:
         return _fail("site init", err)
     print(f"site folder {home.path}\n"
@@ -255,6 +256,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epsilon", type=float, default=8.0,
                    help="the site's privacy budget epsilon for the whole collaboration (default: %(default)s)")
     p.add_argument("--delta", type=float, default=1e-5, help="the site's delta (default: %(default)s)")
+    p.add_argument("--epsilon-per-run", type=float, default=None,
+                   help="the most epsilon one run may spend at this site (default: a quarter of --epsilon; "
+                        "0: no cap)")
     p.add_argument("--no-privacy-budget", action="store_true",
                    help="set no site budget (the run's [privacy] section then decides whether DP-SGD runs)")
     p.add_argument("--runtime-port", type=int, default=9094,

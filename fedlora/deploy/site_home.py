@@ -20,7 +20,7 @@ from typing import Any
 
 from fedlora.deploy.keys import fingerprint, generate_key_pair
 from fedlora.deploy.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
-from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, NODE_UNIT_COLUMN
+from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, NODE_EPSILON_PER_RUN, NODE_PER_RUN, NODE_UNIT_COLUMN
 
 SETTINGS = "site.toml"
 NODE_DATA_PATH = "data-path"     # read by fedlora.client.runtime
@@ -100,9 +100,11 @@ def _toml_value(value: Any) -> str:
 
 
 def _settings_text(name: str, superlink: str, runtime_port: int, data: Path, state: Path, index: int,
-                   epsilon: float | None, delta: float | None) -> str:
+                   epsilon: float | None, delta: float | None, per_run: float | None) -> str:
     budget = (f"{NODE_EPSILON} = {epsilon!r}\n{NODE_DELTA} = {delta!r}\n" if epsilon else
               f"# {NODE_EPSILON} = 8.0\n# {NODE_DELTA} = 1e-5\n")
+    share = (f"{NODE_EPSILON_PER_RUN} = {per_run!r}\n{NODE_PER_RUN} = \"refuse\"\n" if per_run else
+             f"# {NODE_EPSILON_PER_RUN} = 2.0\n# {NODE_PER_RUN} = \"refuse\"\n")
     return f"""\
 # fedlora site settings (`fedlora site init`). Paths in [site] are relative to this folder.
 [site]
@@ -129,15 +131,20 @@ worker = true
 {NODE_STATE_DIR} = {_toml_value(str(state))}
 # The site's own privacy budget for the whole collaboration. Setting it makes DP-SGD
 # mandatory at this site, and the stricter of this and the run's budget applies.
-{budget}# The column naming the unit of privacy (e.g. a patient id); empty: each record.
+{budget}# The most epsilon one run may spend here, so a short test run cannot spend the whole
+# budget: sigma is calibrated to fit it, and a run whose fixed sigma would pass it is
+# refused ("warn": train anyway and warn loudly). `fedlora privacy plan --site .` shows
+# what is spent and what remains.
+{share}# The column naming the unit of privacy (e.g. a patient id); empty: each record.
 # {NODE_UNIT_COLUMN} = "patient-id"
 """
 
 
 def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: Path,
               epsilon: float | None = 8.0, delta: float | None = 1e-5,
-              runtime_port: int = DEFAULT_RUNTIME_PORT) -> SiteHome:
-    """Create a site folder with a new key pair; returns it (print its public key's fingerprint)."""
+              runtime_port: int = DEFAULT_RUNTIME_PORT, epsilon_per_run: float | None = None) -> SiteHome:
+    """Create a site folder with a new key pair; returns it (print its public key's fingerprint).
+    `epsilon_per_run`: the most one run may spend (default: a quarter of `epsilon`; 0: no cap)."""
     path = Path(path).expanduser().resolve()
     if (path / SETTINGS).exists():
         raise SiteError(f"{path} already holds a site")
@@ -145,6 +152,10 @@ def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: 
         raise SiteError(f"{ca_cert}: no such file (the coordinator's ca/ca.crt)")
     if epsilon is not None and epsilon <= 0:
         raise SiteError(f"--epsilon {epsilon}: must be > 0")
+    if epsilon_per_run is None:
+        epsilon_per_run = epsilon / 4 if epsilon else 0.0
+    if epsilon_per_run < 0 or (epsilon and epsilon_per_run > epsilon):
+        raise SiteError(f"--epsilon-per-run {epsilon_per_run}: must be between 0 (no cap) and --epsilon")
     path.mkdir(parents=True, exist_ok=True)
     state = path / "state"
     for folder in (state, path / "logs"):
@@ -153,8 +164,15 @@ def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: 
     generate_key_pair(path / "keys" / "site.key", comment=name)
     index = zlib.crc32(name.encode()) % 100_000  # distinct seeds per site, stable across restarts
     (path / SETTINGS).write_text(_settings_text(name, superlink, runtime_port, Path(data).expanduser().resolve(),
-                                                state, index, epsilon, delta if epsilon else None))
+                                                state, index, epsilon, delta if epsilon else None,
+                                                epsilon_per_run or None))
     return SiteHome.load(path)
+
+
+def privacy_state(path: str) -> tuple[Path, dict[str, Any]]:
+    """A site folder's ledger folder and node config, for `fedlora privacy plan --site`."""
+    home = SiteHome.load(path)
+    return home.state, home.flower_node_config()
 
 
 def public_key_line(home: SiteHome) -> str:

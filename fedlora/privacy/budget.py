@@ -13,6 +13,9 @@ Node-config keys (deployment: `flower-supernode --node-config '...'`):
   privacy-epsilon      the site's largest acceptable epsilon
   privacy-delta        the site's largest acceptable delta (default: SITE_DELTA)
   privacy-unit-column  the site's unit-of-privacy column (e.g. "patient-id")
+  privacy-epsilon-per-run  the most epsilon one run may spend at this site
+  privacy-per-run      refuse (default): calibrate sigma to fit the share, refuse a
+                       run whose fixed sigma would not; warn: train and warn loudly
   state-dir            folder on the site's persistent disk for its ledger
 """
 
@@ -25,8 +28,10 @@ from typing import Any, Mapping
 NODE_EPSILON = "privacy-epsilon"
 NODE_DELTA = "privacy-delta"
 NODE_UNIT_COLUMN = "privacy-unit-column"
+NODE_EPSILON_PER_RUN = "privacy-epsilon-per-run"
+NODE_PER_RUN = "privacy-per-run"
 NODE_STATE_DIR = "state-dir"
-NODE_PRIVACY_KEYS = (NODE_EPSILON, NODE_DELTA, NODE_UNIT_COLUMN)
+NODE_PRIVACY_KEYS = (NODE_EPSILON, NODE_DELTA, NODE_UNIT_COLUMN, NODE_EPSILON_PER_RUN)
 SITE_DELTA = 1e-5  # the largest delta a site accepts when its node config names none
 
 
@@ -39,6 +44,30 @@ class Budget:
     epsilon: float
     delta: float
     source: str   # which configuration set each value, for the ledger and the report
+
+
+@dataclass(frozen=True)
+class RunShare:
+    """The most epsilon one run may spend at a site, and what the site does about a run that would
+    spend more: refuse it (and calibrate sigma to fit), or train and warn."""
+    epsilon: float
+    refuse: bool
+
+    @property
+    def action(self) -> str:
+        return "refuse" if self.refuse else "warn"
+
+
+def run_share(node: Mapping[str, Any]) -> RunShare | None:
+    """The site's per-run share from its node config, if it sets one."""
+    if NODE_EPSILON_PER_RUN not in node:
+        if NODE_PER_RUN in node:
+            raise ValueError(f"node config {NODE_PER_RUN} needs {NODE_EPSILON_PER_RUN}")
+        return None
+    action = str(node.get(NODE_PER_RUN, "refuse"))
+    if action not in ("refuse", "warn"):
+        raise ValueError(f"node config {NODE_PER_RUN}: {action!r} is not refuse or warn")
+    return RunShare(positive(node, NODE_EPSILON_PER_RUN), action == "refuse")
 
 
 def positive(node: Mapping[str, Any], key: str) -> float:

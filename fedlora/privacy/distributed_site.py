@@ -35,20 +35,30 @@ NODE_MIN_NOISE = "secagg-dp-min-noise"   # node config: the smallest sigma the s
 NODE_EPSILON = "secagg-dp-epsilon"       # node config: the site's budget for site-level distributed DP
 
 
+def _limits(node: Mapping[str, Any], run_epsilon: float) -> tuple[float, float, float]:
+    """The site's (floor, budget, delta) for distributed DP, from its node config."""
+    floor = positive(node, NODE_MIN_NOISE) if NODE_MIN_NOISE in node else 0.0
+    budget = positive(node, NODE_EPSILON) if NODE_EPSILON in node else run_epsilon
+    delta = min(positive(node, NODE_DELTA), SITE_DELTA) if NODE_DELTA in node else SITE_DELTA
+    return floor, budget, delta
+
+
+def _releases(ledger: Ledger) -> list[float]:
+    return [e["noise_multiplier"] for e in ledger.entries() if e["event"] == EVENT]
+
+
 def reserve_release(folder: str | Path, node: Mapping[str, Any], run_epsilon: float, site: str,
                     server_round: int, noise_multiplier: float, clip: float, threshold: int,
                     run: str = "") -> dict[str, Any]:
     """Check this round against the site's floor and budget and record it, or raise BudgetExhausted."""
-    floor = positive(node, NODE_MIN_NOISE) if NODE_MIN_NOISE in node else 0.0
-    budget = positive(node, NODE_EPSILON) if NODE_EPSILON in node else run_epsilon
-    delta = min(positive(node, NODE_DELTA), SITE_DELTA) if NODE_DELTA in node else SITE_DELTA
+    floor, budget, delta = _limits(node, run_epsilon)
     if noise_multiplier < floor:
         raise BudgetExhausted(f"site {site} refuses round {server_round}: the run's distributed-DP noise "
                               f"multiplier {noise_multiplier:g} is below this site's floor {floor:g} "
                               f"(node config {NODE_MIN_NOISE})")
     ledger = Ledger(folder)
     with ledger.transaction():
-        sigmas = [e["noise_multiplier"] for e in ledger.entries() if e["event"] == EVENT]
+        sigmas = _releases(ledger)
         projected = epsilon_of_releases([*sigmas, noise_multiplier], delta)
         if not projected <= budget:
             what = f"{projected:.3f}" if math.isfinite(projected) else "an unbounded epsilon"
@@ -59,3 +69,24 @@ def reserve_release(folder: str | Path, node: Mapping[str, Any], run_epsilon: fl
                               "noise_multiplier": noise_multiplier, "clip": clip, "threshold": threshold,
                               "epsilon": projected, "delta": delta, "budget_epsilon": budget,
                               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def forecast_releases(folder: str | Path, node: Mapping[str, Any], run_epsilon: float, noise_multiplier: float,
+                      rounds: int) -> dict[str, float]:
+    """What `rounds` more masked rounds at `noise_multiplier` would cost the site (it writes nothing):
+    its budget, its epsilon before and after, and the first of those rounds it would refuse (0: none)."""
+    floor, budget, delta = _limits(node, run_epsilon)
+    folder = Path(folder)
+    sigmas = _releases(Ledger(folder)) if (folder / "ledger.jsonl").exists() else []
+    spent = epsilon_of_releases(sigmas, delta) if sigmas else 0.0
+    refuses_at, trained = 0, rounds
+    if noise_multiplier < floor:
+        refuses_at, trained = 1, 0
+    else:
+        for r in range(1, rounds + 1):
+            if not epsilon_of_releases([*sigmas, *[noise_multiplier] * r], delta) <= budget:
+                refuses_at, trained = r, r - 1
+                break
+    after = epsilon_of_releases([*sigmas, *[noise_multiplier] * trained], delta) if sigmas or trained else 0.0
+    return {"budget_epsilon": budget, "delta": delta, "spent_epsilon": spent, "after_epsilon": after,
+            "refuses_at": refuses_at}

@@ -3,17 +3,28 @@ anything is spent — so a privacy officer can approve a run before it starts.
 
 Site level (DP-SGD): from the site's unit count (records, or patients), expected
 batch, local steps or epochs, rounds and a target (epsilon, delta).
+A deployed site (`--site DIR`): what its ledger says is spent and what remains of
+its budget and of its per-run share, and, with `--records`, the next run's plan
+from there (the ledger is read and verified, never written).
 Client level (`plan-clients`): from the number of sites, sites per round and rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from fedlora.config import RunConfig
 from fedlora.privacy.accounting import calibrate_noise, epsilon_by_round
+from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, SITE_DELTA, Budget, positive, run_share
 from fedlora.privacy.client_dp import utility_warning
+from fedlora.privacy.distributed_site import EVENT as DISTRIBUTED_DP
+from fedlora.privacy.ledger import Ledger
+from fedlora.privacy.secagg.distributed_dp import epsilon_of_releases
+from fedlora.privacy.site import REFUSED, SiteAccountant
 from fedlora.training import planned_steps
 
 
@@ -73,7 +84,75 @@ def format_plan(plan: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
+# A deployed site's folder -> (its ledger folder, its node config); the deployment layer provides it.
+SiteLoader = Callable[[str], "tuple[Path, Mapping[str, Any]]"]
+
+
+def site_accountant(state: Path, node: Mapping[str, Any], run_epsilon: float, accountant: str) -> SiteAccountant:
+    """The site's accountant as its next round would build it: its own budget (else the given
+    epsilon), the delta it last enforced (else its own bound), its per-run share."""
+    eps = positive(node, NODE_EPSILON) if NODE_EPSILON in node else run_epsilon
+    trained = [e for e in Ledger(state).entries() if e["event"] == "train"]
+    delta = trained[-1]["delta"] if trained else (
+        min(positive(node, NODE_DELTA), SITE_DELTA) if NODE_DELTA in node else SITE_DELTA)
+    return SiteAccountant(state, Budget(eps, delta, "node config" if NODE_EPSILON in node else "--epsilon"),
+                          accountant, share=run_share(node))
+
+
+def site_status(state: Path, node: Mapping[str, Any], run_epsilon: float, accountant: str) -> str:
+    """What a site has spent and what remains, from its verified ledger."""
+    site = site_accountant(state, node, run_epsilon, accountant)
+    entries, spent, budget = site.ledger.entries(), site.spent(), site.budget
+    lines = [f"site ledger {state} ({len(entries)} entries, verified)",
+             f"  budget: epsilon {budget.epsilon:g} at delta {budget.delta:g} ({budget.source}); "
+             + (f"per-run share {site.share.epsilon:g} ({site.share.action})" if site.share else "no per-run share"),
+             f"  DP-SGD spent: epsilon {spent['epsilon']:.4f} ({accountant}; prv {spent['epsilon_prv']:.4f}, "
+             f"rdp {spent['epsilon_rdp']:.4f}) over {spent['rounds']} round(s) in {spent['runs']} run(s)",
+             f"  remaining: epsilon {max(0.0, budget.epsilon - spent['epsilon']):.4f}"]
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        if e["event"] == "train":
+            by_run.setdefault(str(e.get("run", "")), []).append(e)
+    for run, trained in by_run.items():
+        lines.append(f"    run {run or '-'}: {len(trained)} round(s), sigma {trained[-1]['noise_multiplier']:g}, "
+                     f"epsilon after {trained[-1]['epsilon']:.4f}, last {trained[-1].get('time', '?')}")
+    refusals = [e for e in entries if e["event"] == REFUSED]
+    if refusals:
+        lines.append(f"  refused: {len(refusals)} round(s); last: {refusals[-1]['reason']}")
+    releases = [e for e in entries if e["event"] == DISTRIBUTED_DP]
+    if releases:
+        lines.append(f"  distributed DP: {len(releases)} release(s), epsilon "
+                     f"{epsilon_of_releases([e['noise_multiplier'] for e in releases], releases[-1]['delta']):.4f} "
+                     f"of {releases[-1]['budget_epsilon']:g}")
+    return "\n".join(lines)
+
+
+def _deployed_site(args: argparse.Namespace) -> int:
+    try:
+        state, node = args.load_site(args.site)
+        print(site_status(state, node, args.epsilon, args.accountant))
+        if args.records is None:
+            return 0
+        site = site_accountant(state, node, args.epsilon, args.accountant)
+        steps = planned_steps(args.records, args.batch_size, args.local_epochs, args.local_steps)
+        f = site.forecast(min(1.0, args.batch_size / args.records), steps, args.noise_multiplier, args.rounds, "next")
+    except (RuntimeError, ValueError, OSError) as err:  # not a site folder, a ledger that does not verify
+        print(f"fedlora privacy plan: {err}", file=sys.stderr)
+        return 1
+    print(f"\n  the next run ({args.rounds} rounds, {args.records} units, batch {args.batch_size}, {steps} step(s) "
+          f"per round): sigma {f.noise_multiplier:g}{' (calibrated)' if f.calibrated else ''}, epsilon "
+          f"{f.run_epsilon:.4f} for the run, {f.after_epsilon:.4f} in all"
+          + (f"; the site refuses round {f.refuses_at}: {f.why}" if f.refuses_at else ""))
+    return 0
+
+
 def _site(args: argparse.Namespace) -> int:
+    if args.site:
+        return _deployed_site(args)
+    if args.records is None:
+        print("fedlora privacy plan: give --records (the site's units), or --site DIR (a deployed site)",
+              file=sys.stderr)
+        return 2
     plan = site_plan(args.records, args.batch_size, args.rounds, args.epsilon, args.delta, args.local_epochs,
                      args.local_steps, args.accountant, args.noise_multiplier)
     print(format_plan(plan, f"fedlora privacy plan: one site, {args.records} units of privacy "
@@ -100,22 +179,27 @@ def _clients(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    """Register `privacy plan` and `privacy plan-clients` under the `fedlora` command."""
+def add_parsers(sub, load_site: SiteLoader | None = None) -> None:
+    """Register `privacy plan` and `privacy plan-clients` under the `fedlora` command; `load_site`
+    reads a deployed site's folder for `privacy plan --site`."""
     d = RunConfig()
     privacy = sub.add_parser("privacy", help="plan differential privacy before a run")
     psub = privacy.add_subparsers(dest="privacy_command", required=True)
 
     plan = psub.add_parser("plan", help="noise multiplier and epsilon per round for one site (DP-SGD)")
-    plan.add_argument("--records", type=int, required=True,
+    plan.add_argument("--records", type=int,
                       help="the site's training units: records, or patients with privacy.unit-column")
+    if load_site is not None:
+        plan.add_argument("--site", metavar="DIR",
+                          help="a deployed site's folder: show what its ledger says is spent and what remains "
+                               "(with --records: and the next run's plan from there)")
     plan.add_argument("--batch-size", type=int, default=d.privacy.batch_size,
                       help="expected units per step (default: %(default)s)")
     plan.add_argument("--local-epochs", type=float, default=d.privacy.local_epochs,
                       help="local epochs per round (default: %(default)s)")
     plan.add_argument("--local-steps", type=int, default=0, help="local steps per round; overrides --local-epochs")
     _common(plan, d)
-    plan.set_defaults(func=_site)
+    plan.set_defaults(func=_site, site=None, load_site=load_site)
 
     clients = psub.add_parser("plan-clients", help="noise multiplier and epsilon per round for client-level DP")
     clients.add_argument("--sites", type=int, required=True, help="sites in the federation")

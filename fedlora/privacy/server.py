@@ -42,6 +42,7 @@ class ServerPrivacy:
         self.sites: dict[str, dict[str, Any]] = {}   # site -> its latest privacy report
         self.exhausted: dict[int, str] = {}           # node id -> the site's refusal
         self.stopped: str | None = None               # why the run ended early, if it did
+        self.forecast: dict[str, dict[str, float]] = {}  # site -> its answer to the pre-run forecast
         self.heads_path = ledger_heads_path(config)
         self.heads: dict[str, dict[str, Any]] = (      # node id -> the last ledger head it reported
             json.loads(self.heads_path.read_text()) if self.heads_path and self.heads_path.exists() else {})
@@ -122,6 +123,8 @@ class ServerPrivacy:
             "sites": self.sites,
             "out_of_budget": sorted(self.exhausted.values()),
         }}
+        if self.forecast:
+            out["forecast"] = self.forecast
         if self.stopped:
             out["stopped"] = self.stopped
         return finite(out)

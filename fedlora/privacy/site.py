@@ -9,6 +9,12 @@ ledger (fsynced). The spend is always recomputed from the ledger — committed
 rounds plus open reservations — so a new process, a crash or a failed upload
 never resets it: whatever was reserved stays spent unless the site releases it
 because its training failed before anything left.
+
+A site may also cap what one run spends (node config privacy-epsilon-per-run):
+then a calibrated sigma fits both the budget and the share, and a run whose
+fixed sigma would pass the share is refused (or, with privacy-per-run = warn,
+trained with a loud warning). `forecast` computes all of this for a whole run
+before it starts, without writing anything.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from fedlora.privacy.accounting import (
     epsilon_prv,
     epsilon_rdp,
 )
-from fedlora.privacy.budget import Budget
+from fedlora.privacy.budget import NODE_EPSILON_PER_RUN, Budget, RunShare
 from fedlora.privacy.ledger import Ledger, LedgerTampered
 from fedlora.versions import library_versions
 
@@ -53,42 +59,73 @@ class RoundPlan:
     epsilon_prv: float
     epsilon_rdp: float
     calibrated: bool          # sigma chosen by the site to fit its budget
+    run_epsilon: float = 0.0  # this run's rounds alone, this one included
+    run_projected: float = 0.0  # this run's rounds alone if it trains every round left at this round's settings
     reservation: str = ""     # the ledger entry that holds this round's spend until it is committed
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What a run would cost the site, computed before it starts (nothing is written)."""
+    budget_epsilon: float
+    delta: float
+    spent_epsilon: float        # before the run
+    noise_multiplier: float     # the sigma the site would use (calibrated, or the run's)
+    calibrated: bool
+    rounds: int                 # the rounds the site would train (every round of the run, until a refusal)
+    run_epsilon: float          # the run's rounds alone
+    after_epsilon: float        # the site's total after the run
+    refuses_at: int = 0         # the run's round the site would refuse (0: none)
+    why: str = ""
+    share: RunShare | None = None
+
+    @property
+    def over_share(self) -> bool:
+        return self.share is not None and self.run_epsilon > self.share.epsilon
+
+
+class _Refusal(Exception):
+    def __init__(self, projected: float, why: str):
+        super().__init__(why)
+        self.projected, self.why = projected, why
 
 
 class SiteAccountant:
     def __init__(self, directory: str | Path, budget: Budget, accountant: str = "prv",
-                 site: str = "site", unit: str = "record"):
+                 site: str = "site", unit: str = "record", share: RunShare | None = None):
         self.ledger = Ledger(directory)
         self.budget = budget
         self.accountant = accountant
         self.site = site
         self.unit = unit
+        self.share = share
 
     # -- what has been spent ----------------------------------------------------
-    def spending(self) -> list[dict[str, Any]]:
-        """The ledger entries that count: every committed round and every open reservation."""
+    def spending(self, run: str | None = None) -> list[dict[str, Any]]:
+        """The ledger entries that count (of one run, if given): every committed round and every open
+        reservation."""
         entries = self.ledger.entries()
         closed = {e["reservation"] for e in entries if e["event"] in (TRAIN, RELEASED) and e.get("reservation")}
-        return [e for e in entries if e["event"] == TRAIN or (e["event"] == RESERVED and e["mac"] not in closed)]
+        return [e for e in entries if (e["event"] == TRAIN or (e["event"] == RESERVED and e["mac"] not in closed))
+                and (run is None or e.get("run", "") == run)]
 
-    def history(self) -> History:
-        return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.spending())
+    def history(self, run: str | None = None) -> History:
+        return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.spending(run))
 
     def spent(self) -> dict[str, Any]:
         entries = [e for e in self.spending() if e["event"] == TRAIN]
         h, delta = self.history(), self.budget.delta
         return {"epsilon": epsilon(h, delta, self.accountant), "epsilon_prv": epsilon_prv(h, delta),
                 "epsilon_rdp": epsilon_rdp(h, delta), "delta": delta, "rounds": len(entries),
-                "steps": sum(m.steps for m in h)}
+                "steps": sum(m.steps for m in h), "runs": len({e.get("run", "") for e in entries})}
 
     # -- before training --------------------------------------------------------
     def plan_round(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float = 0.0,
                    rounds_left: int = 1, run: str = "", anchor: str = "") -> RoundPlan:
         """This round's sigma and projected epsilon, its spend reserved in the ledger; raises
-        BudgetExhausted (after recording the refusal) when the round would exceed the budget, and
-        LedgerTampered when `anchor` (the coordinator's record of this site's last ledger head) is not
-        in the ledger."""
+        BudgetExhausted (after recording the refusal) when the round would exceed the budget or
+        the site's per-run share, and LedgerTampered when `anchor` (the coordinator's record of this
+        site's last ledger head) is not in the ledger."""
         with self.ledger.transaction():
             if anchor and not self.ledger.contains(anchor):
                 raise LedgerTampered(
@@ -96,42 +133,91 @@ class SiteAccountant:
                     f"({anchor[:12]}) is not in {self.ledger.path}: the ledger was rewritten, replaced or reset "
                     "since; restore it (a reset the consortium agrees to: the coordinator removes this site "
                     "from its privacy.ledger-heads file)")
-            plan = self._plan(server_round, sample_rate, steps, noise_multiplier, rounds_left, run)
+            try:
+                plan = self._decide(server_round, self.history(), self.history(run), sample_rate, steps,
+                                    noise_multiplier, rounds_left, self._last_calibrated())
+            except _Refusal as refusal:
+                self._refuse(server_round, run, refusal.projected, refusal.why)
             reserved = self.ledger.append({"event": RESERVED, "site": self.site, "run": run, **asdict(plan),
                                            "delta": self.budget.delta, "accountant": self.accountant,
                                            "time": _now()})
         return replace(plan, reservation=reserved["mac"])
 
-    def _plan(self, server_round: int, sample_rate: float, steps: int, noise_multiplier: float,
-              rounds_left: int, run: str) -> RoundPlan:
-        spent = self.history()
-        delta, target = self.budget.delta, self.budget.epsilon
+    def forecast(self, sample_rate: float, steps: int, noise_multiplier: float, rounds: int,
+                 run: str = "") -> Forecast:
+        """What `rounds` more rounds of `run` would cost if the site trained in every one: the sigma it
+        would use, the run's epsilon, its total after, and the round it would refuse. Writes nothing."""
+        spent, run_spent = self.history(), self.history(run)
+        before = epsilon(spent, self.budget.delta, self.accountant)
+        sigma, calibrated, last = noise_multiplier, noise_multiplier <= 0, self._last_calibrated()
+        trained, refuses_at, why = 0, 0, ""
+        for r in range(1, rounds + 1):
+            try:
+                plan = self._decide(r, spent, run_spent, sample_rate, steps, sigma, rounds - r + 1, last)
+            except _Refusal as refusal:
+                refuses_at, why = r, refusal.why
+                break
+            last = (plan.noise_multiplier, sample_rate) if calibrated else last
+            mechanism = (Mechanism(plan.noise_multiplier, sample_rate, steps),)
+            spent, run_spent, trained = canonical(spent + mechanism), canonical(run_spent + mechanism), r
+        delta = self.budget.delta
+        first = last[0] if calibrated and last else noise_multiplier
+        return Forecast(self.budget.epsilon, delta, before, first, calibrated, trained,
+                        epsilon(run_spent, delta, self.accountant), epsilon(spent, delta, self.accountant),
+                        refuses_at, why, self.share)
+
+    def _last_calibrated(self) -> tuple[float, float] | None:
+        """(sigma, q) of the last round whose sigma the site calibrated: kept while it still fits."""
+        last = [e for e in self.spending() if e.get("calibrated")]
+        return (last[-1]["noise_multiplier"], last[-1]["sample_rate"]) if last else None
+
+    def _decide(self, server_round: int, spent: History, run_spent: History, sample_rate: float, steps: int,
+                noise_multiplier: float, rounds_left: int, last: tuple[float, float] | None) -> RoundPlan:
+        """The round's plan from what is spent (in all and in this run); raises _Refusal."""
+        delta, target, share = self.budget.delta, self.budget.epsilon, self.share
+        rounds_left = max(1, rounds_left)
         calibrated = noise_multiplier <= 0
         if calibrated:
             try:
-                noise_multiplier = self._calibrate(spent, sample_rate, steps, max(1, rounds_left))
+                noise_multiplier = self._calibrate(spent, run_spent, sample_rate, steps, rounds_left, last)
             except CalibrationError as err:
-                self._refuse(server_round, run, epsilon(spent, delta, self.accountant), str(err))
-        after = spent + (Mechanism(noise_multiplier, sample_rate, steps),)
+                raise _Refusal(epsilon(spent, delta, self.accountant), str(err)) from None
+        this = Mechanism(noise_multiplier, sample_rate, steps)
+        after = spent + (this,)
+        run_after = run_spent + (this,)
+        run_projected = epsilon(run_spent + (Mechanism(noise_multiplier, sample_rate, steps * rounds_left),), delta,
+                                self.accountant)
         plan = RoundPlan(server_round, noise_multiplier, sample_rate, steps, epsilon(after, delta, self.accountant),
-                         epsilon_prv(after, delta), epsilon_rdp(after, delta), calibrated)
+                         epsilon_prv(after, delta), epsilon_rdp(after, delta), calibrated,
+                         epsilon(run_after, delta, self.accountant), run_projected)
         if not plan.epsilon <= target:
-            self._refuse(server_round, run, plan.epsilon,
-                         f"this round ({steps} steps, sigma {noise_multiplier:g}, q {sample_rate:.4g}) "
-                         f"would bring epsilon to {plan.epsilon:.3f}")
+            raise _Refusal(plan.epsilon, f"this round ({steps} steps, sigma {noise_multiplier:g}, q {sample_rate:.4g}) "
+                                         f"would bring epsilon to {plan.epsilon:.3f}, past its budget")
+        if share is not None and share.refuse and not run_projected <= share.epsilon:
+            raise _Refusal(plan.epsilon, f"this run ({rounds_left} round(s) left at sigma {noise_multiplier:g}) would "
+                                         f"spend epsilon {run_projected:.3f}, more than this site's per-run share "
+                                         f"{share.epsilon:g} (node config {NODE_EPSILON_PER_RUN})")
         return plan
 
-    def _calibrate(self, spent: History, sample_rate: float, steps: int, rounds_left: int) -> float:
-        """Sigma so that the rounds left, at this round's steps, just fit the budget.
-        The last round's sigma is kept while it still fits, so a run's sigma is stable."""
-        delta, target = self.budget.delta, self.budget.epsilon
-        last = [e for e in self.spending() if e.get("calibrated")]
-        if last and last[-1]["sample_rate"] == sample_rate:
-            sigma = last[-1]["noise_multiplier"]
-            if epsilon(spent + (Mechanism(sigma, sample_rate, steps * rounds_left),), delta,
-                       self.accountant) <= target:
-                return sigma
-        return calibrate_noise(target, delta, sample_rate, steps * rounds_left, spent, self.accountant)
+    def _calibrate(self, spent: History, run_spent: History, sample_rate: float, steps: int, rounds_left: int,
+                   last: tuple[float, float] | None) -> float:
+        """Sigma so that the rounds left, at this round's steps, just fit the budget (and, when the
+        site refuses runs over its per-run share, the share). The last round's sigma is kept while
+        it still fits, so a run's sigma is stable."""
+        delta, n, share = self.budget.delta, steps * rounds_left, self.share
+        binding = share if share is not None and share.refuse else None
+
+        def fits(sigma: float) -> bool:
+            more = (Mechanism(sigma, sample_rate, n),)
+            return (epsilon(spent + more, delta, self.accountant) <= self.budget.epsilon
+                    and (binding is None or epsilon(run_spent + more, delta, self.accountant) <= binding.epsilon))
+
+        if last and last[1] == sample_rate and fits(last[0]):
+            return last[0]
+        sigma = calibrate_noise(self.budget.epsilon, delta, sample_rate, n, spent, self.accountant)
+        if binding is not None:
+            sigma = max(sigma, calibrate_noise(binding.epsilon, delta, sample_rate, n, run_spent, self.accountant))
+        return sigma
 
     def _refuse(self, server_round: int, run: str, projected: float, why: str) -> None:
         self.ledger.append({"event": REFUSED, "site": self.site, "run": run, "round": server_round,
@@ -139,8 +225,8 @@ class SiteAccountant:
                             "budget_epsilon": self.budget.epsilon, "delta": self.budget.delta,
                             "reason": why, "time": _now()})
         raise BudgetExhausted(
-            f"site {self.site} refuses round {server_round}: privacy budget epsilon {self.budget.epsilon:g} "
-            f"(delta {self.budget.delta:g}, {self.accountant}) would be exceeded: {why}")
+            f"site {self.site} refuses round {server_round}: {why} (its privacy budget: epsilon "
+            f"{self.budget.epsilon:g}, delta {self.budget.delta:g}, {self.accountant})")
 
     # -- after training, before the update leaves ------------------------------
     def release(self, plan: RoundPlan, why: str) -> None:

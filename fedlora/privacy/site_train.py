@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedlora import wire
-from fedlora.privacy.budget import dp_required, resolve_budget, state_dir, unit_column
+from fedlora.privacy.budget import dp_required, resolve_budget, run_share, state_dir, unit_column
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
-from fedlora.privacy.site import BudgetExhausted, SiteAccountant
+from fedlora.privacy.site import BudgetExhausted, Forecast, SiteAccountant
 from fedlora.privacy.units import build_units
 from fedlora.training import TrainResult, local_train, planned_steps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BudgetExhausted", "PrivateRound", "dp_enabled", "train_privately"]
+__all__ = ["BudgetExhausted", "PrivateRound", "dp_enabled", "forecast_privately", "train_privately"]
 
 
 @dataclass
@@ -39,6 +39,36 @@ def dp_settings(config) -> DPSettings:
     return DPSettings(max_grad_norm=config.privacy.max_grad_norm, grad_sample_mode=config.privacy.grad_sample_mode)
 
 
+@dataclass
+class SitePrivacy:
+    """A site's DP-SGD setting for a run: its units, its accountant (budget, share, ledger), q and steps."""
+    units: Any
+    accountant: SiteAccountant
+    sample_rate: float
+    steps: int
+
+
+def site_privacy(rt, node: Mapping[str, Any]) -> SitePrivacy:
+    config, d = rt.config, rt.config.privacy
+    simulated = "data-path" not in node
+    units = build_units(rt.data.train, unit_column(d.unit_column, node), d.max_records_per_unit)
+    budget = resolve_budget(d.epsilon, d.delta, node, units.count)
+    accountant = SiteAccountant(state_dir(node, config.output.dir, rt.data.name, simulated), budget,
+                                d.accountant, rt.data.name, units.describe(), run_share(node))
+    if units.count == 0:
+        raise ValueError(f"site {rt.data.name}: no training rows to train on under DP-SGD")
+    batch = d.batch_size or config.train.batch_size
+    steps = planned_steps(units.count, batch, d.local_epochs or config.train.local_epochs, config.train.local_steps)
+    return SitePrivacy(units, accountant, min(1.0, batch / units.count), steps)
+
+
+def forecast_privately(rt, node: Mapping[str, Any], first_round: int, run: str = "") -> Forecast:
+    """What the run's rounds from `first_round` on would cost this site under DP-SGD; writes nothing."""
+    p = site_privacy(rt, node)
+    rounds = max(0, rt.config.federation.rounds - first_round + 1)
+    return p.accountant.forecast(p.sample_rate, p.steps, rt.config.privacy.noise_multiplier, rounds, run)
+
+
 def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, run: str = "",
                     extra_loss=None, anchor: str = "") -> PrivateRound:
     """DP-SGD for one round at the site `rt` (a client.runtime.SiteRuntime).
@@ -48,19 +78,15 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     proximal term."""
     examples = rt.train_examples
     config, d = rt.config, rt.config.privacy
-    simulated = "data-path" not in node
-    units = build_units(rt.data.train, unit_column(d.unit_column, node), d.max_records_per_unit)
-    budget = resolve_budget(d.epsilon, d.delta, node, units.count)
-    accountant = SiteAccountant(state_dir(node, config.output.dir, rt.data.name, simulated), budget,
-                                d.accountant, rt.data.name, units.describe())
-    if units.count == 0:
-        raise ValueError(f"site {rt.data.name}: no training rows to train on under DP-SGD")
-    batch = d.batch_size or config.train.batch_size
-    sample_rate = min(1.0, batch / units.count)
-    steps = planned_steps(units.count, batch, d.local_epochs or config.train.local_epochs,
-                          config.train.local_steps)
+    p = site_privacy(rt, node)
+    units, accountant, sample_rate, steps = p.units, p.accountant, p.sample_rate, p.steps
+    budget = accountant.budget
     plan = accountant.plan_round(server_round, sample_rate, steps, d.noise_multiplier,
                                  rounds_left=config.federation.rounds - server_round + 1, run=run, anchor=anchor)
+    if accountant.share is not None and plan.run_projected > accountant.share.epsilon:
+        log.warning("site %s: THIS RUN WILL SPEND MORE THAN THIS SITE'S PER-RUN SHARE: epsilon %.3f of this run "
+                    "so far, %.3f if it trains every round left, share %g (node config privacy-per-run = warn)",
+                    rt.data.name, plan.run_epsilon, plan.run_projected, accountant.share.epsilon)
     settings = dp_settings(config)
     learning_rate = d.learning_rate or config.train.learning_rate
     try:
@@ -84,6 +110,7 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
         wire.DP_BUDGET_EPSILON: budget.epsilon,
         wire.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
         wire.DP_SAMPLE_RATE: sample_rate,
+        wire.DP_RUN_EPSILON: plan.run_epsilon,
     }
     record = {wire.DP_UNIT: units.describe(), wire.DP_LEDGER_HEAD: entry["mac"]}
     return PrivateRound(TrainResult(dp.steps, float("nan"), dp.seconds, dp.records, dp.empty_steps), metrics, record)

@@ -1,6 +1,6 @@
 """The coordinator's one round pipeline over Flower's Grid (Message API).
 
-    sample → configure → collect → aggregate → evaluate → record → checkpoint
+    (forecast, once) → sample → configure → collect → aggregate → evaluate → record → checkpoint
 
 The same code runs every feature combination. What varies is composed before
 the run starts, in two places: the collector (plain: each site's update;
@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from fedlora import wire
 from fedlora.arrays import State, to_record
 from fedlora.frozen_base import set_base_correction
+from fedlora.privacy import forecast
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Collected, Messenger, Traffic
 from fedlora.server.rundir import Checkpoint, RunDirectory
@@ -137,12 +138,27 @@ class Coordinator:
         row = self.central.task.metrics(counts) if counts else {}
         return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
 
+    # -- forecast ---------------------------------------------------------------
+    def forecast(self, nodes: list[int], first_round: int) -> None:
+        """Before the first round, every site's own account of what the run would cost it
+        (privacy/forecast.py): logged, and kept for summary.json."""
+        config = ConfigRecord({wire.SERVER_ROUND: first_round})
+        messages = [Message(RecordDict({wire.CONFIG: config}), dst_node_id=node, message_type=MessageType.QUERY)
+                    for node in nodes]
+        replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, Traffic(),
+                                         MessageType.QUERY, first_round)
+        answers = {self.messenger.name(reply.metadata.src_node_id): dict(reply.content[forecast.RECORD])
+                   for reply in replies if forecast.RECORD in reply.content.metric_records}
+        self.privacy.forecast = forecast.report(answers)
+
     # -- the run --------------------------------------------------------------
     def run(self, global_state: State, start_round: int = 1) -> State:
         fed = self.config.federation
         nodes = self.wait_for_sites()
         log.info("%d sites connected; rounds %d..%d with strategy %s", len(nodes), start_round, fed.rounds,
                  self.strategy.name)
+        if start_round <= fed.rounds:
+            self.forecast(nodes, start_round)
         for server_round in range(start_round, fed.rounds + 1):
             started = time.perf_counter()
             nodes = sorted(self.grid.get_node_ids())

@@ -123,7 +123,8 @@ def _sites(summary: dict) -> dict[str, dict]:
 
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"  # absent when the run ended before its first round (all sites refused)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     charts = [
