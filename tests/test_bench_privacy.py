@@ -2,6 +2,7 @@
 measurement on tiny-bert, and the rendered section. The federated runs are faked or tiny."""
 
 import json
+import math
 
 import pytest
 
@@ -66,6 +67,24 @@ def test_finished_runs_are_reused_and_unfinished_ones_started_over(tmp_path, mon
     assert [r["run"] for r in rows] == ["non-private", "eps-8"] and rows[1]["sigma"] == [0.9]
 
 
+def test_client_level_example_reports_epsilon_with_and_without_amplification(tmp_path):
+    """A real (small) client-level run: the unamplified epsilons against the Gaussian closed form."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def gaussian_epsilon(mu, delta):  # Balle & Wang 2018
+        return brentq(lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta, 0, 200)
+
+    example = privacy.ClientLevel(sites=12, fraction=0.5, noise_multiplier=2.0, rounds=4)
+    c = privacy.client_level(example, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "client-level" / "metrics.jsonl").read_text().splitlines()]
+    assert c["rounds"] == 4 and c["average_site_rounds"] == sum(r["sites"] for r in rows) / 12
+    assert c["epsilon_unamplified_average_site"] == pytest.approx(
+        gaussian_epsilon(math.sqrt(round(c["average_site_rounds"])) / 2.0, c["delta"]), rel=1e-3)
+    assert c["epsilon"] < c["epsilon_unamplified_average_site"] <= c["epsilon_unamplified_most_sampled"]
+    assert privacy.FULL.client_level == privacy.ClientLevel(200, 0.1, 1.68, 100)  # docs/privacy.md's example
+
+
 def test_step_cost_times_every_variant_on_the_same_batch():
     config = infer_labels(cfg.load_config(None, ["model.name=tiny-bert", "model.max-length=16"]))
     cost = privacy.step_cost(config, batch_size=4, repeats=1)
@@ -83,6 +102,9 @@ FIGURES = {
     "utility": [{"caption": "default scenario", "sets": [],
                  "rows": [privacy.utility_row("non-private", None, _summary(None)),
                           privacy.utility_row("eps-8", 8.0, _summary(7.96, sigma=1.24))]}],
+    "client_level": {"sites": 200, "fraction": 0.1, "noise_multiplier": 1.68, "rounds": 100, "delta": 1e-5,
+                     "epsilon": 2.996, "epsilon_unamplified_most_sampled": 15.2, "average_site_rounds": 10.05,
+                     "epsilon_unamplified_average_site": 9.28},
 }
 
 
@@ -91,7 +113,9 @@ def test_section_has_a_utility_table_per_scenario_and_the_step_cost():
     for expected in ("#### Utility: default scenario", "`fedlora simulate` (Ray), the `fedlora simulate` defaults",
                      "| non-private | — | — | 0.200 | 0.067 | 0.250 | 5 | 431.6 |",
                      "| eps-8 | 8 / 7.96, 1e-05 | 1.24 | 0.200 |", "75,653 trainable parameters",
-                     "| dp-hooks | 0.971 | 1.06 |", "| dp-ghost | 1.377 | 1.51 |", "18.5 MiB"):
+                     "| dp-hooks | 0.971 | 1.06 |", "| dp-ghost | 1.377 | 1.51 |", "18.5 MiB",
+                     "200 sites, each sampled with probability q = 0.1", "| reported (amplified by sampling at q) | 3.00 |",
+                     "| without amplification, an average site (10.1 rounds) | 9.28 |"):
         assert expected in text, expected
 
 
@@ -102,14 +126,18 @@ def test_quick_run_measures_the_step_and_both_runs(tmp_path, monkeypatch):
     def engine(config, out):
         runs.append((out.name, config))
         out.mkdir(parents=True)
-        (out / "summary.json").write_text(json.dumps(_summary(7.9, 0.9) if config.privacy.enabled
-                                                      else _summary(None)))
+        summary = _summary(7.9, 0.9) if config.privacy.enabled else _summary(None)
+        if config.privacy.client_dp:
+            summary["privacy"]["client_level"] = {"epsilon": 1.0, "delta": 1e-5, "epsilon_unamplified": 5.0}
+            (out / "metrics.jsonl").write_text('{"sites": 20}\n' * config.federation.rounds)
+        (out / "summary.json").write_text(json.dumps(summary))
         return out
 
     monkeypatch.setitem(engines.ENGINES, "in-process", engine)
     result = privacy.run(BenchContext(quick=True, workdir=tmp_path))
-    assert [name for name, _ in runs] == ["non-private", "eps-8"]
-    assert all(c.model.name == "tiny-bert" and c.data.test_path.endswith("test-100.jsonl") for _, c in runs)
+    assert [name for name, _ in runs] == ["non-private", "eps-8", "client-level"]
+    assert all(c.model.name == "tiny-bert" and c.data.test_path.endswith("test-100.jsonl") for _, c in runs[:2])
+    assert runs[2][1].privacy.client_dp and runs[2][1].federation.num_sites == 200
     assert runs[1][1].privacy.epsilon == 8.0 and runs[1][1].privacy.batch_size == 16
     assert result.figures["step_cost"]["model"] == "tiny-bert" and result.figures["test_notes"] == 100
     assert "central test set of 100 notes" in result.markdown and result.notes

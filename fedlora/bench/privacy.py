@@ -6,6 +6,11 @@ cost of a DP-SGD step against a plain step.
    hits every variant alike); the median per variant and its ratio to the plain
    step. Plain = forward, mean loss, backward, AdamW; DP = per-sample clipping
    (Opacus hooks, or ghost clipping) + Gaussian noise + AdamW.
+3. Client-level DP, the example of docs/privacy.md (200 sites, q = 0.1, noise
+   multiplier 1.68, planned for epsilon 3 over 100 rounds; quick mode: 20
+   rounds), in-process with tiny-bert: the epsilon the coordinator reports
+   (amplified by its secret Poisson sampling) beside the same run without
+   amplification, for the most-sampled site and for an average one.
 2. Utility: a federated run once non-private and once per target epsilon (each
    site calibrates its sigma). Full mode: `fedlora simulate` (Ray) on the default
    scenario (4 hospitals) at epsilon 1, 3 and 8, then the same scenario with
@@ -35,12 +40,14 @@ from fedlora.data.labels import infer_labels
 from fedlora.data.sites import simulated_site_data
 from fedlora.models import load_model
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
+from fedlora.privacy.secagg.distributed_dp import epsilon_of_releases
 from fedlora.privacy.units import build_units
 from fedlora.tasks import build_task
 from fedlora.training import LocalTraining, trainable
 
 NAME = "privacy"
-TITLE = "Differential privacy: utility at epsilon per site, and the cost of a DP-SGD step"
+TITLE = ("Differential privacy: utility at epsilon per site, the cost of a DP-SGD step, and client-level "
+         "epsilon with and without amplification")
 
 
 @dataclass(frozen=True)
@@ -55,12 +62,28 @@ class Scenario:
 
 
 @dataclass(frozen=True)
+class ClientLevel:
+    sites: int
+    fraction: float
+    noise_multiplier: float
+    rounds: int
+
+    @property
+    def sets(self) -> list[str]:
+        return ["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=10", "train.local-steps=1",
+                f"federation.num-sites={self.sites}", f"federation.fraction-train={self.fraction}",
+                f"federation.rounds={self.rounds}", "privacy.client-dp=true",
+                f"privacy.client-noise-multiplier={self.noise_multiplier}", "privacy.client-epsilon=100"]
+
+
+@dataclass(frozen=True)
 class Plan:
     scenarios: tuple[Scenario, ...]
     engine: str                    # fedlora.bench.engines.ENGINES: simulate or in-process
     step_sets: tuple[str, ...]     # the step-cost comparison's model and settings
     step_batch: int
     step_repeats: int              # timed steps per variant
+    client_level: ClientLevel = ClientLevel(200, 0.1, 1.68, 100)
     test_notes: int | None = None  # central test notes; None: the default scenario's 500
 
 
@@ -69,7 +92,8 @@ QUICK = Plan(
                         ("model.name=tiny-bert", "model.max-length=32", "federation.rounds=2",
                          "data.records-per-site=40", "train.local-steps=2", "privacy.batch-size=16",
                          "privacy.local-epochs=1"), (8.0,)),),
-    engine="in-process", step_sets=("model.name=tiny-bert",), step_batch=16, step_repeats=3, test_notes=100)
+    engine="in-process", step_sets=("model.name=tiny-bert",), step_batch=16, step_repeats=3,
+    client_level=ClientLevel(200, 0.1, 1.68, 20), test_notes=100)
 FULL = Plan(
     scenarios=(Scenario("default scenario", (), (1.0, 3.0, 8.0)),
                Scenario("2000 notes per site, expected DP batch 256",
@@ -143,6 +167,32 @@ def utility(scenario: Scenario, engine: str, test_sets: list[str], folder: Path,
     return rows
 
 
+# -- 3. client-level DP: epsilon with and without amplification -------------------------
+def client_level(example: ClientLevel, folder: Path) -> dict:
+    """The reported (amplified) client-level epsilon of a run, and the same rounds without amplification."""
+    rundir = finished_run("in-process", example.sets, folder / "client-level")
+    level = json.loads((rundir / "summary.json").read_text())["privacy"]["client_level"]
+    rows = [json.loads(line) for line in (rundir / "metrics.jsonl").read_text().splitlines()]
+    average = sum(r["sites"] for r in rows) / example.sites  # rounds an average site took part in
+    return {"sites": example.sites, "fraction": example.fraction, "noise_multiplier": example.noise_multiplier,
+            "rounds": len(rows), "delta": level["delta"], "epsilon": level["epsilon"],
+            "epsilon_unamplified_most_sampled": level["epsilon_unamplified"],
+            "average_site_rounds": average,
+            "epsilon_unamplified_average_site": epsilon_of_releases(
+                [example.noise_multiplier] * round(average), level["delta"])}
+
+
+def client_level_table(c: dict) -> str:
+    return markdown_table(
+        ["epsilon", "value", "what it assumes"],
+        [["reported (amplified by sampling at q)", f"{c['epsilon']:.2f}",
+          "the coordinator is honest and keeps its Poisson sample secret"],
+         ["without amplification, the most-sampled site", f"{c['epsilon_unamplified_most_sampled']:.2f}",
+          "nothing about the sample (summary.json's epsilon_unamplified)"],
+         [f"without amplification, an average site ({c['average_site_rounds']:.1f} rounds)",
+          f"{c['epsilon_unamplified_average_site']:.2f}", "nothing about the sample"]])
+
+
 # -- the report ------------------------------------------------------------------------
 def utility_table(rows: list[dict]) -> str:
     def spent(r: dict) -> str:
@@ -174,7 +224,13 @@ def render(fig: dict) -> str:
                            [[k, v, f"{cost['ratio'][k]:.2f}"] for k, v in cost["seconds"].items()]),
             "",
             f"Per-sample gradients that hooks mode holds for this batch: {cost['per_sample_grad_mib_hooks']:.1f} MiB "
-            "(ghost clipping keeps only their norms)."]
+            "(ghost clipping keeps only their norms). The first three steps draw their noise in Opacus' secure_mode, "
+            "as sites do; \"plain noise\" is the same hooks step with one Gaussian draw per coordinate."]
+    c = fig["client_level"]
+    out += ["", "#### Client-level DP: epsilon with and without amplification", "",
+            f"In-process, tiny-bert; {c['sites']} sites, each sampled with probability q = {c['fraction']:g} per round "
+            f"(Poisson, secret), noise multiplier {c['noise_multiplier']:g}, {c['rounds']} rounds, delta "
+            f"{c['delta']:g}:", "", client_level_table(c)]
     return "\n".join(out)
 
 
@@ -187,7 +243,8 @@ def run(ctx: BenchContext) -> SuiteResult:
            "step_cost": step_cost(step_config, plan.step_batch, plan.step_repeats),
            "utility": [{"caption": s.caption, "sets": list(s.sets),
                         "rows": utility(s, plan.engine, test_sets, folder / s.folder, ctx.progress)}
-                       for s in plan.scenarios]}
+                       for s in plan.scenarios],
+           "client_level": client_level(plan.client_level, folder)}
     notes = []
     if ctx.quick:
         notes.append("privacy: quick mode trains tiny-bert (random weights) for 2 short rounds: its accuracies are "
