@@ -278,7 +278,6 @@ class Variant:
 
 # -- the suite ------------------------------------------------------------------------
 def measure(plan: Plan, workdir: Path, progress=lambda items, label: items) -> dict:
-
     base = run_config(plan, full=False)
     steps = plan.steps or federation_steps(base, build_task(base))
     mp = multiprocessing.get_context("spawn")

@@ -120,7 +120,6 @@ class PlainRound:
     serves every site, as in-process; loading and tokenizing happen once, outside the timing."""
 
     def __init__(self, config: cfg.RunConfig):
-
         self.config = config = infer_labels(config)
         self.task = task = build_task(config)
         loaded = load_model(config, task)
@@ -133,7 +132,6 @@ class PlainRound:
         self.global_state = trainable_state(self.model)
 
     def __call__(self, server_round: int = ROUNDS) -> dict[str, float]:
-
         tc, model, task = self.config.train, self.model, self.task
         started = time.perf_counter()
         deltas, weights = [], []
@@ -183,7 +181,6 @@ def framework_cost(plan: Plan, folder: Path, progress) -> dict:
 
 
 def _steps(config: cfg.RunConfig, rows: int) -> int:
-
     tc = config.train
     return planned_steps(rows, tc.batch_size, tc.local_epochs, tc.local_steps)
 
@@ -213,7 +210,6 @@ VARIANTS = {
 
 
 def security_costs(plan: Plan, folder: Path, progress) -> dict:
-
     base = [*plan.cost_sets, "federation.num-sites=3", "federation.min-sites=3"]
     configs = {name: with_rounds(base, *sets) for name, sets in VARIANTS.items()}
     rounds: dict[str, list[float]] = {name: [] for name in VARIANTS}
@@ -248,7 +244,6 @@ def security_costs(plan: Plan, folder: Path, progress) -> dict:
 
 
 def _adapter_params(rundir: Path) -> int:
-
     return int(json.loads((rundir / "summary.json").read_text())["parameters"]["adapter"])
 
 

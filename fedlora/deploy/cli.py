@@ -34,7 +34,6 @@ def _fail(command: str, err: Exception) -> int:
 
 # -- coordinator --------------------------------------------------------------
 def _coordinator_init(args: argparse.Namespace) -> int:
-
     try:
         home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port)
     except CoordinatorError as err:
@@ -50,7 +49,6 @@ def _coordinator_init(args: argparse.Namespace) -> int:
 
 
 def _coordinator_renew(args: argparse.Namespace) -> int:
-
     try:
         home = CoordinatorHome.load(args.dir)
         renew_server_cert(home.tls, args.host or home.hosts)
@@ -62,13 +60,11 @@ def _coordinator_renew(args: argparse.Namespace) -> int:
 
 
 def _coordinator_register(args: argparse.Namespace) -> int:
-
     return _report("coordinator register-site",
                    lambda home: add_site(home, args.name, Path(args.key), args.replace), args.dir)
 
 
 def _coordinator_unregister(args: argparse.Namespace) -> int:
-
     return _report("coordinator unregister-site", lambda home: remove_site(home, args.name), args.dir)
 
 
@@ -84,7 +80,6 @@ def _report(command: str, action, folder: str) -> int:
 
 # -- site ---------------------------------------------------------------------
 def _site_init(args: argparse.Namespace) -> int:
-
     try:
         home = init_site(args.dir, args.name, Path(args.data), args.superlink, Path(args.ca),
                          None if args.no_privacy_budget else args.epsilon, args.delta, args.runtime_port,
@@ -124,7 +119,6 @@ def _home(what: str, folder: str):
 
 
 def _start(args: argparse.Namespace) -> int:
-
     logs.setup(propagate=False)
     try:
         home = _home(args.what, args.dir)
@@ -134,7 +128,6 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-
     try:
         pid = signal_pid_file(_home(args.what, args.dir).pid_file)
     except (CoordinatorError, SiteError) as err:
