@@ -67,3 +67,21 @@ def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
     trained = [e for e in entries if e["event"] == "train"]
     assert trained[0]["budget_source"].startswith("epsilon: node config")
     assert json.dumps(trained[0]["versions"]).count("opacus") == 1
+
+
+def test_under_secure_aggregation_a_refusal_names_no_figures(tmp_path):
+    """Its steps, sigma and sampling rate would give the site's record count away, which masking hides."""
+    from fedlora.client.app import train
+
+    config = cfg.load_config(None, [
+        "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=40", "federation.rounds=5",
+        "task.labels=" + ",".join(synthetic.LABELS), f"output.dir={tmp_path}", "secagg.enabled=true",
+        "federation.min-sites=3", "privacy.enabled=true", "privacy.noise-multiplier=0.5"])
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=config.to_flat())
+    rt = site_runtime(context)
+    reply = train(rt, _message(trainable_state(rt.loaded.model), 1, rt.loaded.fingerprint), context)
+    assert is_budget_refusal(reply)
+    assert reply.error.reason == f"site {rt.data.name} refuses round 1: its privacy budget would be exceeded"
+    refusal = [e for e in Ledger(tmp_path / "sites" / rt.data.name).entries() if e["event"] == "refused"][-1]
+    assert "q " in refusal["reason"] and "sigma 0.5" in refusal["reason"]  # the detail stays in the site's ledger

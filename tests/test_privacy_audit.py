@@ -4,6 +4,8 @@ the behaviour the audit measured and passes now."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 
@@ -19,9 +21,9 @@ from fedlora.config import load_config
 from fedlora.config import load_config as cfg_load_config
 from fedlora.data.labels import infer_labels
 from fedlora.privacy.accounting import Mechanism
-from fedlora.privacy.budget import SITE_DELTA, resolve_budget
+from fedlora.privacy.budget import SITE_DELTA, Budget, resolve_budget
 from fedlora.privacy.client_dp import ClientLevelDP
-from fedlora.privacy.ledger import Ledger
+from fedlora.privacy.ledger import Ledger, LedgerTampered
 from fedlora.privacy.server import ServerPrivacy
 from fedlora.privacy.site import SiteAccountant
 from fedlora.server.app import main
@@ -65,9 +67,12 @@ def test_a_coordinators_large_delta_cannot_weaken_a_sites_epsilon(tmp_path):
 
 
 def test_a_site_caps_delta_below_one_over_its_units_and_its_own_setting_wins():
-    assert resolve_budget(8.0, 1e-3, {}, units=1_000_000).delta == pytest.approx(1e-7)  # 1/(10 n)
+    for units in (20_000, 25_001, 99_999):  # <= 1/(10 n), and a power of ten: the same for a whole decade of n
+        delta = resolve_budget(8.0, 1e-3, {}, units=units).delta
+        assert delta <= 1 / (10 * units) and delta == 1e-6
     assert resolve_budget(8.0, 1e-3, {"privacy-delta": 1e-6}, units=100).delta == 1e-6
     assert resolve_budget(8.0, 1e-8, {"privacy-delta": 1e-6}, units=100).delta == 1e-8  # the stricter wins
+    assert resolve_budget(8.0, 1e-3, {"privacy-delta": 5e-6}, units=100).delta == 1e-6
 
 
 # -- client-level DP: the adaptive clipping count, the sample, the budget, the loss ----------------
@@ -191,8 +196,18 @@ def test_a_site_enforces_its_own_floor_and_budget_for_distributed_dp(tmp_path):
 
 
 # -- the ledger is keyed, and the coordinator's record of its head is checked --------------------
-def _rewrite(ledger: Ledger, link: str, mac, factor: float = 6) -> None:
-    """The audit's attack: raise sigma in every training entry, recompute the chain and the head."""
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _hmac(key: bytes):
+    return lambda body: hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _rewrite(ledger: Ledger, field: str, mac, factor: float = 6, key: bytes | None = None,
+             extra: dict | None = None) -> None:
+    """The audit's attack: raise sigma in every training entry, recompute every link with `mac` into
+    `field`, and write a head (MACed when the attacker has `key`)."""
     entries = [json.loads(line) for line in ledger.path.read_text().splitlines()]
     prev, renamed = "0" * 64, {}
     for entry in entries:
@@ -201,16 +216,21 @@ def _rewrite(ledger: Ledger, link: str, mac, factor: float = 6) -> None:
             entry["noise_multiplier"] *= factor
         if "reservation" in entry:
             entry["reservation"] = renamed.get(entry["reservation"], entry["reservation"])
+        entry.update(extra or {})
         entry["prev"] = prev
         body = json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
-        entry[link] = prev = renamed[old] = mac(body)
+        entry[field] = prev = renamed[old] = mac(body)
     ledger.path.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-    ledger.head_path.write_text(json.dumps({"count": len(entries), link: prev}))
+    if field == "hash":
+        head = {"count": len(entries), "hash": prev}
+    else:
+        tag = f"ledger-head:{len(entries)}:{prev}".encode()
+        head = {"count": len(entries), "last": prev,
+                "mac": hmac.new(key, tag, hashlib.sha256).hexdigest() if key else _sha256(tag)}
+    ledger.head_path.write_text(json.dumps(head))
 
 
 def _site_with_rounds(folder, rounds: int = 5) -> tuple[SiteAccountant, str]:
-    from fedlora.privacy.budget import Budget
-
     site = SiteAccountant(folder, Budget(10.0, 1e-5, "test"), "prv")
     for r in range(1, rounds + 1):
         site.commit(site.plan_round(r, 0.25, 8, 1.1))
@@ -219,94 +239,114 @@ def _site_with_rounds(folder, rounds: int = 5) -> tuple[SiteAccountant, str]:
 
 def test_a_rewritten_ledger_is_refused_with_or_without_its_key(tmp_path):
     """The audit raised sigma in every entry and recomputed the SHA-256 chain: accepted, epsilon 4.62 ->
-    0.29. Now the chain is an HMAC under the site's key; a rewrite by the key's holder (or one that
-    deletes the key and passes for an old unkeyed ledger) is caught by the head the coordinator kept."""
-    import hashlib
-    import hmac as hmac_lib
-
-    from fedlora.privacy.ledger import LedgerTampered
-
+    0.29. Now the chain and its head are MACed under the site's key. Whoever can read (or replace) the
+    key can still rewrite it, and so can whoever deletes the key and passes the ledger off as one from
+    before keys: both are caught by the head the coordinator kept, which a rewrite cannot contain."""
     honest = _pld_epsilon(1.1, 0.25, 40, 1e-5)
     forged = _pld_epsilon(6.6, 0.25, 40, 1e-5)
     assert forged < honest / 10  # what the rewrite would buy
 
-    site, _ = _site_with_rounds(tmp_path / "a")
+    site, _ = _site_with_rounds(tmp_path / "no-key")
     assert site.spent()["epsilon"] == pytest.approx(honest, rel=0.02)
-    _rewrite(site.ledger, "mac", lambda body: hashlib.sha256(body).hexdigest())
+    _rewrite(site.ledger, "mac", _sha256)  # the audit's attack, as it was
     with pytest.raises(LedgerTampered, match="mac mismatch"):
         site.spent()
 
-    site, reported = _site_with_rounds(tmp_path / "b")
-    key = bytes.fromhex(site.ledger.key_path.read_text())
-    _rewrite(site.ledger, "mac", lambda body: hmac_lib.new(key, body, hashlib.sha256).hexdigest())
-    assert site.spent()["epsilon"] == pytest.approx(forged, rel=0.05)  # with the key, the chain verifies...
-    with pytest.raises(LedgerTampered, match="coordinator's record"):  # ...but not the coordinator's anchor
-        site.plan_round(6, 0.25, 8, 1.1, anchor=reported)
-
-    site, reported = _site_with_rounds(tmp_path / "c")
-    _rewrite(site.ledger, "hash", lambda body: hashlib.sha256(body).hexdigest())  # an "old" ledger
-    with pytest.raises(LedgerTampered, match="unkeyed but"):
+    site, _ = _site_with_rounds(tmp_path / "truncated")
+    entries = site.ledger.path.read_text().splitlines()
+    site.ledger.path.write_text("\n".join(entries[:4]) + "\n")  # the last rounds cut, the head left: detected
+    with pytest.raises(LedgerTampered, match="removed"):
         site.spent()
-    site.ledger.key_path.unlink()  # passes for a ledger from before keys: converted...
-    assert site.spent()["epsilon"] == pytest.approx(forged, rel=0.05)
-    with pytest.raises(LedgerTampered, match="coordinator's record"):  # ...and caught all the same
-        site.plan_round(6, 0.25, 8, 1.1, anchor=reported)
+    last = json.loads(entries[3])["mac"]  # and a head rewritten to match, without the key
+    site.ledger.head_path.write_text(json.dumps({"count": 4, "last": last, "mac": _sha256(f"{4}:{last}".encode())}))
+    with pytest.raises(LedgerTampered, match="head rewritten"):
+        site.spent()
+
+    for case in ("key-holder", "new-key", "passed-off-as-unkeyed"):
+        site, reported = _site_with_rounds(tmp_path / case)
+        if case == "key-holder":
+            key = bytes.fromhex(site.ledger.key_path.read_text())
+            _rewrite(site.ledger, "mac", _hmac(key), key=key)
+        elif case == "new-key":
+            key = bytes(range(32))
+            site.ledger.key_path.write_text(key.hex())
+            _rewrite(site.ledger, "mac", _hmac(key), key=key)
+        else:  # no key file, SHA-256 links, and the reported head planted as a field of every entry
+            site.ledger.key_path.unlink()
+            _rewrite(site.ledger, "hash", _sha256, extra={"legacy_head": reported, "mac_of": reported})
+        assert site.spent()["epsilon"] == pytest.approx(forged, rel=0.05), case  # the chain verifies...
+        assert not site.ledger.contains(reported), case
+        with pytest.raises(LedgerTampered, match="coordinator's record"):  # ...but not the coordinator's anchor
+            site.plan_round(6, 0.25, 8, 1.1, anchor=reported)
 
 
-def test_an_unkeyed_ledger_is_converted_once_and_its_head_still_matches(tmp_path):
-    import hashlib
-
-    site, _ = _site_with_rounds(tmp_path)
+def test_a_ledger_from_before_keys_is_read_as_it_is_and_continued_keyed(tmp_path):
+    site, _ = _site_with_rounds(tmp_path, rounds=3)
     spent = site.spent()["epsilon"]
-    # the same ledger as written before keys: a SHA-256 chain, no key file
-    _rewrite(site.ledger, "hash", lambda body: hashlib.sha256(body).hexdigest(), factor=1)
-    prev = json.loads(site.ledger.head_path.read_text())["hash"]
+    _rewrite(site.ledger, "hash", _sha256, factor=1)  # the same ledger as written before keys
     site.ledger.key_path.unlink()
+    legacy_head = json.loads(site.ledger.head_path.read_text())["hash"]
+    reader = Ledger(tmp_path, read_only=True)  # an auditor reads it: nothing is created
+    assert len(reader.entries()) == 6 and not site.ledger.key_path.exists()
     assert site.spent()["epsilon"] == spent
-    converted = site.ledger.entries()
-    assert converted[-1]["event"] == "keyed" and converted[-1]["legacy_head"] == prev
-    assert site.ledger.contains(prev)  # the head a coordinator recorded before the conversion
-    assert oct(site.ledger.key_path.stat().st_mode & 0o777) == "0o600"
+    site.commit(site.plan_round(4, 0.25, 8, 1.1, anchor=legacy_head))  # what a coordinator recorded still matches
+    entries = site.ledger.entries()
+    assert "hash" in entries[5] and "mac" in entries[6] and entries[6]["prev"] == legacy_head
+    assert site.ledger.contains(legacy_head) and oct(site.ledger.key_path.stat().st_mode & 0o777) == "0o600"
+    lines = site.ledger.path.read_text().splitlines()
+    site.ledger.head_path.write_text(json.dumps({"count": len(lines), "hash": json.loads(lines[-1])["mac"]}))
+    with pytest.raises(LedgerTampered, match="not keyed"):  # once keyed, an unkeyed head is a rewrite
+        site.spent()
+    site.ledger.key_path.write_text("")
+    with pytest.raises(LedgerTampered, match="32-byte key"):
+        site.spent()
+    site.ledger.key_path.write_text("ab" * 32)
     site.ledger.key_path.chmod(0o644)
-    with pytest.raises(Exception, match="chmod 600"):
+    with pytest.raises(LedgerTampered, match="chmod 600"):
         site.spent()
 
 
 def test_the_coordinator_sends_each_site_its_last_head_across_runs(tmp_path, caplog):
-    """Two runs over the same sites' state folders: between them one site's ledger is rewritten with its
-    key. In the second run that site refuses to train (its ledger lacks the head the coordinator kept),
-    the coordinator learns only the error's kind, and the other site trains."""
-    import hashlib
-    import hmac as hmac_lib
-
+    """Runs over the same sites' state folders: after the first, one site's ledger is rewritten with its
+    key. In the next run the forecast already flags it, that site refuses to train (its ledger lacks the
+    head the coordinator kept), the coordinator learns only the error's kind, and the other site trains;
+    the same when the sites come back as new nodes (the head is then found by the site's name)."""
     heads = tmp_path / "ledger-heads.json"
 
-    def run(out):
+    def run(out, seed=0):
         config = cfg_load(["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=24",
                            "train.local-steps=1", "federation.rounds=1", "federation.num-sites=2",
-                           "federation.min-sites=1", "privacy.enabled=true", "privacy.noise-multiplier=1.0",
+                           "federation.min-sites=1", "privacy.enabled=true", "privacy.noise-multiplier=2.0",
                            "privacy.local-epochs=0", f'privacy.ledger-heads="{heads}"', f'output.dir="{out}"'])
-        grid = InProcessGrid(site_app, config.to_flat(), 2)
+        grid = InProcessGrid(site_app, config.to_flat(), 2, seed=seed)
         for i, context in enumerate(grid.contexts.values()):
             context.node_config["state-dir"] = str(tmp_path / f"site-{i}")
         main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(),
                            run_config=config.to_flat()))
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((out / "summary.json").read_text())
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], summary
 
-    assert run(tmp_path / "run1")[0]["sites"] == 2
+    assert run(tmp_path / "run1")[0][0]["sites"] == 2
     recorded = json.loads(heads.read_text())
     ledger = Ledger(tmp_path / "site-0")
     assert sorted(h["head"] for h in recorded.values()) == sorted([ledger.head(), Ledger(tmp_path / "site-1").head()])
     key = bytes.fromhex(ledger.key_path.read_text())
-    _rewrite(ledger, "mac", lambda body: hmac_lib.new(key, body, hashlib.sha256).hexdigest())
+    _rewrite(ledger, "mac", _hmac(key), key=key)
     trained_before = len([e for e in ledger.entries() if e["event"] == "train"])
-    rows = run(tmp_path / "run2")
+    rows, summary = run(tmp_path / "run2")
+    assert summary["privacy"]["forecast"]["site-0"]["ledger-mismatch"] == 1
+    assert summary["privacy"]["forecast"]["site-1"]["ledger-mismatch"] == 0
     assert rows[0]["sites"] == 1
     assert len([e for e in ledger.entries() if e["event"] == "train"]) == trained_before
     assert len([e for e in Ledger(tmp_path / "site-1").entries() if e["event"] == "train"]) == 2
     upstream = [r.getMessage() for r in caplog.records if r.name == "fedlora.server.collect"]
     assert any("LedgerTampered at the site" in line for line in upstream)
     assert not any(str(tmp_path) in line for line in upstream)  # the site's path stays at the site
+
+    caplog.clear()
+    rows, _ = run(tmp_path / "run3", seed=7)  # other node ids: a site re-registered with a new key
+    assert rows[0]["sites"] == 1 and len([e for e in ledger.entries() if e["event"] == "train"]) == trained_before
+    assert any("connects as node" in r.getMessage() for r in caplog.records)
 
 
 # -- a run's cost is known before it starts, and a site caps what one run spends ------------------
@@ -362,15 +402,36 @@ def test_a_short_run_cannot_spend_a_sites_whole_budget_unseen(tmp_path, caplog):
 
 def test_a_site_that_only_warns_trains_past_its_share_and_says_so(tmp_path):
     from fedlora.privacy import forecast
-    from fedlora.privacy.budget import Budget, RunShare
+    from fedlora.privacy.budget import RunShare
 
     site = SiteAccountant(tmp_path, Budget(8.0, 1e-5, "test"), "prv", share=RunShare(1.0, refuse=False))
     ahead = site.forecast(0.25, 8, 1.2, 3, run="r")
     plan = site.plan_round(1, 0.25, 8, 1.2, rounds_left=3, run="r")  # no refusal
     assert plan.run_projected == pytest.approx(ahead.run_epsilon) and ahead.over_share and not ahead.refuses_at
     assert ahead.run_epsilon == pytest.approx(_pld_epsilon(1.2, 0.25, 24, 1e-5), rel=0.02)
-    lines = forecast.warnings({"s": forecast.pack(ahead, None, hide_noise=False)})
+    lines = forecast.warnings({"s": forecast.pack(ahead, None, secure=False)})
     assert len(lines) == 1 and "privacy-per-run = warn" in lines[0]
     with pytest.raises(ValueError, match="refuse or warn"):
         from fedlora.privacy.budget import run_share
         run_share({"privacy-epsilon-per-run": 1.0, "privacy-per-run": "ignore"})
+    # A sigma the site calibrates fits its share, warn or refuse: the warning is for a sigma the run fixes.
+    calibrated = SiteAccountant(tmp_path / "calibrated", Budget(8.0, 1e-5, "test"), "prv",
+                                share=RunShare(1.0, refuse=False)).forecast(0.25, 8, 0.0, 3, run="r")
+    assert calibrated.run_epsilon <= 1.0 and not calibrated.refuses_at
+
+
+def test_a_site_that_only_warns_says_so_loudly_while_it_trains(tmp_path, caplog):
+    config = cfg_load(["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=24",
+                       "train.local-steps=1", "federation.rounds=2", "federation.num-sites=1",
+                       "federation.min-sites=1", "privacy.enabled=true", "privacy.noise-multiplier=1.5",
+                       "privacy.local-epochs=0", f'output.dir="{tmp_path}"'])
+    grid = InProcessGrid(site_app, config.to_flat(), 1)
+    next(iter(grid.contexts.values())).node_config.update({"privacy-epsilon-per-run": 1.0, "privacy-per-run": "warn"})
+    main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(),
+                       run_config=config.to_flat()))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sites"] for r in rows] == [1, 1] and rows[-1]["epsilon"] > 1.0  # it trained past its share...
+    loud = [r for r in caplog.records if "MORE THAN THIS SITE'S PER-RUN SHARE" in r.getMessage()]
+    assert len(loud) == 2 and all(r.levelname == "WARNING" for r in loud)  # ...saying so every round
+    assert any("privacy-per-run = warn" in r.getMessage() for r in caplog.records
+               if r.name == "fedlora.privacy.forecast")  # and the coordinator knew before round one

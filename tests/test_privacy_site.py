@@ -125,7 +125,8 @@ def test_ledger_detects_removed_entries(tmp_path):
 def test_tampered_ledger_stops_the_site(tmp_path):
     accountant = SiteAccountant(tmp_path, Budget(8.0, DELTA, "test"), "rdp")
     accountant.commit(accountant.plan_round(1, Q, STEPS, SIGMA))
-    accountant.ledger.head_path.write_text(json.dumps({"count": 1, "mac": "0" * 64}))
+    head = json.loads(accountant.ledger.head_path.read_text())
+    accountant.ledger.head_path.write_text(json.dumps({**head, "last": "0" * 64}))
     with pytest.raises(LedgerTampered):
         accountant.plan_round(2, Q, STEPS, SIGMA)
 
@@ -136,7 +137,8 @@ def test_ledger_survives_a_crash_between_entry_and_head(tmp_path):
     ledger.append({"event": "train", "round": 3, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5})
     ledger.head_path.write_text(head)  # as if the process died before updating the head
     assert len(ledger.entries()) == 3  # the extra, valid entry only adds spend: kept
-    assert json.loads(ledger.head_path.read_text())["count"] == 3
+    ledger.append({"event": "train", "round": 4, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 5})
+    assert json.loads(ledger.head_path.read_text())["count"] == 4  # and the next append writes the head
 
 
 CONCURRENT_ROUND = """

@@ -117,6 +117,10 @@ def test_dp_sgd_and_distributed_dp_compose_with_secure_aggregation(tmp_path):
     # weight hides (an audit finding); the coordinator's record of them stays empty.
     reports = secure.privacy.sites.values()
     assert reports and all(math.isnan(r["sample_rate"]) and math.isnan(r["noise_multiplier"]) for r in reports)
+    # With a sigma the run fixes, an exact epsilon would pin down q as well: sites send it rounded up to a
+    # tenth, and a delta that is a power of ten (1/(10 units) to the digit would be the count itself).
+    assert all(round(r["epsilon"] * 10, 9) == int(round(r["epsilon"] * 10)) for r in reports)
+    assert all(math.log10(r["delta"]) == int(math.log10(r["delta"])) for r in reports)
     assert row["secagg_dp_epsilon"] == pytest.approx(epsilon_exact(sigma, 1, 1e-5))
     # fedit adds the mean update: its coordinates are the noise (4 sites, threshold 3) plus a
     # clipped signal of norm <= clip over ~4400 coordinates, negligible beside it.

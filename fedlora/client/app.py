@@ -69,7 +69,8 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
                                           anchor=str(msg.content[wire.CONFIG].get(wire.LEDGER_ANCHOR, "")))
             except BudgetExhausted as err:
                 log.warning("%s", err)
-                return Message(Error(code=wire.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
+                reason = err.brief if rt.config.secagg.enabled else str(err)  # figures would give its size away
+                return Message(Error(code=wire.BUDGET_EXHAUSTED, reason=reason), reply_to=msg)
             result = private.result
         else:
             result = plain_train(rt.loaded.model, rt.task, rt.train_examples, rt.config.train, rt.pad_id, seed,
@@ -118,13 +119,14 @@ def query(rt_of: Runtime, msg: Message, context: Context) -> Message:
     dp_sgd = distributed = None
     if dp_enabled(config, node):
         rt = rt_of(context)
-        dp_sgd = forecast_privately(rt, node, first_round, str(context.run_id))
+        dp_sgd = forecast_privately(rt, node, first_round, str(context.run_id),
+                                    str(msg.content[wire.CONFIG].get(wire.LEDGER_ANCHOR, "")))
         records[wire.SITE] = _site_record(rt)
     s = config.secagg
     if s.enabled and (s.dp_noise_multiplier > 0 or NODE_MIN_NOISE in node):
         distributed = forecast_releases(durable_folder(context), node, config.privacy.epsilon, s.dp_noise_multiplier,
                                         max(0, config.federation.rounds - first_round + 1))
-    records[forecast.RECORD] = MetricRecord(forecast.pack(dp_sgd, distributed, hide_noise=s.enabled))
+    records[forecast.RECORD] = MetricRecord(forecast.pack(dp_sgd, distributed, secure=s.enabled))
     return Message(RecordDict(records), reply_to=msg)
 
 

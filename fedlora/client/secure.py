@@ -42,7 +42,7 @@ from fedlora.privacy.secagg import messages as m
 from fedlora.privacy.secagg.distributed_dp import clip_and_noise, site_noise_std
 from fedlora.privacy.secagg.records import RECORD, from_config_record, payload_of, payload_records, to_config_record
 from fedlora.privacy.secagg.updates import LAYOUT, encode, weight_scale
-from fedlora.privacy.site import BudgetExhausted
+from fedlora.privacy.site import BudgetExhausted, coarse_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,12 @@ HIDDEN_UNDER_SECAGG = frozenset({wire.NUM_EXAMPLES, wire.TRAIN_LOSS, wire.DP_SAM
                                  wire.DP_NOISE_MULTIPLIER})
 
 
+# Sent in clear, but rounded up to a tenth: with a fixed sigma, an exact epsilon would pin down the
+# sampling rate, and so the record count, as well as the rate itself would.
+COARSE_UNDER_SECAGG = frozenset({wire.DP_EPSILON, wire.DP_EPSILON_RDP, wire.DP_RUN_EPSILON})
+
+
 def _clear_metrics(trained: Message) -> MetricRecord:
     """The training metrics that may travel in clear (HIDDEN_UNDER_SECAGG never does)."""
-    hidden = HIDDEN_UNDER_SECAGG
-    return MetricRecord({k: v for k, v in trained.content[wire.METRICS].items() if k not in hidden})
+    return MetricRecord({k: coarse_epsilon(v) if k in COARSE_UNDER_SECAGG else v
+                         for k, v in trained.content[wire.METRICS].items() if k not in HIDDEN_UNDER_SECAGG})

@@ -5,7 +5,8 @@ configuration may impose a stricter one, and the stricter wins: a coordinator
 cannot loosen a hospital's budget. Delta is bounded by the site even when its
 node config says nothing: never above the site's default (`SITE_DELTA`, 1e-5)
 nor above 1/(10·units) of its own data, so a coordinator cannot weaken a
-site's epsilon by proposing a large delta. A node config that sets any
+site's epsilon by proposing a large delta; it is rounded down to a power of
+ten, so the delta a site reports says nothing precise about its size. A node config that sets any
 `privacy-*` key also makes DP-SGD mandatory at that site, even if the run
 disables it.
 
@@ -21,6 +22,7 @@ Node-config keys (deployment: `flower-supernode --node-config '...'`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,7 +93,16 @@ def resolve_budget(run_epsilon: float, run_delta: float, node: Mapping[str, Any]
     if units:
         candidates.append((0.1 / units, f"1/(10 x {units} units)"))
     delta, delta_src = min(candidates, key=lambda c: c[0])
+    rounded = power_of_ten_below(delta)
+    if rounded != delta:  # the site reports delta: 1/(10 units) to the digit would give its size away
+        delta, delta_src = rounded, f"{delta_src}, rounded down to a power of ten"
     return Budget(eps, delta, f"epsilon: {eps_src}, delta: {delta_src}")
+
+
+def power_of_ten_below(value: float) -> float:
+    """The largest power of ten not above `value` (> 0)."""
+    exponent = math.floor(math.log10(value) + 1e-9)
+    return float(f"1e{exponent}")
 
 
 def dp_required(enabled_by_run: bool, node: Mapping[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedlora.privacy.budget import NODE_DELTA, SITE_DELTA, positive
+from fedlora.privacy.budget import NODE_DELTA, SITE_DELTA, positive, power_of_ten_below
 from fedlora.privacy.ledger import Ledger
 from fedlora.privacy.secagg.distributed_dp import epsilon_of_releases
 from fedlora.privacy.site import BudgetExhausted
@@ -39,7 +39,7 @@ def _limits(node: Mapping[str, Any], run_epsilon: float) -> tuple[float, float, 
     """The site's (floor, budget, delta) for distributed DP, from its node config."""
     floor = positive(node, NODE_MIN_NOISE) if NODE_MIN_NOISE in node else 0.0
     budget = positive(node, NODE_EPSILON) if NODE_EPSILON in node else run_epsilon
-    delta = min(positive(node, NODE_DELTA), SITE_DELTA) if NODE_DELTA in node else SITE_DELTA
+    delta = power_of_ten_below(min(positive(node, NODE_DELTA), SITE_DELTA)) if NODE_DELTA in node else SITE_DELTA
     return floor, budget, delta
 
 

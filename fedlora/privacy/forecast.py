@@ -7,8 +7,8 @@ epsilon of this run alone, its total after the run, its per-run share, and the
 round it would refuse; under distributed DP, the same for its site-level
 distributed-DP budget. The answer assumes the site trains in every round of the
 run (an upper bound when federation.fraction-train < 1). Under secure
-aggregation sigma is left out (it would give the site's record count away, as
-in its train replies).
+aggregation sigma is left out and epsilons are rounded up to a tenth (exact
+figures would give the site's record count away), as in its train replies.
 
 The coordinator logs a table, warns for every site that would refuse a round
 or pass its per-run share, and writes the answers to summary.json
@@ -21,7 +21,7 @@ import logging
 import math
 from typing import Any, Mapping
 
-from fedlora.privacy.site import Forecast
+from fedlora.privacy.site import Forecast, coarse_epsilon
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +29,19 @@ RECORD = "forecast"   # the MetricRecord of a site's reply to the forecast query
 LOW_REMAINDER = 0.1   # warn when a run would leave less than this share of a site's budget
 
 
-def pack(dp_sgd: Forecast | None, distributed: Mapping[str, float] | None, hide_noise: bool) -> dict[str, float]:
-    """A site's answer, as MetricRecord values."""
+def pack(dp_sgd: Forecast | None, distributed: Mapping[str, float] | None, secure: bool) -> dict[str, float]:
+    """A site's answer, as MetricRecord values; `secure`: the run uses secure aggregation, so sigma is
+    left out and epsilons are rounded up to a tenth."""
     out: dict[str, float] = {"dp-sgd": 1.0 if dp_sgd else 0.0, "distributed": 1.0 if distributed else 0.0}
     if dp_sgd is not None:
+        shown = coarse_epsilon if secure else float  # under secure aggregation as in its train replies
         out.update({"budget-epsilon": dp_sgd.budget_epsilon, "delta": dp_sgd.delta,
-                    "spent-epsilon": dp_sgd.spent_epsilon, "run-epsilon": dp_sgd.run_epsilon,
-                    "after-epsilon": dp_sgd.after_epsilon, "rounds": float(dp_sgd.rounds),
-                    "refuses-at": float(dp_sgd.refuses_at),
+                    "spent-epsilon": shown(dp_sgd.spent_epsilon), "run-epsilon": shown(dp_sgd.run_epsilon),
+                    "after-epsilon": shown(dp_sgd.after_epsilon), "rounds": float(dp_sgd.rounds),
+                    "refuses-at": float(dp_sgd.refuses_at), "ledger-mismatch": 0.0 if dp_sgd.anchored else 1.0,
                     "share-epsilon": dp_sgd.share.epsilon if dp_sgd.share else 0.0,
                     "share-refuses": 1.0 if dp_sgd.share and dp_sgd.share.refuse else 0.0})
-        if not hide_noise:
+        if not secure:
             out["noise-multiplier"] = dp_sgd.noise_multiplier
     if distributed is not None:
         out.update({f"ddp-{key.replace('_', '-')}": float(value) for key, value in distributed.items()})
@@ -80,7 +82,10 @@ def warnings(answers: Mapping[str, Mapping[str, float]]) -> list[str]:
     and one for the sites this run would leave with almost nothing for later runs."""
     out, low = [], []
     for site, a in sorted(answers.items()):
-        if a.get("refuses-at"):
+        if a.get("ledger-mismatch"):
+            out.append(f"site {site}: its privacy ledger does not hold the head it last reported (rewritten, "
+                       "replaced or reset): it will refuse to train; see docs/privacy.md, the ledger")
+        elif a.get("refuses-at"):
             out.append(f"site {site} would refuse round {int(a['refuses-at'])} of this run (DP-SGD budget "
                        f"epsilon {a['budget-epsilon']:g}, {_eps(a['spent-epsilon'])} spent before the run)")
         elif a.get("share-epsilon") and a["run-epsilon"] > a["share-epsilon"]:

@@ -92,11 +92,11 @@ def site_accountant(state: Path, node: Mapping[str, Any], run_epsilon: float, ac
     """The site's accountant as its next round would build it: its own budget (else the given
     epsilon), the delta it last enforced (else its own bound), its per-run share."""
     eps = positive(node, NODE_EPSILON) if NODE_EPSILON in node else run_epsilon
-    trained = [e for e in Ledger(state).entries() if e["event"] == "train"]
+    trained = [e for e in Ledger(state, read_only=True).entries() if e["event"] == "train"]
     delta = trained[-1]["delta"] if trained else (
         min(positive(node, NODE_DELTA), SITE_DELTA) if NODE_DELTA in node else SITE_DELTA)
     return SiteAccountant(state, Budget(eps, delta, "node config" if NODE_EPSILON in node else "--epsilon"),
-                          accountant, share=run_share(node))
+                          accountant, share=run_share(node), read_only=True)
 
 
 def site_status(state: Path, node: Mapping[str, Any], run_epsilon: float, accountant: str) -> str:

@@ -20,10 +20,12 @@ Client-level DP, which the coordinator applies itself, is a strategy wrapper
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,18 @@ class ServerPrivacy:
         return True
 
     # -- site reports -------------------------------------------------------------
-    def anchor(self, node_id: int) -> str:
-        """The ledger head this node last reported ("" if none): its ledger must still hold it."""
-        return str(self.heads.get(str(node_id), {}).get("head", ""))
+    def anchor(self, node_id: int, site: str | None = None) -> str:
+        """The ledger head this node last reported ("" if none): its ledger must still hold it. A site
+        known by name that now connects as another node (a new key, a new SuperLink database) is held
+        to the head it reported before."""
+        if str(node_id) in self.heads:
+            return str(self.heads[str(node_id)]["head"])
+        earlier = [h for h in self.heads.values() if site and h.get("site") == site]
+        if earlier:
+            log.warning("site %s connects as node %d, not as the node it reported its ledger head from; it is "
+                        "checked against that head", site, node_id)
+            return str(max(earlier, key=lambda h: h.get("time", 0))["head"])
+        return ""
 
     def observe(self, site: str, reply, server_round: int) -> None:
         metrics = reply.content[wire.METRICS]
@@ -91,14 +102,20 @@ class ServerPrivacy:
         }
 
     def _record_head(self, node_id: int, site: str, head: str, server_round: int) -> None:
-        self.heads[str(node_id)] = {"head": head, "site": site, "round": server_round,
-                                    "run": str(self.config.output.dir)}
+        record = {"head": head, "site": site, "round": server_round, "run": str(self.config.output.dir),
+                  "time": time.time()}
+        self.heads[str(node_id)] = record
         if self.heads_path is None:
             return
         self.heads_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.heads_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.heads, indent=1, sort_keys=True))
-        os.replace(tmp, self.heads_path)
+        # Runs of one coordinator share the file: re-read and write it under a lock, so none loses another's.
+        with self.heads_path.with_suffix(".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.heads_path.read_text()) if self.heads_path.exists() else {}
+            self.heads = {**on_disk, str(node_id): record}
+            tmp = self.heads_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.heads, indent=1, sort_keys=True))
+            os.replace(tmp, self.heads_path)
 
     # -- what the run directory shows ----------------------------------------------
     def row(self) -> dict[str, Any]:

@@ -12,8 +12,8 @@ because its training failed before anything left.
 
 A site may also cap what one run spends (node config privacy-epsilon-per-run):
 then a calibrated sigma fits both the budget and the share, and a run whose
-fixed sigma would pass the share is refused (or, with privacy-per-run = warn,
-trained with a loud warning). `forecast` computes all of this for a whole run
+fixed sigma (the run's privacy.noise-multiplier) would pass the share is
+refused (or, with privacy-per-run = warn, trained with a loud warning). `forecast` computes all of this for a whole run
 before it starts, without writing anything.
 """
 
@@ -36,7 +36,7 @@ from fedlora.privacy.accounting import (
     epsilon_rdp,
 )
 from fedlora.privacy.budget import NODE_EPSILON_PER_RUN, Budget, RunShare
-from fedlora.privacy.ledger import Ledger, LedgerTampered
+from fedlora.privacy.ledger import Ledger, LedgerTampered, link
 from fedlora.versions import library_versions
 
 TRAIN = "train"
@@ -46,7 +46,13 @@ REFUSED = "refused"
 
 
 class BudgetExhausted(RuntimeError):
-    """This round would take the site past its privacy budget; the site does not train."""
+    """This round would take the site past its privacy budget; the site does not train.
+    `brief`: the same without the round's figures (under secure aggregation its steps and
+    sampling rate must not leave the site)."""
+
+    def __init__(self, message: str, brief: str = ""):
+        super().__init__(message)
+        self.brief = brief or message
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class Forecast:
     refuses_at: int = 0         # the run's round the site would refuse (0: none)
     why: str = ""
     share: RunShare | None = None
+    anchored: bool = True       # False: its ledger does not hold the head the coordinator last saw
 
     @property
     def over_share(self) -> bool:
@@ -85,15 +92,15 @@ class Forecast:
 
 
 class _Refusal(Exception):
-    def __init__(self, projected: float, why: str):
+    def __init__(self, projected: float, why: str, limit: str = "privacy budget"):
         super().__init__(why)
-        self.projected, self.why = projected, why
+        self.projected, self.why, self.limit = projected, why, limit
 
 
 class SiteAccountant:
     def __init__(self, directory: str | Path, budget: Budget, accountant: str = "prv",
-                 site: str = "site", unit: str = "record", share: RunShare | None = None):
-        self.ledger = Ledger(directory)
+                 site: str = "site", unit: str = "record", share: RunShare | None = None, read_only: bool = False):
+        self.ledger = Ledger(directory, read_only)  # read-only: forecasts and audits, which write nothing
         self.budget = budget
         self.accountant = accountant
         self.site = site
@@ -106,7 +113,7 @@ class SiteAccountant:
         reservation."""
         entries = self.ledger.entries()
         closed = {e["reservation"] for e in entries if e["event"] in (TRAIN, RELEASED) and e.get("reservation")}
-        return [e for e in entries if (e["event"] == TRAIN or (e["event"] == RESERVED and e["mac"] not in closed))
+        return [e for e in entries if (e["event"] == TRAIN or (e["event"] == RESERVED and link(e) not in closed))
                 and (run is None or e.get("run", "") == run)]
 
     def history(self, run: str | None = None) -> History:
@@ -137,34 +144,39 @@ class SiteAccountant:
                 plan = self._decide(server_round, self.history(), self.history(run), sample_rate, steps,
                                     noise_multiplier, rounds_left, self._last_calibrated())
             except _Refusal as refusal:
-                self._refuse(server_round, run, refusal.projected, refusal.why)
+                self._refuse(server_round, run, refusal)
             reserved = self.ledger.append({"event": RESERVED, "site": self.site, "run": run, **asdict(plan),
                                            "delta": self.budget.delta, "accountant": self.accountant,
                                            "time": _now()})
         return replace(plan, reservation=reserved["mac"])
 
     def forecast(self, sample_rate: float, steps: int, noise_multiplier: float, rounds: int,
-                 run: str = "") -> Forecast:
+                 run: str = "", anchor: str = "") -> Forecast:
         """What `rounds` more rounds of `run` would cost if the site trained in every one: the sigma it
-        would use, the run's epsilon, its total after, and the round it would refuse. Writes nothing."""
+        would use in the first, the run's epsilon, its total after, and the round it would refuse
+        (round 1 when its ledger no longer holds `anchor`). Writes nothing."""
         spent, run_spent = self.history(), self.history(run)
-        before = epsilon(spent, self.budget.delta, self.accountant)
-        sigma, calibrated, last = noise_multiplier, noise_multiplier <= 0, self._last_calibrated()
-        trained, refuses_at, why = 0, 0, ""
+        delta = self.budget.delta
+        before = epsilon(spent, delta, self.accountant)
+        calibrated, last = noise_multiplier <= 0, self._last_calibrated()
+        first_sigma, trained, refuses_at, why = noise_multiplier, 0, 0, ""
+        anchored = not anchor or self.ledger.contains(anchor)
+        if not anchored:
+            rounds, refuses_at, why = 0, 1, "its ledger does not hold the head it last reported"
         for r in range(1, rounds + 1):
             try:
-                plan = self._decide(r, spent, run_spent, sample_rate, steps, sigma, rounds - r + 1, last)
+                plan = self._decide(r, spent, run_spent, sample_rate, steps, noise_multiplier, rounds - r + 1, last)
             except _Refusal as refusal:
                 refuses_at, why = r, refusal.why
                 break
+            if r == 1:
+                first_sigma = plan.noise_multiplier
             last = (plan.noise_multiplier, sample_rate) if calibrated else last
             mechanism = (Mechanism(plan.noise_multiplier, sample_rate, steps),)
             spent, run_spent, trained = canonical(spent + mechanism), canonical(run_spent + mechanism), r
-        delta = self.budget.delta
-        first = last[0] if calibrated and last else noise_multiplier
-        return Forecast(self.budget.epsilon, delta, before, first, calibrated, trained,
+        return Forecast(self.budget.epsilon, delta, before, first_sigma, calibrated, trained,
                         epsilon(run_spent, delta, self.accountant), epsilon(spent, delta, self.accountant),
-                        refuses_at, why, self.share)
+                        refuses_at, why, self.share, anchored)
 
     def _last_calibrated(self) -> tuple[float, float] | None:
         """(sigma, q) of the last round whose sigma the site calibrated: kept while it still fits."""
@@ -196,16 +208,15 @@ class SiteAccountant:
         if share is not None and share.refuse and not run_projected <= share.epsilon:
             raise _Refusal(plan.epsilon, f"this run ({rounds_left} round(s) left at sigma {noise_multiplier:g}) would "
                                          f"spend epsilon {run_projected:.3f}, more than this site's per-run share "
-                                         f"{share.epsilon:g} (node config {NODE_EPSILON_PER_RUN})")
+                                         f"{share.epsilon:g} (node config {NODE_EPSILON_PER_RUN})", "per-run share")
         return plan
 
     def _calibrate(self, spent: History, run_spent: History, sample_rate: float, steps: int, rounds_left: int,
                    last: tuple[float, float] | None) -> float:
-        """Sigma so that the rounds left, at this round's steps, just fit the budget (and, when the
-        site refuses runs over its per-run share, the share). The last round's sigma is kept while
-        it still fits, so a run's sigma is stable."""
-        delta, n, share = self.budget.delta, steps * rounds_left, self.share
-        binding = share if share is not None and share.refuse else None
+        """Sigma so that the rounds left, at this round's steps, just fit the budget and the per-run
+        share (whether the site refuses or warns: a sigma it chooses never needs the warning). The last
+        round's sigma is kept while it still fits, so a run's sigma is stable."""
+        delta, n, binding = self.budget.delta, steps * rounds_left, self.share
 
         def fits(sigma: float) -> bool:
             more = (Mechanism(sigma, sample_rate, n),)
@@ -219,14 +230,16 @@ class SiteAccountant:
             sigma = max(sigma, calibrate_noise(binding.epsilon, delta, sample_rate, n, run_spent, self.accountant))
         return sigma
 
-    def _refuse(self, server_round: int, run: str, projected: float, why: str) -> None:
+    def _refuse(self, server_round: int, run: str, refusal: _Refusal) -> None:
+        projected = refusal.projected
         self.ledger.append({"event": REFUSED, "site": self.site, "run": run, "round": server_round,
                             "projected_epsilon": projected if math.isfinite(projected) else None,
                             "budget_epsilon": self.budget.epsilon, "delta": self.budget.delta,
-                            "reason": why, "time": _now()})
+                            "reason": refusal.why, "time": _now()})
         raise BudgetExhausted(
-            f"site {self.site} refuses round {server_round}: {why} (its privacy budget: epsilon "
-            f"{self.budget.epsilon:g}, delta {self.budget.delta:g}, {self.accountant})")
+            f"site {self.site} refuses round {server_round}: {refusal.why} (its privacy budget: epsilon "
+            f"{self.budget.epsilon:g}, delta {self.budget.delta:g}, {self.accountant})",
+            f"site {self.site} refuses round {server_round}: its {refusal.limit} would be exceeded")
 
     # -- after training, before the update leaves ------------------------------
     def release(self, plan: RoundPlan, why: str) -> None:
@@ -243,6 +256,12 @@ class SiteAccountant:
             "budget_epsilon": self.budget.epsilon, "budget_source": self.budget.source,
             **details, "versions": library_versions(), "time": _now(),
         })
+
+
+def coarse_epsilon(value: float) -> float:
+    """An epsilon as a site reports it under secure aggregation: rounded up to a tenth, so that,
+    with a sigma the run fixes, it does not pin down the site's sampling rate (its unit count)."""
+    return math.ceil(value * 10 - 1e-9) / 10 if math.isfinite(value) else value
 
 
 def _now() -> str:

@@ -48,13 +48,13 @@ class SitePrivacy:
     steps: int
 
 
-def site_privacy(rt, node: Mapping[str, Any]) -> SitePrivacy:
+def site_privacy(rt, node: Mapping[str, Any], read_only: bool = False) -> SitePrivacy:
     config, d = rt.config, rt.config.privacy
     simulated = "data-path" not in node
     units = build_units(rt.data.train, unit_column(d.unit_column, node), d.max_records_per_unit)
     budget = resolve_budget(d.epsilon, d.delta, node, units.count)
     accountant = SiteAccountant(state_dir(node, config.output.dir, rt.data.name, simulated), budget,
-                                d.accountant, rt.data.name, units.describe(), run_share(node))
+                                d.accountant, rt.data.name, units.describe(), run_share(node), read_only)
     if units.count == 0:
         raise ValueError(f"site {rt.data.name}: no training rows to train on under DP-SGD")
     batch = d.batch_size or config.train.batch_size
@@ -62,11 +62,11 @@ def site_privacy(rt, node: Mapping[str, Any]) -> SitePrivacy:
     return SitePrivacy(units, accountant, min(1.0, batch / units.count), steps)
 
 
-def forecast_privately(rt, node: Mapping[str, Any], first_round: int, run: str = "") -> Forecast:
+def forecast_privately(rt, node: Mapping[str, Any], first_round: int, run: str = "", anchor: str = "") -> Forecast:
     """What the run's rounds from `first_round` on would cost this site under DP-SGD; writes nothing."""
-    p = site_privacy(rt, node)
+    p = site_privacy(rt, node, read_only=True)
     rounds = max(0, rt.config.federation.rounds - first_round + 1)
-    return p.accountant.forecast(p.sample_rate, p.steps, rt.config.privacy.noise_multiplier, rounds, run)
+    return p.accountant.forecast(p.sample_rate, p.steps, rt.config.privacy.noise_multiplier, rounds, run, anchor)
 
 
 def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, run: str = "",

@@ -92,9 +92,12 @@ class Messenger:
 
 
     def _add_anchor(self, message: Message) -> None:
-        """A train message carries the last ledger head its site reported (the site checks it)."""
-        anchor = self.privacy.anchor(message.metadata.dst_node_id)
-        if anchor and message.metadata.message_type == MessageType.TRAIN and wire.CONFIG in message.content:
+        """A train or forecast message carries the last ledger head its site reported (the site checks it)."""
+        if message.metadata.message_type not in (MessageType.TRAIN, MessageType.QUERY):
+            return
+        node = message.metadata.dst_node_id
+        anchor = self.privacy.anchor(node, self.names.get(node))
+        if anchor and wire.CONFIG in message.content:
             message.content[wire.CONFIG] = ConfigRecord({**message.content[wire.CONFIG], wire.LEDGER_ANCHOR: anchor})
 
 
