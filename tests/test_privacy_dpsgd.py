@@ -138,6 +138,26 @@ def test_noise_only_step_on_an_empty_batch_has_the_right_std(tiny, mode):
     _restore(model, before)
 
 
+def test_noise_is_drawn_in_opacus_secure_mode(tiny, monkeypatch):
+    """Each noise value sums several Gaussian draws (the floating-point attack on a single draw)."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    model, task, _, pad_id, _ = tiny
+    before = _state(model)
+    calls = []
+    real = opacus_optimizer._generate_noise
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("secure_mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
+    dp = DPSGD(_records(40), 0.1, 1.0, DPSettings(1.0), torch.Generator().manual_seed(1))
+    _one_step(model, task, [], pad_id, dp, torch.optim.SGD(trainable(model), lr=1.0))
+    assert calls and all(mode is True for mode in calls)  # one call per trainable tensor
+    _restore(model, before)
+
+
 def test_empty_batches_are_noised_steps_and_every_tensor_moves(tiny):
     model, task, examples, pad_id, rows = tiny
     before = _state(model)
