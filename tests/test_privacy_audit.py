@@ -400,7 +400,7 @@ def test_a_short_run_cannot_spend_a_sites_whole_budget_unseen(tmp_path, caplog):
     assert any("site site-0 would refuse round 1" in r.getMessage() for r in caplog.records)
 
 
-def test_a_site_that_only_warns_trains_past_its_share_and_says_so(tmp_path):
+def test_warn_mode_is_forecast_and_a_calibrated_sigma_fits_the_share_anyway(tmp_path):
     from fedlora.privacy import forecast
     from fedlora.privacy.budget import RunShare
 
