@@ -32,7 +32,7 @@ from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_config, 
 from fedlora.client.secure import durable_folder, secure_aggregation_mod
 from fedlora.client.site_strategy import SitePlan
 from fedlora.privacy import forecast
-from fedlora.privacy.distributed_site import NODE_MIN_NOISE, forecast_releases
+from fedlora.privacy.distributed_site import forecast_releases, site_accounts
 from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, forecast_privately, train_privately
 from fedlora.training import evaluate_counts, plain_train, site_seed
 
@@ -123,7 +123,7 @@ def query(rt_of: Runtime, msg: Message, context: Context) -> Message:
                                     str(msg.content[wire.CONFIG].get(wire.LEDGER_ANCHOR, "")))
         records[wire.SITE] = _site_record(rt)
     s = config.secagg
-    if s.enabled and (s.dp_noise_multiplier > 0 or NODE_MIN_NOISE in node):
+    if s.enabled and site_accounts(s, node):
         distributed = forecast_releases(durable_folder(context), node, config.privacy.epsilon, s.dp_noise_multiplier,
                                         max(0, config.federation.rounds - first_round + 1))
     records[forecast.RECORD] = MetricRecord(forecast.pack(dp_sgd, distributed, secure=s.enabled))

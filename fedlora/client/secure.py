@@ -36,7 +36,7 @@ from fedlora import wire
 from fedlora.arrays import from_record
 from fedlora.client.runtime import site_config
 from fedlora.privacy.budget import NODE_STATE_DIR, PrivacyStateError
-from fedlora.privacy.distributed_site import NODE_MIN_NOISE, reserve_release
+from fedlora.privacy.distributed_site import reserve_release, site_accounts
 from fedlora.privacy.secagg import ProtocolViolation, SecAggClient
 from fedlora.privacy.secagg import messages as m
 from fedlora.privacy.secagg.distributed_dp import clip_and_noise, site_noise_std
@@ -126,7 +126,7 @@ def _distributed_dp_refusal(msg: Message, context: Context, threshold: int) -> M
     setup, and the round is in its ledger before it trains; an error reply when it refuses."""
     config, node = site_config(context), context.node_config
     sigma = config.secagg.dp_noise_multiplier
-    if sigma <= 0 and NODE_MIN_NOISE not in node:
+    if not site_accounts(config.secagg, node):
         return None
     try:
         reserve_release(durable_folder(context), node, config.privacy.epsilon,

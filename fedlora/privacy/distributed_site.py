@@ -35,6 +35,12 @@ NODE_MIN_NOISE = "secagg-dp-min-noise"   # node config: the smallest sigma the s
 NODE_EPSILON = "secagg-dp-epsilon"       # node config: the site's budget for site-level distributed DP
 
 
+def site_accounts(secagg, node: Mapping[str, Any]) -> bool:
+    """Whether the site checks and records distributed DP in a run with these [secagg] settings: the run
+    adds distributed-DP noise, or the site's own node config demands a floor."""
+    return secagg.dp_noise_multiplier > 0 or NODE_MIN_NOISE in node
+
+
 def _limits(node: Mapping[str, Any], run_epsilon: float) -> tuple[float, float, float]:
     """The site's (floor, budget, delta) for distributed DP, from its node config."""
     floor = positive(node, NODE_MIN_NOISE) if NODE_MIN_NOISE in node else 0.0
@@ -76,8 +82,7 @@ def forecast_releases(folder: str | Path, node: Mapping[str, Any], run_epsilon: 
     """What `rounds` more masked rounds at `noise_multiplier` would cost the site (it writes nothing):
     its budget, its epsilon before and after, and the first of those rounds it would refuse (0: none)."""
     floor, budget, delta = _limits(node, run_epsilon)
-    folder = Path(folder)
-    sigmas = _releases(Ledger(folder)) if (folder / "ledger.jsonl").exists() else []
+    sigmas = _releases(Ledger(folder, read_only=True))
     spent = epsilon_of_releases(sigmas, delta) if sigmas else 0.0
     refuses_at, trained = 0, rounds
     if noise_multiplier < floor:

@@ -99,11 +99,10 @@ def site_accountant(state: Path, node: Mapping[str, Any], run_epsilon: float, ac
                           accountant, share=run_share(node), read_only=True)
 
 
-def site_status(state: Path, node: Mapping[str, Any], run_epsilon: float, accountant: str) -> str:
+def site_status(site: SiteAccountant) -> str:
     """What a site has spent and what remains, from its verified ledger."""
-    site = site_accountant(state, node, run_epsilon, accountant)
-    entries, spent, budget = site.ledger.entries(), site.spent(), site.budget
-    lines = [f"site ledger {state} ({len(entries)} entries, verified)",
+    entries, spent, budget, accountant = site.ledger.entries(), site.spent(), site.budget, site.accountant
+    lines = [f"site ledger {site.ledger.directory} ({len(entries)} entries, verified)",
              f"  budget: epsilon {budget.epsilon:g} at delta {budget.delta:g} ({budget.source}); "
              + (f"per-run share {site.share.epsilon:g} ({site.share.action})" if site.share else "no per-run share"),
              f"  DP-SGD spent: epsilon {spent['epsilon']:.4f} ({accountant}; prv {spent['epsilon_prv']:.4f}, "
@@ -130,10 +129,10 @@ def site_status(state: Path, node: Mapping[str, Any], run_epsilon: float, accoun
 def _deployed_site(args: argparse.Namespace) -> int:
     try:
         state, node = args.load_site(args.site)
-        print(site_status(state, node, args.epsilon, args.accountant))
+        site = site_accountant(state, node, args.epsilon, args.accountant)
+        print(site_status(site))
         if args.records is None:
             return 0
-        site = site_accountant(state, node, args.epsilon, args.accountant)
         steps = planned_steps(args.records, args.batch_size, args.local_epochs, args.local_steps)
         f = site.forecast(min(1.0, args.batch_size / args.records), steps, args.noise_multiplier, args.rounds, "next")
     except (RuntimeError, ValueError, OSError) as err:  # not a site folder, a ledger that does not verify

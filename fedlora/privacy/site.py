@@ -117,11 +117,20 @@ class SiteAccountant:
                 and (run is None or e.get("run", "") == run)]
 
     def history(self, run: str | None = None) -> History:
-        return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.spending(run))
+        return _history(self.spending(run))
+
+    def _standing(self, run: str) -> tuple[History, History, tuple[float, float] | None]:
+        """From one read of the ledger: what counts in all, what counts in `run`, and (sigma, q) of
+        the last round whose sigma the site calibrated (kept while it still fits)."""
+        counting = self.spending()
+        calibrated = [e for e in counting if e.get("calibrated")]
+        last = (calibrated[-1]["noise_multiplier"], calibrated[-1]["sample_rate"]) if calibrated else None
+        return _history(counting), _history(e for e in counting if e.get("run", "") == run), last
 
     def spent(self) -> dict[str, Any]:
-        entries = [e for e in self.spending() if e["event"] == TRAIN]
-        h, delta = self.history(), self.budget.delta
+        counting = self.spending()
+        entries = [e for e in counting if e["event"] == TRAIN]
+        h, delta = _history(counting), self.budget.delta
         return {"epsilon": epsilon(h, delta, self.accountant), "epsilon_prv": epsilon_prv(h, delta),
                 "epsilon_rdp": epsilon_rdp(h, delta), "delta": delta, "rounds": len(entries),
                 "steps": sum(m.steps for m in h), "runs": len({e.get("run", "") for e in entries})}
@@ -141,8 +150,8 @@ class SiteAccountant:
                     "since; restore it (a reset the consortium agrees to: the coordinator removes this site "
                     "from its privacy.ledger-heads file)")
             try:
-                plan = self._decide(server_round, self.history(), self.history(run), sample_rate, steps,
-                                    noise_multiplier, rounds_left, self._last_calibrated())
+                plan = self._decide(server_round, *self._standing(run), sample_rate, steps, noise_multiplier,
+                                    rounds_left)
             except _Refusal as refusal:
                 self._refuse(server_round, run, refusal)
             reserved = self.ledger.append({"event": RESERVED, "site": self.site, "run": run, **asdict(plan),
@@ -155,17 +164,17 @@ class SiteAccountant:
         """What `rounds` more rounds of `run` would cost if the site trained in every one: the sigma it
         would use in the first, the run's epsilon, its total after, and the round it would refuse
         (round 1 when its ledger no longer holds `anchor`). Writes nothing."""
-        spent, run_spent = self.history(), self.history(run)
+        spent, run_spent, last = self._standing(run)
         delta = self.budget.delta
         before = epsilon(spent, delta, self.accountant)
-        calibrated, last = noise_multiplier <= 0, self._last_calibrated()
+        calibrated = noise_multiplier <= 0
         first_sigma, trained, refuses_at, why = noise_multiplier, 0, 0, ""
         anchored = not anchor or self.ledger.contains(anchor)
         if not anchored:
             rounds, refuses_at, why = 0, 1, "its ledger does not hold the head it last reported"
         for r in range(1, rounds + 1):
             try:
-                plan = self._decide(r, spent, run_spent, sample_rate, steps, noise_multiplier, rounds - r + 1, last)
+                plan = self._decide(r, spent, run_spent, last, sample_rate, steps, noise_multiplier, rounds - r + 1)
             except _Refusal as refusal:
                 refuses_at, why = r, refusal.why
                 break
@@ -178,13 +187,8 @@ class SiteAccountant:
                         epsilon(run_spent, delta, self.accountant), epsilon(spent, delta, self.accountant),
                         refuses_at, why, self.share, anchored)
 
-    def _last_calibrated(self) -> tuple[float, float] | None:
-        """(sigma, q) of the last round whose sigma the site calibrated: kept while it still fits."""
-        last = [e for e in self.spending() if e.get("calibrated")]
-        return (last[-1]["noise_multiplier"], last[-1]["sample_rate"]) if last else None
-
-    def _decide(self, server_round: int, spent: History, run_spent: History, sample_rate: float, steps: int,
-                noise_multiplier: float, rounds_left: int, last: tuple[float, float] | None) -> RoundPlan:
+    def _decide(self, server_round: int, spent: History, run_spent: History, last: tuple[float, float] | None,
+                sample_rate: float, steps: int, noise_multiplier: float, rounds_left: int) -> RoundPlan:
         """The round's plan from what is spent (in all and in this run); raises _Refusal."""
         delta, target, share = self.budget.delta, self.budget.epsilon, self.share
         rounds_left = max(1, rounds_left)
@@ -256,6 +260,10 @@ class SiteAccountant:
             "budget_epsilon": self.budget.epsilon, "budget_source": self.budget.source,
             **details, "versions": library_versions(), "time": _now(),
         })
+
+
+def _history(entries) -> History:
+    return canonical(Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries)
 
 
 def coarse_epsilon(value: float) -> float:
