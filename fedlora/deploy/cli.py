@@ -18,9 +18,11 @@ from fedlora.deploy import coordinator, site
 from fedlora.deploy.certificates import certificate_names, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.flwr_cli import FlowerCommandFailed
+from fedlora.deploy.pki import OwnTls, own_pki
 from fedlora.deploy.registry import add_site, remove_site
 from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_line
 from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
+from fedlora.deploy.systemd import UnitError, install_hint, site_unit_name
 from fedlora.model_sources import ModelLoadError
 from fedlora.processes import signal_pid_file
 
@@ -33,17 +35,35 @@ def _fail(command: str, err: Exception) -> int:
 
 
 # -- coordinator --------------------------------------------------------------
+def _own_tls(args: argparse.Namespace) -> OwnTls | None:
+    """--ca-cert, --server-cert and --server-key: all three (the hospital's PKI) or none (a new CA)."""
+    given = [args.ca_cert, args.server_cert, args.server_key]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [f for f, v in zip(("--ca-cert", "--server-cert", "--server-key"), given) if not v]
+        raise CoordinatorError(f"your own certificates need --ca-cert, --server-cert and --server-key together; "
+                               f"missing {', '.join(missing)}")
+    return OwnTls(Path(args.ca_cert), Path(args.server_cert), Path(args.server_key))
+
+
 def _coordinator_init(args: argparse.Namespace) -> int:
     try:
-        home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port)
+        own_tls = _own_tls(args)
+        home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port,
+                                own_tls=own_tls, service_user=args.service_user)
     except CoordinatorError as err:
         return _fail("coordinator init", err)
     names = ", ".join(args.host) if args.host else "loopback only (add --host for the names sites use)"
+    unit = home.path / "systemd" / "fedlora-coordinator.service"
+    keep = ("  certificates:     your PKI's (renew server.crt there; no CA key here)\n" if own_tls else
+            f"  keep offline:     {home.tls.ca_key} (needed only to issue a new server certificate)\n")
     print(f"coordinator folder {home.path}\n"
           f"  certificate for: {names}\n"
           f"  give every site:  {home.tls.ca_cert}\n"
-          f"  keep offline:     {home.tls.ca_key} (needed only to issue a new server certificate)\n"
+          f"{keep}"
           f"  edit:             {home.path / 'coordinator.toml'}, {home.path / 'run.toml'}\n"
+          f"  run as a service: {install_hint(unit)}\n"
           f"next: fedlora coordinator register-site NAME KEY.pub --dir {home.path}")
     return 0
 
@@ -51,6 +71,11 @@ def _coordinator_init(args: argparse.Namespace) -> int:
 def _coordinator_renew(args: argparse.Namespace) -> int:
     try:
         home = CoordinatorHome.load(args.dir)
+        if own_pki(home.tls):
+            return _fail("coordinator renew-certificate", CoordinatorError(
+                f"{home.tls.server_cert} comes from your own PKI (see {home.tls.server_cert.parent / 'own-pki.txt'}): "
+                "renew it there, naming the same hosts plus localhost and 127.0.0.1, copy the new server.crt and "
+                "server.key into that folder (key mode 600), and restart the coordinator"))
         renew_server_cert(home.tls, args.host or home.hosts)
     except (CoordinatorError, FileNotFoundError) as err:
         return _fail("coordinator renew-certificate", err)
@@ -83,14 +108,38 @@ def _site_init(args: argparse.Namespace) -> int:
     try:
         home = init_site(args.dir, args.name, Path(args.data), args.superlink, Path(args.ca),
                          None if args.no_privacy_budget else args.epsilon, args.delta, args.runtime_port,
-                         args.epsilon_per_run)
-    except (SiteError, FileExistsError) as err:
+                         args.epsilon_per_run, key=Path(args.key) if args.key else None,
+                         service_user=args.service_user, gpu=args.gpu)
+    except (SiteError, FileExistsError, UnitError) as err:
         return _fail("site init", err)
+    unit = home.path / "systemd" / site_unit_name(home.name)
     print(f"site folder {home.path}\n"
           f"  send to the coordinator: {public_key_line(home)}\n"
           f"  never share:             {home.private_key}\n"
           f"  edit:                    {home.path / 'site.toml'}\n"
+          f"  run as a service:        {install_hint(unit)}\n"
           f"next: fedlora site check-data {home.data_path}   then   fedlora site start --dir {home.path}")
+    return 0
+
+
+def _site_sample_data(args: argparse.Namespace) -> int:
+    """`fedlora site sample-data OUT`: one site's share of the synthetic corpus, to try a deployment."""
+    import json
+
+    from fedlora.data import synthetic
+
+    try:
+        rows = synthetic.site_records(args.site, args.sites, args.records, seed=args.seed,
+                                      alpha=None if args.iid else args.alpha)
+    except ValueError as err:
+        return _fail("site sample-data", err)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        return _fail("site sample-data", FileExistsError(f"{out} exists (--force overwrites it)"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"wrote {len(rows)} synthetic notes (site {args.site} of {args.sites}) to {out}\n"
+          f"labels: {','.join(synthetic.LABELS)}")
     return 0
 
 
@@ -177,7 +226,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     csub = coord.add_subparsers(dest="coordinator_command", required=True)
     p = csub.add_parser("init", help="create the coordinator folder: CA, server certificate, settings",
                         description="Create a coordinator folder: a private CA (ca/), a TLS server certificate "
-                                    "naming every --host (tls/), coordinator.toml and a run.toml to edit.")
+                                    "naming every --host (tls/) -- or your own PKI's (--ca-cert, --server-cert, "
+                                    "--server-key) -- coordinator.toml, a run.toml to edit, and a systemd unit "
+                                    "(systemd/fedlora-coordinator.service).")
     p.add_argument("dir", help="folder to create")
     p.add_argument("--host", action="append", metavar="NAME",
                    help="DNS name or IP address sites use to reach the coordinator (repeatable); "
@@ -186,6 +237,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="public address of the Fleet-only TLS proxy (default: %(default)s)")
     p.add_argument("--superlink-port", type=int, default=9093,
                    help="port of the SuperLink on 127.0.0.1 (default: %(default)s)")
+    p.add_argument("--ca-cert", metavar="FILE",
+                   help="your PKI's CA certificate (PEM), with --server-cert and --server-key: use them instead "
+                        "of creating a CA; sites get this file")
+    p.add_argument("--server-cert", metavar="FILE",
+                   help="the coordinator's TLS certificate (PEM, intermediates after it), issued by --ca-cert for "
+                        "every --host plus localhost and 127.0.0.1")
+    p.add_argument("--server-key", metavar="FILE", help="the private key of --server-cert (PEM, unencrypted)")
+    p.add_argument("--service-user", metavar="USER",
+                   help="the account the systemd unit (systemd/fedlora-coordinator.service) runs as (default: "
+                        "the folder's owner, or 'fedlora' when that is root)")
     p.set_defaults(func=_coordinator_init)
 
     p = csub.add_parser("renew-certificate", help="issue a new server certificate from the CA (rotation)",
@@ -232,15 +293,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                               "SuperNode, which connects out to the coordinator.\n\n"
                               "  fedlora site init DIR --name hospital-a --data notes.jsonl \\\n"
                               "      --superlink fl.example.org:9092 --ca ca.crt\n"
+                              "  fedlora site sample-data notes.jsonl --site 0 --sites 3   (trial data)\n"
                               "  fedlora site check-data notes.jsonl\n"
                               "  fedlora site start --dir DIR\n\n"
                               "Step by step: docs/deployment.md."))
     ssub = site.add_subparsers(dest="site_command", required=True)
     p = ssub.add_parser("init", help="create the site folder: key pair, node configuration",
                         description="Create a site folder: an ECDSA P-384 key pair (OpenSSH format, as "
-                                    "`ssh-keygen -t ecdsa -b 384` makes), the coordinator's CA certificate, and "
-                                    "site.toml naming the data file, the state folder and the site's own "
-                                    "privacy budget.")
+                                    "`ssh-keygen -t ecdsa -b 384` makes; or --key, your own), the coordinator's CA "
+                                    "certificate, site.toml naming the data file, the state folder and the site's "
+                                    "own privacy budget, and a systemd unit (systemd/fedlora-site-NAME.service).")
     p.add_argument("dir", help="folder to create")
     p.add_argument("--name", required=True, help="the site's name, as the coordinator registers it")
     p.add_argument("--data", required=True, help="the site's data file (.jsonl, .csv, .parquet)")
@@ -256,6 +318,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="set no site budget (the run's [privacy] section then decides whether DP-SGD runs)")
     p.add_argument("--runtime-port", type=int, default=9094,
                    help="local port of the SuperNode's ClientApp API; distinct per site on one machine")
+    p.add_argument("--key", metavar="FILE",
+                   help="use this existing site key (OpenSSH ECDSA P-384 private key, as `ssh-keygen -t ecdsa "
+                        "-b 384` makes) instead of creating one; it is copied into keys/")
+    p.add_argument("--service-user", metavar="USER",
+                   help="the account the systemd unit (systemd/fedlora-site-NAME.service) runs as (default: the "
+                        "folder's owner, or 'fedlora' when that is root)")
+    p.add_argument("--gpu", action="store_true",
+                   help="let the systemd unit reach the GPU (PrivateDevices=no); by default it sees no devices")
     p.set_defaults(func=_site_init)
 
     p = ssub.add_parser("check-data", help="report data quality problems (nothing leaves the site)",
@@ -277,6 +347,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to this local file")
     p.add_argument("--strict", action="store_true", help="exit 1 on any finding")
     p.set_defaults(func=_site_check_data)
+
+    p = ssub.add_parser("sample-data", help="write a share of the synthetic triage corpus, to try a deployment",
+                        description="Write site I's share of fedlora's synthetic clinical-notes triage corpus "
+                                    "(the data `fedlora simulate` uses by default) as JSONL (text, label), for a "
+                                    "trial deployment before real data. Sites 0..N-1 get different label mixes "
+                                    "and writing styles.")
+    p.add_argument("out", help="the JSONL file to write")
+    p.add_argument("--site", type=int, default=0, metavar="I", help="this site's index, 0 to N-1 (default: 0)")
+    p.add_argument("--sites", type=int, default=3, metavar="N", help="number of sites (default: %(default)s)")
+    p.add_argument("--records", type=int, default=320, metavar="R", help="notes to write (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed, the same at every site (default: 0)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="Dirichlet label skew across sites (smaller: more skew) (default: %(default)s)")
+    p.add_argument("--iid", action="store_true", help="every site the same label and style mix")
+    p.add_argument("--force", action="store_true", help="overwrite OUT")
+    p.set_defaults(func=_site_sample_data)
 
     p = ssub.add_parser("start", help="run the SuperNode and the site worker (foreground)",
                         description="Start the site worker (keeps the base model loaded) and Flower's SuperNode, "

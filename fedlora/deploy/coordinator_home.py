@@ -4,10 +4,12 @@
     run.toml           a fedlora run configuration to edit, for `fedlora run --config`
     ca/ca.crt          the consortium CA certificate: give it to every site
     ca/ca.key          the CA private key: keep it offline once certificates are issued
+                       (none with the hospital's own certificates: tls/own-pki.txt says so)
     tls/server.*       the coordinator's TLS certificate and key
     sites/NAME.pub     registered site public keys; sites/registry.json their Flower node ids
     state/             the SuperLink database, pid file, the sites' last ledger heads (ledger-heads.json)
     flwr-home/         Flower CLI connection to the loopback SuperLink
+    systemd/           fedlora-coordinator.service, to run the coordinator as a service
     logs/, runs/       SuperLink and proxy logs; run directories
 """
 
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from fedlora.deploy.certificates import TlsFiles, create_tls
 from fedlora.deploy.flwr_cli import write_connection
+from fedlora.deploy.pki import OwnTls, PkiError, check_own_tls, import_tls
+from fedlora.deploy.systemd import UnitError, check_account_name, coordinator_unit
 
 SETTINGS = "coordinator.toml"
 DEFAULT_LISTEN = "0.0.0.0:9092"
@@ -154,19 +158,33 @@ delta = 1e-5
 
 
 def init_coordinator(path: str | Path, hosts: list[str], listen: str = DEFAULT_LISTEN,
-                     superlink_port: int = DEFAULT_SUPERLINK_PORT) -> CoordinatorHome:
-    """Create a coordinator folder: CA, server certificate, settings, run skeleton."""
+                     superlink_port: int = DEFAULT_SUPERLINK_PORT, *,
+                     own_tls: OwnTls | None = None, service_user: str | None = None) -> CoordinatorHome:
+    """Create a coordinator folder: CA, server certificate, settings, run skeleton, systemd unit
+    (run as `service_user`). `own_tls`: the hospital's CA and server certificate and key, checked
+    and copied instead of creating a CA."""
     path = Path(path).expanduser().resolve()
     if (path / SETTINGS).exists():
         raise CoordinatorError(f"{path} already holds a coordinator; `fedlora coordinator renew-certificate` "
                                "reissues its TLS certificate")
     split_address(listen)
+    try:
+        if own_tls is not None:
+            check_own_tls(own_tls, hosts)
+        if service_user is not None:
+            check_account_name(service_user)
+    except (PkiError, UnitError) as err:
+        raise CoordinatorError(str(err)) from None
     path.mkdir(parents=True, exist_ok=True)
     (path / SETTINGS).write_text(_settings_text(listen, superlink_port, hosts))
     (path / "run.toml").write_text(RUN_SKELETON)
     home = CoordinatorHome.load(path)
-    create_tls(path, hosts)
+    if own_tls is None:
+        create_tls(path, hosts)
+    else:
+        import_tls(path, own_tls, hosts)
     for folder in (home.sites, home.database.parent, home.logs, home.runs):
         folder.mkdir(parents=True, exist_ok=True)
     write_connection(home.flwr_home, superlink_port, home.tls.ca_cert)
+    coordinator_unit(home, service_user)
     return home

@@ -7,6 +7,8 @@
     ca.crt           the consortium CA certificate (from the coordinator)
     state/           the privacy ledger, the worker socket, per-message timings
     logs/            SuperNode and worker logs
+    systemd/         fedlora-site-NAME.service, to run the site as a service
+    flwr-home/       Flower's own files when run as that service (FLWR_HOME)
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.deploy.keys import fingerprint, generate_key_pair
+from fedlora.deploy.pki import PkiError, check_site_key, install_site_key
 from fedlora.deploy.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
+from fedlora.deploy.systemd import UnitError, check_account_name, site_unit
 from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, NODE_EPSILON_PER_RUN, NODE_PER_RUN, NODE_UNIT_COLUMN
 
 SETTINGS = "site.toml"
@@ -142,14 +146,24 @@ worker = true
 
 def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: Path,
               epsilon: float | None = 8.0, delta: float | None = 1e-5,
-              runtime_port: int = DEFAULT_RUNTIME_PORT, epsilon_per_run: float | None = None) -> SiteHome:
-    """Create a site folder with a new key pair; returns it (print its public key's fingerprint).
+              runtime_port: int = DEFAULT_RUNTIME_PORT, epsilon_per_run: float | None = None,
+              key: Path | None = None, service_user: str | None = None, gpu: bool = False) -> SiteHome:
+    """Create a site folder with a new key pair (or a copy of `key`, an existing OpenSSH ECDSA P-384
+    private key) and its systemd unit (systemd/, run as `service_user`; `gpu`: the unit leaves
+    /dev reachable); returns it (print its public key's fingerprint).
     `epsilon_per_run`: the most one run may spend (default: a quarter of `epsilon`; 0: no cap)."""
     path = Path(path).expanduser().resolve()
     if (path / SETTINGS).exists():
         raise SiteError(f"{path} already holds a site")
     if not Path(ca_cert).is_file():
         raise SiteError(f"{ca_cert}: no such file (the coordinator's ca/ca.crt)")
+    try:
+        if key is not None:
+            check_site_key(key)
+        if service_user is not None:
+            check_account_name(service_user)
+    except (PkiError, UnitError) as err:
+        raise SiteError(str(err)) from None
     if epsilon is not None and epsilon <= 0:
         raise SiteError(f"--epsilon {epsilon}: must be > 0")
     if epsilon_per_run is None:
@@ -161,12 +175,17 @@ def init_site(path: str | Path, name: str, data: Path, superlink: str, ca_cert: 
     for folder in (state, path / "logs"):
         folder.mkdir(exist_ok=True)
     shutil.copyfile(ca_cert, path / "ca.crt")
-    generate_key_pair(path / "keys" / "site.key", comment=name)
+    if key is None:
+        generate_key_pair(path / "keys" / "site.key", comment=name)
+    else:
+        install_site_key(key, path / "keys" / "site.key", comment=name)
     index = zlib.crc32(name.encode()) % 100_000  # distinct seeds per site, stable across restarts
     (path / SETTINGS).write_text(_settings_text(name, superlink, runtime_port, Path(data).expanduser().resolve(),
                                                 state, index, epsilon, delta if epsilon else None,
                                                 epsilon_per_run or None))
-    return SiteHome.load(path)
+    home = SiteHome.load(path)
+    site_unit(home, service_user, gpu)
+    return home
 
 
 def privacy_state(path: str) -> tuple[Path, dict[str, Any]]:
