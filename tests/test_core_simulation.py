@@ -36,6 +36,8 @@ def test_run_directory_is_complete(classification_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["parameters"]["adapter"] > 0
     assert set(summary["sites"]) == {"site-0", "site-1"}
+    # The Simulation Engine's sites train on the synthetic corpus: its test set is the run's own.
+    assert summary["central_test"]["set"] == "synthetic" and "test_accuracy" in rows[-1]
     assert summary["versions"]["torch"] == importlib.metadata.version("torch")  # what the result depends on
     assert {"python", "fedlora", "flwr", "transformers", "peft", "opacus"} <= summary["versions"].keys()
     assert (out / "checkpoints" / "latest").read_text().strip() == "round-0002"

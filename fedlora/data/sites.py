@@ -56,13 +56,48 @@ def simulated_site_data(partition_id: int, num_partitions: int, config, task) ->
     return _split(f"site-{partition_id}", rows, config, whole.skipped if partition_id == 0 else [], str(path))
 
 
+@dataclass
+class CentralTestSet:
+    """What the coordinator scores the global adapter on, and what that is, in words."""
+
+    set: str                # "file" (data.test-path), "synthetic" (the corpus' test set) or "none"
+    rows: list[dict]
+    about: str              # for summary.json and report.html
+    file: str = ""          # data.test-path's file name (never a path: a report travels)
+
+    def summary(self) -> dict:
+        out = {"set": self.set, **({"file": self.file} if self.file else {})}
+        return {**out, **({"rows": len(self.rows)} if self.set != "none" else {}), "about": self.about}
+
+
+NO_CENTRAL_TEST = ("no central test set ({why}, and data.test-path is not set): the coordinator evaluated "
+                   "nothing itself, so there are no test_* figures and no predictions.jsonl; the figures "
+                   "are the sites' own evaluation on their held-out rows (eval_*, pooled over the sites)")
+
+
+def central_test_set(config, task, simulated_sites: bool) -> CentralTestSet:
+    """The coordinator's test set, only when it belongs to the run: data.test-path, or the
+    synthetic corpus' test set when the sites train on that corpus (`simulated_sites`: the sites
+    read the run's data, as in a simulation, not files of their own, as deployed sites do)."""
+    d = config.data
+    if d.test_path:
+        rows = read_rows(d.test_path, task.check_row, d.skip_bad_rows).rows
+        name = Path(d.test_path).name
+        return CentralTestSet("file", rows, f"the central test file {name} (data.test-path, {len(rows)} rows): "
+                                            f"test_* are the coordinator's scores on it", name)
+    if simulated_sites and not d.path:
+        rows = synthetic.central_test_records(seed=d.seed)
+        return CentralTestSet("synthetic", rows, f"the synthetic corpus' held-out test set ({len(rows)} notes), "
+                                                 f"the corpus the simulated sites train on: test_* are the "
+                                                 f"coordinator's scores on it")
+    why = "the simulated sites train on data.path" if simulated_sites else "the sites train on their own data"
+    return CentralTestSet("none", [], NO_CENTRAL_TEST.format(why=why))
+
+
 def central_test_rows(config, task) -> list[dict] | None:
-    """The coordinator's test rows: data.test-path, or the synthetic corpus' test set."""
-    if config.data.test_path:
-        return read_rows(config.data.test_path, task.check_row, config.data.skip_bad_rows).rows
-    if not config.data.path:
-        return synthetic.central_test_records(seed=config.data.seed)
-    return None
+    """A simulation's central test rows (data.test-path, or the synthetic corpus' test set when
+    the sites train on it), for harnesses and benchmarks; None when it has none."""
+    return central_test_set(config, task, simulated_sites=True).rows or None
 
 
 def check_site_data(config, task) -> int:

@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import config as cfg
-from fedlora import logs
+from fedlora import flower, logs
 from fedlora.data.labels import infer_labels
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
     rundir.start_tracking(config.output.tracking)  # output.tracking: metrics rows mirrored to TensorBoard/MLflow
     task = build_task(config)
     loaded = load_model(config, task)
-    central = CentralEvaluator(config, task, loaded)
+    central = CentralEvaluator(config, task, loaded, flower.simulated_sites(grid))  # which test set is the run's
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
 
     global_state, start_round = trainable_state(loaded.model), 1
@@ -100,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
         "parameters": {"adapter": trainable, "base": total - trainable, "total": total},
         "adapter_bytes_float32": 4 * trainable,
         "strategy": strategy.name,
+        "central_test": central.test_set.summary(),  # which set test_* are scored on, or none
         # Under client-level DP which sites took part is secret (amplification by sampling depends on it).
         "sites": {} if strategy.needs_secret_sampling else coordinator.sites_seen,
         "privacy": privacy,

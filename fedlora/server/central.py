@@ -6,19 +6,24 @@ import json
 from pathlib import Path
 
 from fedlora.arrays import State
-from fedlora.data.sites import central_test_rows
+from fedlora.data.sites import central_test_set
 from fedlora.models import LoadedModel, export_adapter, set_trainable_state
 from fedlora.tasks.base import Task
 from fedlora.training import evaluate_counts, predict_labels
 
 
 class CentralEvaluator:
-    def __init__(self, config, task: Task, loaded: LoadedModel):
+    """`simulated_sites`: the sites read the run's data (a simulation), so the synthetic corpus'
+    test set is theirs when data.path is empty; deployed sites read their own files, and without
+    data.test-path the coordinator has no test set of theirs (fedlora.data.sites.central_test_set)."""
+
+    def __init__(self, config, task: Task, loaded: LoadedModel, simulated_sites: bool):
         self.config = config
         self.task = task
         self.loaded = loaded
-        rows = central_test_rows(config, task)
-        self.test_rows = rows or []
+        self.test_set = central_test_set(config, task, simulated_sites)
+        rows = self.test_set.rows
+        self.test_rows = rows
         self.test_examples = task.encode(rows, loaded.tokenizer, config.model.max_length) if rows else []
 
     @property
@@ -36,8 +41,10 @@ class CentralEvaluator:
         return {k.replace("eval_", "test_", 1): v for k, v in self.task.metrics(counts).items()}
 
     def write_predictions(self, state: State, path: Path) -> None:
-        """Each central test row's predicted label, for checking the exported adapter."""
+        """Each central test row's predicted label, for checking the exported adapter; without a
+        central test set, none (and none left from an earlier run in the same directory)."""
         if not self.has_test_set or not hasattr(self.task, "predict"):
+            Path(path).unlink(missing_ok=True)
             return
         set_trainable_state(self.loaded.model, state)
         preds = predict_labels(self.loaded.model, self.task, self.test_examples, self.pad_id)

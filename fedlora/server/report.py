@@ -121,6 +121,15 @@ def _sites(summary: dict) -> dict[str, dict]:
     return sites
 
 
+def _central_test(summary: dict) -> str:
+    """In words, which set the test_* figures are scored on, or that there was none (summary.json's
+    `central_test`; a run directory from before it was recorded says nothing)."""
+    about = (summary.get("central_test") or {}).get("about")
+    if not about:
+        return ""
+    return f'<p id="central-test"><b>Central test set:</b> {html.escape(about)}.</p>'
+
+
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"  # absent when the run ended before its first round (all sites refused)
@@ -160,6 +169,7 @@ th {{ background: #f3f3f3; }}
 .wide {{ overflow-x: auto; }}
 </style></head><body>
 <h1>fedlora run: {html.escape(str(run_dir))}</h1>
+{_central_test(summary)}
 <h2>Per round</h2>
 <div class="plots">{''.join(c for c in charts if c)}</div>
 <div class="wide">{round_table}</div>

@@ -45,9 +45,11 @@ class Exchange:
 
 
 class InProcessGrid(Grid):
-    """A Grid over `num_sites` simulated sites (partition ids 0..n-1) served by `client_app`."""
+    """A Grid over `num_sites` simulated sites (partition ids 0..n-1) served by `client_app`, or,
+    with `node_configs`, over sites with those node configs (e.g. a deployed site's `data-path`)."""
 
-    def __init__(self, client_app, run_config: dict, num_sites: int, seed: int = 0, clock=time.perf_counter):
+    def __init__(self, client_app, run_config: dict, num_sites: int, seed: int = 0, clock=time.perf_counter,
+                 node_configs: list[dict] | None = None):
         # Message() reads the sender's identity from this process-wide object (the coordinator's here).
         flower.set_task_identity(RUN_ID, flower.SERVER_NODE_ID, 1)
         self.client_app = client_app
@@ -58,11 +60,15 @@ class InProcessGrid(Grid):
             node = rng.getrandbits(64)
             if node not in ids and node != flower.SERVER_NODE_ID:
                 ids.append(node)
+        nodes = node_configs or [{"partition-id": i, "num-partitions": num_sites} for i in range(num_sites)]
         self.contexts = {
-            node: Context(run_id=RUN_ID, node_id=node, node_config={"partition-id": i, "num-partitions": num_sites},
-                          state=RecordDict(), run_config=dict(run_config))
+            node: Context(run_id=RUN_ID, node_id=node, node_config=dict(nodes[i]), state=RecordDict(),
+                          run_config=dict(run_config))
             for i, node in enumerate(ids)
         }
+        # Read by the ServerApp (fedlora.flower.simulated_sites): whether the sites read the run's
+        # data (data.path or the synthetic corpus) rather than files of their own.
+        self.simulated_sites = all("data-path" not in n for n in nodes)
         self._replies: dict[str, Message] = {}
         self._run = None
         self.exchanges: list[Exchange] = []  # one per push (send_and_receive), for benchmarks
@@ -104,7 +110,8 @@ class InProcessGrid(Grid):
         try:
             reply = self.client_app(received, context)
         except Exception as err:  # what a SuperNode does: the coordinator gets an error reply
-            log.warning("site %d raised %s: %s", context.node_config["partition-id"], type(err).__name__, err)
+            site = context.node_config.get("partition-id", context.node_config.get("site"))
+            log.warning("site %s raised %s: %s", site, type(err).__name__, err)
             reply = Message(Error(code=flower.CLIENT_APP_RAISED, reason=f"{type(err).__name__}: {err}"),
                             reply_to=received)
         exchange.site_seconds.append(self.clock() - started)
@@ -113,14 +120,17 @@ class InProcessGrid(Grid):
         return flower.transmit(reply)
 
 
-def run_inprocess(config: cfg.RunConfig, out: str | Path, seed: int = 0, client_app=None) -> Path:
+def run_inprocess(config: cfg.RunConfig, out: str | Path, seed: int = 0, client_app=None,
+                  node_configs: list[dict] | None = None) -> Path:
     """A whole fedlora run (ServerApp main) over an InProcessGrid; returns the run directory.
     `client_app`: the sites' ClientApp (default: fedlora's, or the one with the misbehaving
-    sites the configuration asks for)."""
+    sites the configuration asks for). `node_configs`: one per site, as a deployed SuperNode's
+    (`data-path`, `site`, ...), instead of simulated sites."""
     out = Path(out).expanduser().resolve()
     config = prepare(config, out)
     client_app = client_app or (misbehaving.app if misbehaving.misbehaves(config) else site_app)
     flat = config.to_flat()
-    grid = InProcessGrid(client_app, flat, config.federation.num_sites, seed)
+    num_sites = len(node_configs) if node_configs else config.federation.num_sites
+    grid = InProcessGrid(client_app, flat, num_sites, seed, node_configs=node_configs)
     main(grid, Context(run_id=RUN_ID, node_id=flower.SERVER_NODE_ID, node_config={}, state=RecordDict(), run_config=flat))
     return out
