@@ -50,7 +50,7 @@ def _own_tls(args: argparse.Namespace) -> OwnTls | None:
 def _coordinator_init(args: argparse.Namespace) -> int:
     try:
         own_tls = _own_tls(args)
-        home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port,
+        home = init_coordinator(args.dir, args.host or [], args.listen, args.superlink_port, args.proxy,
                                 own_tls=own_tls, service_user=args.service_user)
     except CoordinatorError as err:
         return _fail("coordinator init", err)
@@ -247,6 +247,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--service-user", metavar="USER",
                    help="the account the systemd unit (systemd/fedlora-coordinator.service) runs as (default: "
                         "the folder's owner, or 'fedlora' when that is root)")
+    p.add_argument("--proxy", choices=("python", "nginx"), default="python",
+                   help="what serves --listen: the built-in Python proxy, or nginx (installed separately; "
+                        "the coordinator writes and runs its config) (default: %(default)s)")
     p.set_defaults(func=_coordinator_init)
 
     p = csub.add_parser("renew-certificate", help="issue a new server certificate from the CA (rotation)",

@@ -7,10 +7,11 @@
                        (none with the hospital's own certificates: tls/own-pki.txt says so)
     tls/server.*       the coordinator's TLS certificate and key
     sites/NAME.pub     registered site public keys; sites/registry.json their Flower node ids
-    state/             the SuperLink database, pid file, the sites' last ledger heads (ledger-heads.json)
+    state/             the SuperLink database, pid file, the sites' last ledger heads (ledger-heads.json),
+                       nginx/ (the generated nginx.conf when proxy = "nginx")
     flwr-home/         Flower CLI connection to the loopback SuperLink
     systemd/           fedlora-coordinator.service, to run the coordinator as a service
-    logs/, runs/       SuperLink and proxy logs; run directories
+    logs/, runs/       SuperLink and proxy logs (proxy.log or nginx-*.log); run directories
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedlora.deploy.systemd import UnitError, check_account_name, coordinator_un
 SETTINGS = "coordinator.toml"
 DEFAULT_LISTEN = "0.0.0.0:9092"
 DEFAULT_SUPERLINK_PORT = 9093
+PROXIES = ("python", "nginx")  # what serves `listen`: fleet_proxy.py (default) or nginx (deploy/nginx.py)
 
 
 class CoordinatorError(RuntimeError):
@@ -48,6 +50,7 @@ class CoordinatorHome:
     hosts: list[str]
     database: Path
     runs: Path
+    proxy: str = "python"
 
     @property
     def tls(self) -> TlsFiles:
@@ -93,14 +96,17 @@ class CoordinatorHome:
         home = cls(path, str(table.get("listen", DEFAULT_LISTEN)),
                    int(table.get("superlink-port", DEFAULT_SUPERLINK_PORT)),
                    [str(h) for h in table.get("hosts", [])],
-                   path / str(table.get("database", "state/superlink.db")), path / str(table.get("runs", "runs")))
+                   path / str(table.get("database", "state/superlink.db")), path / str(table.get("runs", "runs")),
+                   str(table.get("proxy", "python")))
+        if home.proxy not in PROXIES:
+            raise CoordinatorError(f"{settings_file}: proxy = {home.proxy!r}: use one of {', '.join(PROXIES)}")
         listen_host, listen_port = split_address(home.listen)
         if listen_port == home.superlink_port and listen_host in ("127.0.0.1", "localhost", "0.0.0.0", "::"):
             raise CoordinatorError(f"{settings_file}: listen port {listen_port} is also the SuperLink's port")
         return home
 
 
-def _settings_text(listen: str, superlink_port: int, hosts: list[str]) -> str:
+def _settings_text(listen: str, superlink_port: int, hosts: list[str], proxy: str = "python") -> str:
     host_list = ", ".join(f'"{h}"' for h in hosts)
     return f"""\
 # fedlora coordinator settings (`fedlora coordinator init`). Paths are relative to this folder.
@@ -109,6 +115,9 @@ def _settings_text(listen: str, superlink_port: int, hosts: list[str]) -> str:
 # Fleet API (what SuperNodes use); run submission and node registration are refused.
 # Open this port (and only this one) to the sites in the firewall.
 listen = "{listen}"
+# What serves `listen`: "python" (built in, nothing to install) or "nginx" (the same policy
+# in an nginx the coordinator writes to state/nginx/nginx.conf and runs; logs/nginx-*.log).
+proxy = "{proxy}"
 # Flower's SuperLink (Fleet + Control + Runtime APIs on one port) listens on 127.0.0.1
 # only, on this port: run submission (`fedlora run`) works from this host alone.
 superlink-port = {superlink_port}
@@ -158,7 +167,7 @@ delta = 1e-5
 
 
 def init_coordinator(path: str | Path, hosts: list[str], listen: str = DEFAULT_LISTEN,
-                     superlink_port: int = DEFAULT_SUPERLINK_PORT, *,
+                     superlink_port: int = DEFAULT_SUPERLINK_PORT, proxy: str = "python", *,
                      own_tls: OwnTls | None = None, service_user: str | None = None) -> CoordinatorHome:
     """Create a coordinator folder: CA, server certificate, settings, run skeleton, systemd unit
     (run as `service_user`). `own_tls`: the hospital's CA and server certificate and key, checked
@@ -175,8 +184,10 @@ def init_coordinator(path: str | Path, hosts: list[str], listen: str = DEFAULT_L
             check_account_name(service_user)
     except (PkiError, UnitError) as err:
         raise CoordinatorError(str(err)) from None
+    if proxy not in PROXIES:
+        raise CoordinatorError(f"proxy {proxy!r}: use one of {', '.join(PROXIES)}")
     path.mkdir(parents=True, exist_ok=True)
-    (path / SETTINGS).write_text(_settings_text(listen, superlink_port, hosts))
+    (path / SETTINGS).write_text(_settings_text(listen, superlink_port, hosts, proxy))
     (path / "run.toml").write_text(RUN_SKELETON)
     home = CoordinatorHome.load(path)
     if own_tls is None:

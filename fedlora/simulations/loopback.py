@@ -55,10 +55,11 @@ def wait_until(condition, timeout: float, what: str, interval: float = 1.0):
 
 class LoopbackFederation:
     def __init__(self, root: Path, num_sites: int = 3, records: int = 60, node_config: dict[str, str] | None = None,
-                 worker: bool = True):
+                 worker: bool = True, proxy: str = "python"):
         """Sites site1..siteN, each with `records` rows of the synthetic corpus (its own share).
         `node_config`: extra TOML lines for a site's [node-config], by site name. `worker`: whether
-        sites keep their model loaded in a site worker (False: a cold ClientApp process per message)."""
+        sites keep their model loaded in a site worker (False: a cold ClientApp process per message).
+        `proxy`: what serves the coordinator's listen address, "python" or "nginx" (coordinator.toml)."""
         self.root = root
         self.worker = worker
         self.env = {**os.environ, **ENV, "FLWR_HOME": str(root / "flwr-home-unused")}
@@ -69,7 +70,8 @@ class LoopbackFederation:
         self._marks: dict[str, dict[str, int]] = {}
         # The folders are made by the functions behind `fedlora coordinator init`, `fedlora site init`
         # and `fedlora coordinator register-site` (their CLI is tested in test_deploy_tools.py).
-        home = init_coordinator(self.coord, [], f"127.0.0.1:{self.proxy_port}", self.superlink_port)
+        home = init_coordinator(self.coord, [], f"127.0.0.1:{self.proxy_port}", self.superlink_port,
+                                proxy=proxy)
         for i, name in enumerate(self.sites):
             data = root / "data" / f"{name}.jsonl"
             data.parent.mkdir(exist_ok=True)
