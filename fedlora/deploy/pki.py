@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -70,7 +71,7 @@ def _private_key(path: Path):
     except TypeError:
         raise PkiError(f"--server-key {path}: the key is encrypted; the coordinator starts unattended, so give "
                        "it unencrypted (`openssl pkey -in KEY -out server.key`) and keep it mode 600") from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise PkiError(f"--server-key {path}: not a PEM private key") from None
 
 
@@ -209,7 +210,7 @@ def check_site_key(path: Path) -> ec.EllipticCurvePrivateKey:
     except TypeError:
         raise PkiError(f"--key {path}: the key is encrypted; the SuperNode reads it unattended, so remove the "
                        "passphrase (`ssh-keygen -p -N \"\" -f KEY`)") from None
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise PkiError(f"--key {path}: not an OpenSSH private key (make one with "
                        "`ssh-keygen -t ecdsa -b 384 -N \"\" -f site.key`)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
