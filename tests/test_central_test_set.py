@@ -107,6 +107,7 @@ def test_the_simulation_engines_grid_is_the_one_with_simulated_sites():
 
     deployed_grid = importlib.import_module("flwr.superlink.runtime.run_serverapp").HttpGrid  # a deployment's
     assert not flower.simulated_sites(deployed_grid.__new__(deployed_grid))
-    grid = InProcessGrid.__new__(InProcessGrid)
-    grid.simulated_sites = False  # as with node configs that name a data-path
+    grid = InProcessGrid(None, {}, 2)
+    assert flower.simulated_sites(grid)
+    next(iter(grid.contexts.values())).node_config["data-path"] = "notes.jsonl"  # a site with its own file
     assert not flower.simulated_sites(grid)

@@ -66,12 +66,15 @@ class InProcessGrid(Grid):
                           run_config=dict(run_config))
             for i, node in enumerate(ids)
         }
-        # Read by the ServerApp (fedlora.flower.simulated_sites): whether the sites read the run's
-        # data (data.path or the synthetic corpus) rather than files of their own.
-        self.simulated_sites = all("data-path" not in n for n in nodes)
         self._replies: dict[str, Message] = {}
         self._run = None
         self.exchanges: list[Exchange] = []  # one per push (send_and_receive), for benchmarks
+
+    @property
+    def simulated_sites(self) -> bool:
+        """Read by the ServerApp (fedlora.flower.simulated_sites): whether the sites read the run's
+        data (data.path or the synthetic corpus) rather than files of their own (`data-path`)."""
+        return all("data-path" not in c.node_config for c in self.contexts.values())
 
     def set_run(self, run) -> None:
         self._run = run
