@@ -226,6 +226,7 @@ def test_data_check_reports_every_kind_of_problem_with_line_numbers(tmp_path):
     assert report.labels["cardiology"] == 3
     text = format_report(report, 256)
     assert "jane.doe@example.org" not in text and "12345678" not in text  # identifiers are masked
+    assert "email: 1 — lines 8 (20 characters)" in text and "ja**" not in text
     assert "line 6: not valid JSON" in text and "Nothing was sent anywhere" in text
     assert fedlora_main(["site", "check-data", str(path)]) == 1  # unusable rows: non-zero exit
 
@@ -255,7 +256,18 @@ def test_identifier_patterns_flag_identifiers_not_clinical_numbers():
     assert kinds("date of birth 1961-03-04") == ["date of birth"]
     assert kinds("passport no. X1234567") == ["national id"]
     assert kinds("BP 120/80, HR 72, temp 37.5, 3 days, 2 x 500 mg, age 55") == []
-    assert mask("jane@example.org") == "ja**@*******.*rg"
+    # North-American numbers, in the ways they are written
+    for phone in ("call (617) 555-0142", "617-555-0142", "617.555.0142", "+1 617 555 0142", "+1 (617) 555-0142",
+                  "1-617-555-0142", "(617)555-0142", "tel 617 555 0142."):
+        assert kinds(phone) == ["phone number"], phone
+    # ... and clinical numbers that look a little like them
+    for clinical in ("Na 135-145 mmol/L, K 3.5-5.1", "BP 145/95 mmHg, O2 3.5-4.5 L/min", "(100) 200-3000",
+                     "seen 2023-01-15 at 10.30", "ICD-10 I21.4, CPT 99213", "weight 72.5 kg, EF 55-60%",
+                     "platelets 150-400 x10^9/L", "lot 212-555-01428", "v617-555-0142", "dose 0.5 mg/kg q6h"):
+        assert kinds(clinical) == [], clinical
+    # A report may be shared: it shows the kind and the length, no character of the identifier.
+    assert mask("jane@example.org") == "16 characters"
+    assert mask("(617) 555-0142") == "14 characters"
 
 
 # -- fault injection and the site worker -------------------------------------------------------------

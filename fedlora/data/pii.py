@@ -53,6 +53,14 @@ def _phone_like(text: str) -> bool:
     return 9 <= len(_digits(text)) <= 15
 
 
+def _nanp_valid(text: str) -> bool:
+    """A North-American number: area code and exchange start with 2-9 (so ranges and doses
+    such as 120-135-1000 or (100) 200-3000 are not numbers anyone can dial)."""
+    d = _digits(text)
+    d = d[1:] if len(d) == 11 else d
+    return len(d) == 10 and d[0] in "23456789" and d[3] in "23456789"
+
+
 PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
     ("email", re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), None),
     ("date of birth", re.compile(r"\b(?:d\.?o\.?b\.?|date of birth|born(?: on)?)\s*[:#-]?\s*" + DATE, re.I), None),
@@ -65,6 +73,9 @@ PATTERNS: list[tuple[str, re.Pattern, Callable[[str], bool] | None]] = [
     ("Swedish personnummer", re.compile(r"\b(?:19|20)?\d{6}[-+]?\d{4}\b"), _luhn_valid),
     ("national id", re.compile(r"\b(?:ssn|national (?:id|insurance)(?: number| no\.?)?|passport(?: number| no\.?)?|"
                                r"nino|nir|insee)\s*[:#]?\s*[A-Z0-9][A-Z0-9 -]{5,}\d\b", re.I), None),
+    # North America: (617) 555-0142, 617-555-0142, 617.555.0142, +1 617 555 0142, 1-617-555-0142.
+    ("phone number", re.compile(r"(?<![\w.+/-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)[\s.-]?|\d{3}[\s.-])\d{3}[\s.-]\d{4}"
+                                r"(?![\w/-]|\.\d)"), _nanp_valid),
     ("phone number", re.compile(r"(?<![\w.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d{2,4}(?:[\s.-]\d{2,4}){2,4}"
                                 r"(?![\w-])"), _phone_like),
 ]
@@ -84,7 +95,6 @@ def find_identifiers(text: str) -> Iterator[Finding]:
 
 
 def mask(value: str) -> str:
-    """Enough to find it in the file, not enough to read it: keep the first and last characters."""
-    if len(value) <= 4:
-        return "*" * len(value)
-    return value[:2] + re.sub(r"[A-Za-z0-9]", "*", value[2:-2]) + value[-2:]
+    """What a report may show of an identifier: its length, no character of it (the report is
+    shared; the line number finds it in the file, and the report names its kind)."""
+    return f"{len(value)} characters"
