@@ -1,5 +1,5 @@
 """Deployment tooling without a federation: certificates, site keys, folders and commands,
-the Fleet-only proxy's routing, the data check, the site worker protocol, fault injection."""
+the data check, the site worker protocol, fault injection."""
 
 import json
 import os
@@ -12,7 +12,6 @@ import threading
 import tomllib
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from cryptography import x509
@@ -31,7 +30,6 @@ from fedlora.data.pii import find_identifiers, mask
 from fedlora.deploy.certificates import certificate_names, create_tls, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.coordinator import superlink_command
-from fedlora.deploy.fleet_proxy import create_proxy_app, fleet_paths, is_forwarded
 from fedlora.deploy.registry import add_site, read_registry, remove_site
 
 
@@ -159,42 +157,6 @@ def test_register_site_while_the_superlink_is_down_then_revoke(tmp_path):
         add_site(coord, "hospital-b", tmp_path / "rsa.pub")
     assert "revoked" in remove_site(coord, "hospital-a")
     assert not (coord.sites / "hospital-a.pub").exists() and list((coord.sites / "revoked").iterdir())
-
-
-# -- the Fleet-only proxy ------------------------------------------------------------------------
-def test_proxy_allowlist_is_flowers_fleet_routes_only():
-    paths = fleet_paths()
-    assert "/v1/fleet/pull-messages" in paths and "/v1/fleet/push-messages" in paths
-    assert all(p.startswith("/v1/fleet/") for p in paths)
-    assert is_forwarded("POST", "/v1/fleet/pull-messages", paths)
-    for method, path in (("GET", "/v1/fleet/pull-messages"), ("POST", "/v1/control/start-run"),
-                         ("POST", "/v1/runtime/pull-messages"), ("POST", "/v1/fleet/../control/start-run"),
-                         ("POST", "/v1/fleet/pull-messages/"), ("POST", "/docs")):
-        assert not is_forwarded(method, path, paths), (method, path)
-
-
-def test_proxy_forwards_fleet_requests_and_refuses_the_rest(tmp_path):
-    files = create_tls(tmp_path, [])
-    with socket.socket() as s:  # a port nobody listens on: forwarded requests fail upstream (502)
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
-    app = create_proxy_app(f"https://127.0.0.1:{dead}", files.ca_cert, timeout=2)
-    transport = httpx.ASGITransport(app=app)
-
-    async def probe() -> dict[str, int]:
-        async with httpx.AsyncClient(transport=transport, base_url="https://proxy") as client:
-            return {
-                "fleet": (await client.post("/v1/fleet/pull-messages", content=b"x")).status_code,
-                "fleet with query": (await client.post("/v1/fleet/pull-messages?x=1")).status_code,
-                "control": (await client.post("/v1/control/start-run", content=b"x")).status_code,
-                "runtime": (await client.post("/v1/runtime/push-messages")).status_code,
-                "get fleet": (await client.get("/v1/fleet/pull-messages")).status_code,
-            }
-
-    import asyncio
-
-    assert asyncio.run(probe()) == {"fleet": 502, "fleet with query": 403, "control": 403, "runtime": 403,
-                                    "get fleet": 403}
 
 
 # -- data check ------------------------------------------------------------------------------------

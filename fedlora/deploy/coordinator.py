@@ -9,7 +9,9 @@ authentication on (only registered keys connect; sites cannot self-register),
 its state in a database on disk (registrations and runs survive a restart) and
 runtime dependency installation off (no `uv sync`, no network at run time).
 This process supervises both: it stops the SuperLink when it is stopped, and
-stops when the SuperLink dies.
+stops when the SuperLink dies. With `proxy = "nginx"` in coordinator.toml, nginx serves
+`listen` instead of the Python proxy (deploy/nginx.py), as a third supervised child: the
+coordinator stops when either the SuperLink or nginx dies.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from fedlora.deploy import fleet_proxy, registry
+from fedlora.deploy import fleet_proxy, nginx, registry
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, split_address
 from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json, flower_env
 from fedlora.processes import port_open, start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
@@ -68,6 +70,7 @@ def start(home: CoordinatorHome) -> int:
         raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
                                "set superlink-port in coordinator.toml")
     home.logs.mkdir(parents=True, exist_ok=True)
+    nginx_command = nginx.prepare(home) if home.proxy == "nginx" else None  # fails here, before anything runs
     home.database.parent.mkdir(parents=True, exist_ok=True)
     write_pid_file(home.pid_file)
     with (home.logs / "superlink.log").open("a") as superlink_log:
@@ -82,9 +85,13 @@ def start(home: CoordinatorHome) -> int:
                          "`fedlora run --resume --out <its run directory>`)", run_id)
             log.info("coordinator ready: sites connect to %s (Fleet API only); the SuperLink listens on "
                      "127.0.0.1:%d; logs in %s", home.listen, home.superlink_port, home.logs)
-            fleet_proxy.serve(listen_host, listen_port, f"https://127.0.0.1:{home.superlink_port}",
-                              home.tls.server_cert, home.tls.server_key, home.tls.ca_cert,
-                              keep_running=lambda: superlink.poll() is None)
+            if nginx_command is not None:
+                if not nginx.serve(nginx_command, home, keep_running=lambda: superlink.poll() is None):
+                    return 1  # nginx died (logged with its log's path)
+            else:
+                fleet_proxy.serve(listen_host, listen_port, f"https://127.0.0.1:{home.superlink_port}",
+                                  home.tls.server_cert, home.tls.server_key, home.tls.ca_cert,
+                                  keep_running=lambda: superlink.poll() is None, log_file=home.logs / "proxy.log")
             if superlink.poll() is not None:
                 log.error("flower-superlink exited with code %s; see %s", superlink.returncode,
                           home.logs / "superlink.log")

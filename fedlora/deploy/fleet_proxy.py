@@ -9,6 +9,12 @@ installed Flower (an exact allowlist taken from Flower's own Fleet router, so
 no path trick like `/v1/fleet/../control` can match) and answers 403 to
 everything else.
 
+Every refusal is logged with the client's address and the request target as
+sent (path and query string), and so is every forwarded request the SuperLink
+answered 401/403 (a site that failed to authenticate): behind this proxy the
+SuperLink sees every site as 127.0.0.1. `fedlora coordinator start` writes
+these lines to logs/proxy.log.
+
 TLS is terminated here and re-originated to the loopback SuperLink (which must
 run TLS itself: Flower refuses `--enable-supernode-auth` without it). SuperNode
 authentication survives the hop: a site signs a timestamp with its key and
@@ -64,26 +70,43 @@ def upstream_tls(ca_cert: Path) -> ssl.SSLContext:
     return context
 
 
+def request_target(request: Request) -> str:
+    """The request target as the client sent it: raw path (not percent-decoded) and query string."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    query = request.scope.get("query_string") or b""
+    return (raw + (b"?" + query if query else b"")).decode("latin-1").encode("unicode_escape").decode("ascii")
+
+
 def create_proxy_app(upstream: str, ca_cert: Path, timeout: float = 120.0) -> Starlette:
     """The proxy as an ASGI app; `upstream` is the SuperLink's https://127.0.0.1:PORT."""
     allowed = fleet_paths()
     client = httpx.AsyncClient(base_url=upstream, verify=upstream_tls(ca_cert), timeout=timeout,
                                follow_redirects=False)
 
+    def peer(request: Request) -> str:
+        return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+    async def refuse(request: Request, _exc: Exception | None = None) -> Response:
+        log.warning("refused %s %s from %s: only the Fleet API is served on this address",
+                    request.method, request_target(request), peer(request))
+        return PlainTextResponse("forbidden: only the Flower Fleet API is served on this address\n",
+                                 status_code=403)
+
     async def forward(request: Request) -> Response:
         path = request.url.path
-        if request.url.query or not is_forwarded(request.method, path, allowed):
-            peer = request.client.host if request.client else "?"
-            log.warning("refused %s %s from %s: only the Fleet API is served on this address",
-                        request.method, path, peer)
-            return PlainTextResponse("forbidden: only the Flower Fleet API is served on this address\n",
-                                     status_code=403)
+        raw = request.scope.get("raw_path")  # as sent: no percent-encoded form of a route either
+        if (request.url.query or not is_forwarded(request.method, path, allowed)
+                or (raw is not None and raw != path.encode())):
+            return await refuse(request)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
             reply = await client.post(path, content=await request.body(), headers=headers)
         except httpx.HTTPError as err:
             log.warning("SuperLink unreachable for %s: %s", path, err)
             return PlainTextResponse("SuperLink unavailable\n", status_code=502)
+        if reply.status_code in (401, 403):
+            log.warning("SuperLink refused %s %s from %s with %d (site authentication failed?)",
+                        request.method, path, peer(request), reply.status_code)
         out = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP | {"content-encoding"}}
         return Response(reply.content, status_code=reply.status_code, headers=out)
 
@@ -93,12 +116,27 @@ def create_proxy_app(upstream: str, ca_cert: Path, timeout: float = 120.0) -> St
         await client.aclose()
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan)
+    # What the route does not match (a target not starting with "/", another method) is refused the same way.
+    return Starlette(routes=[Route("/{path:path}", forward, methods=methods)], lifespan=lifespan,
+                     exception_handlers={404: refuse, 405: refuse})
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    """Also write this proxy's log lines (refusals, failed site logins) to `path`; returns the handler
+    (remove it from `log` when done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    if log.getEffectiveLevel() > logging.WARNING:
+        log.setLevel(logging.WARNING)
+    return handler
 
 
 def serve(listen_host: str, listen_port: int, upstream: str, cert: Path, key: Path, ca_cert: Path,
-          keep_running: Callable[[], bool] = lambda: True) -> None:
-    """Serve the proxy over TLS until SIGINT/SIGTERM or until keep_running() turns false (blocking)."""
+          keep_running: Callable[[], bool] = lambda: True, log_file: Path | None = None) -> None:
+    """Serve the proxy over TLS until SIGINT/SIGTERM or until keep_running() turns false (blocking);
+    with `log_file`, refusals are written there too."""
     config = uvicorn.Config(create_proxy_app(upstream, ca_cert), host=listen_host, port=listen_port,
                             ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning",
                             access_log=False, lifespan="on")
@@ -111,4 +149,10 @@ def serve(listen_host: str, listen_port: int, upstream: str, cert: Path, key: Pa
             time.sleep(1.0)
 
     threading.Thread(target=watch, daemon=True).start()
-    server.run()
+    handler = log_to_file(log_file) if log_file is not None else None
+    try:
+        server.run()
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
