@@ -168,6 +168,7 @@ http {{
         proxy_ssl_verify on;
         proxy_ssl_trusted_certificate {_q(ca_cert)};
         proxy_ssl_name {UPSTREAM_NAME};
+        proxy_ssl_verify_depth 4;  # a hospital PKI's server certificate may come through intermediates
         proxy_ssl_server_name on;
         proxy_ssl_protocols TLSv1.2 TLSv1.3;
         proxy_ssl_session_reuse on;
