@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -374,3 +375,19 @@ def test_a_config_nginx_rejects_is_one_clear_line(tmp_path):
     with pytest.raises(CoordinatorError, match="nginx rejected") as err:
         nginx.prepare(home)
     assert "\n" not in str(err.value) and "server.key" in str(err.value)
+
+
+def test_the_coordinator_hears_when_nginx_dies(tmp_path, caplog):
+    """nginx.serve returns False, naming nginx's log, when nginx exits on its own (before or after it
+    listens); the coordinator then stops."""
+    port = free_ports(1)[0]
+    home = init_coordinator(tmp_path / "c", [], f"127.0.0.1:{port}", free_ports(1)[0], proxy="nginx")
+    nginx.folder(home).mkdir(parents=True, exist_ok=True)
+    listens_then_dies = [sys.executable, "-c", ("import socket, time; s = socket.create_server(('127.0.0.1', "
+                                                f"{port})); time.sleep(1.5); raise SystemExit(3)")]
+    with caplog.at_level("INFO", logger="fedlora"):
+        assert nginx.serve(listens_then_dies, home) is False
+        assert nginx.serve([sys.executable, "-c", "raise SystemExit(4)"], home) is False
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "nginx exited with code 3" in errors[0] and str(nginx.error_log(home)) in errors[0]
+    assert "exited with code 4" in errors[1] and str(nginx.error_log(home)) in errors[1]
