@@ -4,14 +4,20 @@ fedlora builds on Flower's public Message API (`flwr.app`, `flwr.clientapp`,
 `flwr.serverapp`). A few jobs need more than that: serializing a Message and a
 Context to bytes (the site worker's socket, the in-process grid), the process-
 wide task identity a Message is stamped with, the Fleet API's route list (the
-Fleet-only proxy), and the signed `deactivate-node` call a site makes to end a
-crashed session. Those reach into Flower's private modules, which change
+Fleet-only proxy), the signed `deactivate-node` call a site makes to end a
+crashed session, and a deadline on downloading a reply's data (a deployed
+ServerApp would otherwise wait up to two hours for a site that died while
+uploading its update). Those reach into Flower's private modules, which change
 between releases; they are imported here and nowhere else, so a Flower upgrade
 breaks in this one file, with the message below, and tests/test_flower.py
 exercises each of them.
 """
 
 from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager
 
 import flwr
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -98,6 +104,58 @@ def set_message_id(message: Message, message_id: str) -> None:
 
 def empty_run(run_id: int) -> Run:
     return Run.create_empty(run_id)
+
+
+# -- replies by a deadline -----------------------------------------------------------------
+POLL_SECONDS = 3.0  # how often Flower's own send_and_receive polls for replies
+
+
+def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Message]:
+    """`grid.send_and_receive(messages, timeout=timeout)`, except that the deadline also bounds
+    the download of each reply's data.
+
+    A deployed ServerApp (Flower's HttpGrid) pulls a reply in two steps: the message, then its
+    objects (the update's tensors), retrying the objects for up to two hours. A site that dies
+    after sending its reply but before uploading the objects would hold the round that long.
+    Here the object downloads end at the deadline: such a reply comes back as an error reply
+    (MESSAGE_UNAVAILABLE), which the caller counts as no reply.
+    """
+    try:  # imported here: 0.7 s that only a deployed ServerApp needs
+        from flwr.superlink.grid import http_grid
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(_moved(err)) from err
+    if not isinstance(grid, http_grid.HttpGrid):  # in memory: a reply arrives whole
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = {mid for mid in grid.push_messages(messages) if mid}
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        with _object_downloads_until(http_grid, deadline):
+            received = list(grid.pull_messages(pending))
+        replies.extend(received)
+        pending.difference_update(m.metadata.reply_to_message_id for m in received)
+        left = deadline - time.monotonic()
+        if not pending or left <= 0:
+            break
+        time.sleep(min(POLL_SECONDS, left))
+    return replies
+
+
+@contextmanager
+def _object_downloads_until(http_grid, deadline: float):
+    """HttpGrid.pull_messages downloads objects with `pull_objects(..., max_time=7200)`; bound it.
+    (The first try of each object still happens after the deadline: data already there is taken.)"""
+    unbounded = http_grid.pull_objects
+    http_grid.pull_objects = functools.partial(unbounded, max_time=max(0.0, deadline - time.monotonic()))
+    try:
+        yield
+    finally:
+        http_grid.pull_objects = unbounded
+
+
+def message_unavailable(message: Message) -> bool:
+    """An error reply standing for a reply whose data never fully arrived."""
+    return message.has_error() and message.error.code == ErrorCode.MESSAGE_UNAVAILABLE
 
 
 # -- the Fleet API -------------------------------------------------------------------------

@@ -78,3 +78,83 @@ def test_a_signed_fleet_client_reaches_for_its_superlink(tmp_path):
         assert not isinstance(caught.value, (AttributeError, TypeError, ImportError))
     finally:
         client.close()
+
+
+# -- replies by a deadline: a deployed ServerApp's grid, its Runtime API replaced by a stub --------
+class _RuntimeStub:
+    """The SuperLink's Runtime API as a deployed ServerApp sees it, holding one site's reply whose
+    data (its objects) is uploaded, or is not: the site died between sending the reply and its data."""
+
+    def __init__(self, reply: Message, uploaded: bool):
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        self.reply, self.uploaded = reply, uploaded
+        self.objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}
+        self.pulls = 0
+
+    def PushMessages(self, request):  # noqa: N802 - Flower's RPC names
+        from flwr.proto.runtime_pb2 import PushAppMessagesResponse
+
+        return PushAppMessagesResponse(message_ids=[m.metadata.message_id for m in request.messages_list],
+                                       session_id="s", objects_to_push=[])
+
+    def PushObject(self, request):  # noqa: N802 - nothing to push: PushMessages asked for no object
+        raise AssertionError("no object was asked for")
+
+    def PullMessages(self, request):  # noqa: N802
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import message_to_proto
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+        from flwr.supercore.inflatable.inflatable_object import get_object_tree
+
+        return PullAppMessagesResponse(messages_list=[message_to_proto(remove_content_from_message(self.reply))],
+                                       message_object_trees=[get_object_tree(self.reply)])
+
+    def PullObject(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.pulls += 1
+        content = self.objects.get(request.object_id, b"") if self.uploaded else b""
+        return PullObjectResponse(object_found=True, object_available=bool(content), object_content=content)
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        return None
+
+
+def _deployed_grid_with_reply(uploaded: bool):
+    from flwr.superlink.grid.http_grid import HttpGrid
+
+    grid = HttpGrid(token="t")
+    grid.set_run(flower.empty_run(7))
+    flower.set_task_identity(7, flower.SERVER_NODE_ID, 1)
+    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=42, message_type="train")
+    sent.metadata.__dict__["_message_id"] = sent.object_id
+    flower.set_task_identity(7, 42, 2)
+    reply = Message(RecordDict({"arrays": to_record({"w": np.ones((64, 64), dtype=np.float32)})}), reply_to=sent)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    grid._client = _RuntimeStub(reply, uploaded)  # noqa: SLF001 - the Runtime API connection
+    return grid, sent
+
+
+def test_a_reply_whose_data_never_arrives_ends_at_the_deadline_as_no_reply():
+    import threading
+    import time
+
+    grid, sent = _deployed_grid_with_reply(uploaded=False)
+    result, started = {}, time.monotonic()
+    worker = threading.Thread(target=lambda: result.update(r=flower.send_and_receive(grid, [sent], timeout=2.0)),
+                              daemon=True)
+    worker.start()
+    worker.join(timeout=30)  # Flower's own send_and_receive keeps pulling the objects for up to two hours
+    assert not worker.is_alive(), "still waiting for the reply's data 30 s past a 2 s deadline"
+    assert time.monotonic() - started < 10
+    [reply] = result["r"]
+    assert flower.message_unavailable(reply) and reply.metadata.reply_to_message_id == sent.metadata.message_id
+    assert grid._client.pulls >= 1  # noqa: SLF001
+
+
+def test_a_complete_reply_arrives_with_its_data():
+    grid, sent = _deployed_grid_with_reply(uploaded=True)
+    [reply] = flower.send_and_receive(grid, [sent], timeout=5.0)
+    assert not reply.has_error() and not flower.message_unavailable(reply)
+    np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), np.ones((64, 64), dtype=np.float32))

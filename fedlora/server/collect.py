@@ -24,7 +24,7 @@ from typing import Any, Callable
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import wire
+from fedlora import flower, wire
 from fedlora.arrays import State, from_record, payload_bytes
 from fedlora.privacy.server import ServerPrivacy, is_budget_refusal
 from fedlora.strategies.base import SiteUpdate
@@ -59,18 +59,38 @@ class Messenger:
         self.grid = grid
         self.privacy = privacy
         self.names: dict[int, str] = {}  # node id -> site name, learned from replies
+        self.silent: set[int] = set()    # sites that let a deadline pass this round (the pipeline clears it)
+        self._looked_up: set[int] = set()
 
     def name(self, node: int) -> str:
+        if node not in self.names and node not in self._looked_up:
+            self._looked_up.add(node)
+            self._learn_registered_names()
         return self.names.get(node, f"node-{node}")
+
+    def _learn_registered_names(self) -> None:
+        """The names sites were registered under (deployment), for sites that have not replied yet."""
+        try:
+            nodes = list(self.grid.get_nodes())
+        except (AttributeError, NotImplementedError):  # a grid without node details (in-process)
+            return
+        for info in nodes:
+            if getattr(info, "name", ""):
+                self.names.setdefault(int(info.node_id), str(info.name))
 
     def send(self, messages: list[Message], timeout: float, traffic: Traffic, what: str,
              server_round: int) -> tuple[list[Message], list[str]]:
-        """The usable replies to `messages`, and one line per site that failed, refused or did not reply."""
+        """The usable replies to `messages`, and one line per site that failed, refused or did not reply.
+        Waiting ends at `timeout`, a reply's data included: a site that dies mid-upload is a site that
+        did not reply, and the round goes on with the others."""
         for message in messages:
             self._add_anchor(message)
         traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        received = flower.send_and_receive(self.grid, messages, timeout)
         replies, failures, answered = [], [], set()
-        for reply in self.grid.send_and_receive(messages, timeout=timeout):
+        for reply in received:
+            if flower.message_unavailable(reply):  # made by the grid: its data never arrived in time
+                continue
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():
@@ -84,12 +104,12 @@ class Messenger:
             replies.append(reply)
         missing = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in answered]
         if missing:
-            failures.append(f"{len(missing)} site(s) did not reply within {timeout:.0f}s: "
+            self.silent.update(missing)
+            failures.append(f"{len(missing)} site(s) sent no complete reply within {timeout:.0f}s: "
                             f"{', '.join(self.name(n) for n in missing)}")
         for failure in failures:
             log.warning("round %d %s: %s", server_round, what, failure)
         return replies, failures
-
 
     def _add_anchor(self, message: Message) -> None:
         """A train or forecast message carries the last ledger head its site reported (the site checks it)."""

@@ -162,6 +162,7 @@ class Coordinator:
         for server_round in range(start_round, fed.rounds + 1):
             started = time.perf_counter()
             nodes = sorted(self.grid.get_node_ids())
+            self.messenger.silent.clear()
             can_train = self.privacy.eligible(nodes)  # less the sites out of privacy budget
             try:
                 if len(can_train) < fed.min_sites:
@@ -183,7 +184,9 @@ class Coordinator:
                 if self.privacy.stop(str(err)):  # sites refused for lack of budget: end cleanly
                     break
                 raise
-            evaluation = self.evaluate_round(nodes, global_state, server_round)
+            # A site that let this round's deadline pass (crashed, cut off) is not waited for twice.
+            answering = [n for n in nodes if n not in self.messenger.silent]
+            evaluation = self.evaluate_round(answering, global_state, server_round)
             row["bytes_up"] += evaluation.pop("bytes_up")
             row["bytes_down"] += evaluation.pop("bytes_down")
             row.update(evaluation)
