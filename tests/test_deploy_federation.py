@@ -146,6 +146,9 @@ def test_end_to_end_run_writes_the_run_directory(resumed_run, federation, tiny_b
     assert {p.name for p in (out / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert (out / "checkpoints" / "latest").read_text().strip() == "round-0002"
     assert (out / "config.toml").exists() and (out / "report.html").exists()
+    # No data.test-path: the coordinator has no test set of the sites' (not the synthetic corpus' either).
+    assert not [k for r in rows for k in r if k.startswith("test_")] and not (out / "predictions.jsonl").exists()
+    assert summary["central_test"]["set"] == "none" and "no central test set" in (out / "report.html").read_text()
 
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
