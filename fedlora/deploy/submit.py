@@ -27,6 +27,7 @@ from fedlora.flower_app import write_app
 from fedlora.model_sources import check_available
 from fedlora.processes import stop_tree
 from fedlora.progress import echo, progress, round_line, watch_rounds
+from fedlora.server.rundir import FAILED
 from fedlora.server.tracking import require as require_tracking
 from fedlora.tasks import build_task
 
@@ -123,11 +124,27 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
             stop_tree(runner.pid, timeout=5)
     _run_id(log_path, out)
     if not (out / "summary.json").exists():
-        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-        raise RunFailed(f"the run ended without a summary (if the coordinator stopped, continue with "
-                        f"`fedlora run --resume --out {out}`); {log_path} ends with:\n{tail}")
+        raise RunFailed(_why_it_stopped(out, log_path))
     print(f"fedlora run: done in {time.perf_counter() - started:.0f}s; adapter in {out / 'adapter'}", flush=True)
     return out
+
+
+LOW_DISK = 64 * 2**20  # bytes free below which a run directory's disk counts as full
+
+
+def _why_it_stopped(out: Path, log_path: Path) -> str:
+    """What to tell the operator of a run that ended without a summary."""
+    resume = f"`fedlora run --resume --out {out}` continues it from its last checkpoint"
+    failed = out / FAILED
+    if failed.exists():
+        reason = json.loads(failed.read_text()).get("error", "unknown")
+        return f"the run failed: {reason}. Once that is fixed, {resume}"
+    free = shutil.disk_usage(out).free
+    if free < LOW_DISK:
+        return (f"the run stopped and the disk of {out} is full ({free} bytes free: No space left on device?). "
+                f"Free space there, then {resume}")
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:]) if log_path.exists() else ""
+    return f"the run ended without a summary (if the coordinator stopped, {resume}); {log_path} ends with:\n{tail}"
 
 
 def _run_id(log_path: Path, out: Path) -> str | None:

@@ -28,7 +28,7 @@ from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
 from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
-from fedlora.server.rundir import RunDirectory
+from fedlora.server.rundir import RunDirectory, RunDirectoryError
 from fedlora.server.secure_collect import SecureCollector
 from fedlora.strategies.compose import server_strategy
 from fedlora.tasks import build_task
@@ -62,6 +62,18 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     config = infer_labels(cfg.from_flat(context.run_config))  # `flwr run` may leave task.labels empty
     rundir = run_directory(config)
+    rundir.clear_failure()
+    try:
+        run(grid, config, rundir, started)
+    except Exception as err:  # recorded for `fedlora run`, then raised to Flower as before
+        reason = str(err) if isinstance(err, RunDirectoryError) else f"{type(err).__name__}: {err}"
+        log.error("the run failed: %s", reason)
+        rundir.mark_failed(reason)
+        raise
+
+
+def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float) -> None:
+    """Compose the pipeline, resume or start, run the rounds, write the run directory."""
     rundir.write_config(config.to_toml())
     rundir.start_tracking(config.output.tracking)  # output.tracking: metrics rows mirrored to TensorBoard/MLflow
     task = build_task(config)

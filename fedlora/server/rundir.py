@@ -7,6 +7,7 @@
     tensorboard/, mlruns/  with output.tracking: the metrics rows mirrored to a tracker
     checkpoints/    what a restarted server needs to resume
     predictions.jsonl  the final adapter's predictions on the central test set
+    failed.json     why the run stopped early, when it did (removed when it is resumed)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,33 @@ State = dict[str, np.ndarray]
 log = logging.getLogger(__name__)
 
 
+class RunDirectoryError(RuntimeError):
+    """The run directory could not be written (a full disk, a lost mount, a permission)."""
+
+
+@contextmanager
+def _writing(path: Path, partial: Path | None = None):
+    """Turn a failed write into a RunDirectoryError that names the path and the system's error
+    ("No space left on device"), removing the `partial` file or folder it leaves."""
+    try:
+        yield
+    except OSError as err:
+        if partial is not None:
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+            else:
+                partial.unlink(missing_ok=True)
+        raise RunDirectoryError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with _writing(path, partial=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
+FAILED = "failed.json"  # why a run stopped before its summary: {"error", "rounds"}
 CHECKPOINT_FORMAT = 2  # 2: one composed coordinator state (fedlora.server.pipeline.Coordinator.state_dict)
 
 
@@ -71,7 +94,7 @@ class RunDirectory:
         self.tracking = kind
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with self.metrics_path.open("a") as fh:
+        with _writing(self.metrics_path), self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -108,17 +131,20 @@ class RunDirectory:
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self, ckpt: Checkpoint, keep: int = 2) -> None:
         """Write round-NNNN/ completely, then point `latest` at it."""
-        self.checkpoints.mkdir(exist_ok=True)
         final = self.checkpoints / f"round-{ckpt.round:04d}"
         tmp = self.checkpoints / f".round-{ckpt.round:04d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_state.items()}, str(tmp / "global.safetensors"))
-        arrays, meta = _split_arrays(ckpt.state)
-        save_file(arrays, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "round": ckpt.round, "state": meta}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with _writing(tmp, partial=tmp):  # a failed write leaves the previous checkpoint as it was
+            self.checkpoints.mkdir(exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file({k: np.ascontiguousarray(v) for k, v in ckpt.global_state.items()},
+                      str(tmp / "global.safetensors"))
+            arrays, meta = _split_arrays(ckpt.state)
+            save_file(arrays, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"format": CHECKPOINT_FORMAT, "round": ckpt.round,
+                                                        "state": meta}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
         _atomic_write(self.checkpoints / "latest", final.name)
         for old in sorted(self.checkpoints.glob("round-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -136,6 +162,25 @@ class RunDirectory:
         arrays = load_file(str(folder / "state.safetensors"))
         return Checkpoint(state["round"], load_file(str(folder / "global.safetensors")),
                           _join_arrays(state["state"], arrays))
+
+    # -- failure ----------------------------------------------------------------
+    @property
+    def failure_path(self) -> Path:
+        return self.path / FAILED
+
+    def mark_failed(self, reason: str) -> None:
+        """Record why the run stopped (read by `fedlora run`); best effort: the disk may be full."""
+        try:
+            rounds = len(self.read_metrics())
+        except (OSError, ValueError):  # a row cut short by the failure
+            rounds = None
+        try:
+            _atomic_write(self.failure_path, json.dumps({"error": reason, "rounds": rounds}))
+        except RunDirectoryError as err:
+            log.error("could not record the failure: %s", err)
+
+    def clear_failure(self) -> None:
+        self.failure_path.unlink(missing_ok=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The run's final figures; the run is over, so its tracker is closed."""
