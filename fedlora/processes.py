@@ -6,6 +6,14 @@ killed outright (Linux: the parent-death signal), and stopped together with
 every process they started (Flower's SuperExec, ServerApp and ClientApp
 processes, Ray's workers), so that a stopped coordinator, site or simulation
 leaves nothing behind.
+
+Flower detaches some of its processes (the SuperLink starts its SuperExec in a
+session of its own) and leaves others orphaned when their parent dies (a
+ClientApp whose SuperNode crashed), so neither the process tree nor the
+process group finds them all. A supervisor therefore marks its children's
+environment with its folder (`supervised_env`); every process they start
+inherits the mark, and `leftovers` finds them by it, whoever their parent is
+now: after a `kill -9` of the supervisor, `stop` and the next `start` end them.
 """
 
 from __future__ import annotations
@@ -80,6 +88,39 @@ def kill_tree(pid: int, timeout: float = 30.0) -> None:
     psutil.wait_procs(procs, timeout=timeout)
 
 
+SUPERVISOR_MARK = "FEDLORA_SUPERVISOR_HOME"  # environment variable every supervised process inherits
+
+
+def mark_supervisor(home: Path) -> None:
+    """Mark this process's environment, which its children inherit, as the supervisor of `home`."""
+    os.environ[SUPERVISOR_MARK] = str(Path(home).resolve())
+
+
+def leftovers(home: Path) -> list[psutil.Process]:
+    """Every live process started, directly or not, by the supervisor of `home` (by its environment mark)."""
+    mark = str(Path(home).resolve())
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(SUPERVISOR_MARK) == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass  # gone, or another user's: not ours
+    return found
+
+
+def stop_leftovers(home: Path, timeout: float = 15.0) -> list[int]:
+    """SIGTERM what `leftovers` finds, SIGKILL what ignores it after `timeout`; returns their pids."""
+    procs = leftovers(home)
+    _signal_all(procs, kill=False)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    _signal_all(alive, kill=True)
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct loopback ports that were free a moment ago."""
     sockets, ports = [], []
@@ -125,12 +166,38 @@ def write_pid_file(path: Path) -> None:
     path.write_text(f"{os.getpid()}\n")
 
 
-def signal_pid_file(path: Path, sig: int = signal.SIGTERM) -> int | None:
-    """Send `sig` to the process named in a pid file; returns its pid, or None if none is running."""
+def running_pid(path: Path) -> int | None:
+    """The pid in a pid file when that process still runs (and is not the caller)."""
     if not path.exists():
         return None
-    pid = int(path.read_text().strip() or 0)
-    if pid <= 0 or not psutil.pid_exists(pid):
+    text = path.read_text().strip()
+    pid = int(text) if text.isdigit() else 0
+    if pid <= 0 or pid == os.getpid() or not psutil.pid_exists(pid):
         return None
-    os.kill(pid, sig)
+    try:
+        return None if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else pid
+    except psutil.NoSuchProcess:
+        return None
+
+
+def signal_pid_file(path: Path, sig: int = signal.SIGTERM) -> int | None:
+    """Send `sig` to the process named in a pid file; returns its pid, or None if none is running."""
+    pid = running_pid(path)
+    if pid is not None:
+        os.kill(pid, sig)
     return pid
+
+
+def stop_supervisor(pid_file: Path, home: Path, timeout: float = 60.0) -> tuple[int | None, list[int]]:
+    """Stop the supervisor named in `pid_file` (SIGTERM; it stops its children), wait for it, then end
+    whatever it left behind (its children when it was killed outright). Returns its pid (None when
+    it was not running) and the pids of the leftovers ended."""
+    pid = signal_pid_file(pid_file)
+    if pid is not None:
+        try:
+            psutil.Process(pid).wait(timeout=timeout)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+    return pid, stop_leftovers(home)

@@ -157,6 +157,10 @@ def test_register_site_while_the_superlink_is_down_then_revoke(tmp_path):
         add_site(coord, "hospital-b", tmp_path / "rsa.pub")
     assert "revoked" in remove_site(coord, "hospital-a")
     assert not (coord.sites / "hospital-a.pub").exists() and list((coord.sites / "revoked").iterdir())
+    # A revoked key is never accepted again, under any name, and the refusal says what the site does.
+    for name in ("hospital-a", "hospital-c"):
+        with pytest.raises(CoordinatorError, match="revoked .* new key pair"):
+            add_site(coord, name, pub)
 
 
 # -- data check ------------------------------------------------------------------------------------
@@ -387,3 +391,15 @@ def test_run_needs_a_running_coordinator_and_the_label_list(tmp_path, capsys):
     config, out = resolve(home, cfg.load_config(None, ["task.labels=a,b"]), None, resume=True)
     assert out.parent == home.runs and config.output.dir == str(out) and config.output.resume
     assert config.privacy.ledger_heads == str(home.ledger_heads)  # one record of the sites' ledgers, across runs
+
+
+def test_the_supernodes_flower_exit_code_is_read_from_its_log(tmp_path):
+    """flower-supernode exits with status 1 on every error; which one (305: not activated) is in its log."""
+    from fedlora.deploy.site import REFUSED, flower_exit_code
+
+    log = tmp_path / "supernode.log"
+    log.write_bytes(b"ERROR : Exit Code: 305\nFailed to activate SuperNode.\n")
+    start = log.stat().st_size
+    assert flower_exit_code(log, 0, 1) == REFUSED
+    assert flower_exit_code(log, start, 1) == 1  # that was an earlier start's
+    assert flower_exit_code(log, 0, 0) == 0 and flower_exit_code(log, 0, -9) == -9  # no error: the status stands

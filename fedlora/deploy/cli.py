@@ -8,11 +8,13 @@ Step-by-step use: docs/deployment.md.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from fedlora import config as cfg
 from fedlora import logs
+from fedlora.data import synthetic
 from fedlora.data.readers import DataError
 from fedlora.deploy import coordinator, site
 from fedlora.deploy.certificates import certificate_names, renew_server_cert
@@ -24,7 +26,7 @@ from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_
 from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
 from fedlora.deploy.systemd import UnitError, install_hint, site_unit_name
 from fedlora.model_sources import ModelLoadError
-from fedlora.processes import signal_pid_file
+from fedlora.processes import stop_supervisor
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -124,10 +126,6 @@ def _site_init(args: argparse.Namespace) -> int:
 
 def _site_sample_data(args: argparse.Namespace) -> int:
     """`fedlora site sample-data OUT`: one site's share of the synthetic corpus, to try a deployment."""
-    import json
-
-    from fedlora.data import synthetic
-
     try:
         rows = synthetic.site_records(args.site, args.sites, args.records, seed=args.seed,
                                       alpha=None if args.iid else args.alpha)
@@ -177,11 +175,15 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
+    """Stop the supervisor and wait for it; end whatever a supervisor killed outright left running."""
     try:
-        pid = signal_pid_file(_home(args.what, args.dir).pid_file)
+        home = _home(args.what, args.dir)
     except (CoordinatorError, SiteError) as err:
         return _fail(f"{args.what} stop", err)
-    print(f"stopping the {args.what} (pid {pid})" if pid else f"the {args.what} is not running")
+    pid, leftovers = stop_supervisor(home.pid_file, home.path)
+    print(f"stopped the {args.what} (pid {pid})" if pid else f"the {args.what} was not running")
+    if leftovers:
+        print(f"stopped {len(leftovers)} process(es) it had left running (pids {', '.join(map(str, leftovers))})")
     return 0
 
 

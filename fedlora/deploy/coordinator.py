@@ -22,8 +22,19 @@ from pathlib import Path
 
 from fedlora.deploy import fleet_proxy, nginx, registry
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, split_address
+from fedlora.deploy.permissions import make_private
 from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json, flower_env
-from fedlora.processes import port_open, start_child, stop_on_sigterm, stop_tree, wait_for_port, write_pid_file
+from fedlora.processes import (
+    mark_supervisor,
+    port_open,
+    running_pid,
+    start_child,
+    stop_leftovers,
+    stop_on_sigterm,
+    stop_tree,
+    wait_for_port,
+    write_pid_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,25 +77,35 @@ def start(home: CoordinatorHome) -> int:
     _check_ready(home)
     stop_on_sigterm()  # uvicorn handles SIGTERM itself while the proxy serves
     listen_host, listen_port = split_address(home.listen)
+    if (pid := running_pid(home.pid_file)) is not None:
+        raise CoordinatorError(f"this coordinator is already running (pid {pid}); `fedlora coordinator stop` "
+                               "stops it")
+    _end_leftovers(home)
     if port_open("127.0.0.1", home.superlink_port):
         raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
                                "set superlink-port in coordinator.toml")
+    make_private(home.path / "state", home.logs, home.runs, home.flwr_home)
     home.logs.mkdir(parents=True, exist_ok=True)
     nginx_command = nginx.prepare(home) if home.proxy == "nginx" else None  # fails here, before anything runs
     home.database.parent.mkdir(parents=True, exist_ok=True)
     write_pid_file(home.pid_file)
+    mark_supervisor(home.path)  # every process started from here on carries the mark (see processes.py)
     with (home.logs / "superlink.log").open("a") as superlink_log:
         superlink = start_child(superlink_command(home), superlink_log, env=flower_env(home.flwr_home),
                                 cwd=home.path)
         try:
             wait_for_port("127.0.0.1", home.superlink_port, superlink, what="flower-superlink")
-            for line in registry.sync(home):
+            registered, problems = registry.sync(home)
+            for line in registered:
                 log.info("%s", line)
+            for line in problems:
+                log.warning("%s", line)
             for run_id in stop_orphaned_runs(home):
                 log.info("stopped run %s, cut off by the previous shutdown (resume it with "
                          "`fedlora run --resume --out <its run directory>`)", run_id)
-            log.info("coordinator ready: sites connect to %s (Fleet API only); the SuperLink listens on "
-                     "127.0.0.1:%d; logs in %s", home.listen, home.superlink_port, home.logs)
+            log.info("coordinator ready%s: sites connect to %s (Fleet API only); the SuperLink listens on "
+                     "127.0.0.1:%d; logs in %s", f" ({len(problems)} site key(s) not registered: see above)"
+                     if problems else "", home.listen, home.superlink_port, home.logs)
             if nginx_command is not None:
                 if not nginx.serve(nginx_command, home, keep_running=lambda: superlink.poll() is None):
                     return 1  # nginx died (logged with its log's path)
@@ -101,5 +122,14 @@ def start(home: CoordinatorHome) -> int:
             return 0
         finally:
             stop_tree(superlink.pid)
+            stop_leftovers(home.path)  # the SuperExec the SuperLink detached, ServerApps it orphaned
             home.pid_file.unlink(missing_ok=True)
             log.info("coordinator stopped")
+
+
+def _end_leftovers(home: CoordinatorHome) -> None:
+    """A coordinator killed outright leaves Flower's processes holding its ports: end them first."""
+    ended = stop_leftovers(home.path)
+    if ended:
+        log.warning("stopped %d process(es) left running by a coordinator that did not stop cleanly (pids %s)",
+                    len(ended), ", ".join(map(str, ended)))

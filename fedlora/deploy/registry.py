@@ -47,8 +47,28 @@ def superlink_running(home: CoordinatorHome) -> bool:
 
 
 def _register_with_flower(home: CoordinatorHome, name: str, key_file: Path) -> int:
-    reply = call_json(home.flwr_home, "supernode", "register", str(key_file), "--name", name)
+    try:
+        reply = call_json(home.flwr_home, "supernode", "register", str(key_file), "--name", name)
+    except FlowerCommandFailed as err:
+        if "already in use" in str(err):  # the SuperLink keeps every key it ever registered
+            raise FlowerCommandFailed(f"site {name}: the SuperLink already holds this key (registered before, "
+                                      "perhaps under another name, or revoked): a key is registered once; "
+                                      "the site makes a new key pair") from err
+        raise
     return int(reply["node-id"])
+
+
+def _key_material(path: Path) -> list[str]:
+    return Path(path).read_text().split()[:2]  # "ecdsa-sha2-nistp384 AAAA...", without the comment
+
+
+def _revoked_copy(home: CoordinatorHome, public_key: Path) -> Path | None:
+    """The archived copy of `public_key` if it was revoked before."""
+    material = _key_material(public_key)
+    for old in sorted((home.sites / "revoked").glob("*.pub")):
+        if _key_material(old) == material:
+            return old
+    return None
 
 
 def _unregister_with_flower(home: CoordinatorHome, node_id: int) -> None:
@@ -64,9 +84,14 @@ def add_site(home: CoordinatorHome, name: str, public_key: Path, replace: bool =
     except (ValueError, OSError) as err:
         raise CoordinatorError(f"{public_key}: not a usable site key: {err}") from None
     target = home.sites / f"{name}.pub"
+    revoked = _revoked_copy(home, public_key)
+    if revoked is not None:
+        raise CoordinatorError(f"this key was revoked ({revoked.relative_to(home.path)}) and is never accepted "
+                               f"again: the site makes a new key pair (`fedlora site init`, or `ssh-keygen -t ecdsa "
+                               f"-b 384 -N '' -f keys/site.key`) and sends the new .pub")
     registry = read_registry(home)
     if target.exists() and not replace:
-        if target.read_text().split()[:2] == Path(public_key).read_text().split()[:2]:
+        if _key_material(target) == _key_material(public_key):
             return f"site {name}: this key is already accepted ({fingerprint(target)})"
         raise CoordinatorError(f"site {name} already has another key; pass --replace to rotate it")
     old = registry.get(name)
@@ -100,9 +125,11 @@ def remove_site(home: CoordinatorHome, name: str) -> str:
     return f"site {name}: key revoked"
 
 
-def sync(home: CoordinatorHome) -> list[str]:
-    """Unregister revoked keys, register every accepted key the SuperLink does not know yet."""
+def sync(home: CoordinatorHome) -> tuple[list[str], list[str]]:
+    """Unregister revoked keys, register every accepted key the SuperLink does not know yet.
+    Returns what was done, and one line per accepted key that could not be registered."""
     lines = [f"unregistered revoked node {node_id}" for node_id in _pending(home) if _revoke(home, node_id)]
+    problems = []
     registry = read_registry(home)
     known = {int(n["node-id"]) for n in call_json(home.flwr_home, "supernode", "list").get("nodes", [])
              if n.get("status") != "unregistered"}
@@ -115,9 +142,9 @@ def sync(home: CoordinatorHome) -> list[str]:
             entry["node_id"] = _register_with_flower(home, name, key_file)
             lines.append(f"registered site {name} (node {entry['node_id']})")
         except FlowerCommandFailed as err:
-            lines.append(f"site {name}: not registered: {err}")
+            problems.append(f"site {name} cannot connect: its key is not registered: {err}")
     _write_registry(home, registry)
-    return lines
+    return lines, problems
 
 
 def _pending_path(home: CoordinatorHome) -> Path:

@@ -22,6 +22,7 @@ from fedlora.deploy.site_home import SiteHome
 log = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node-id"
+PRECONDITION_FAILED = 412  # the SuperLink's answer when the node is not online: nothing to end
 NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
 
 
@@ -46,7 +47,11 @@ def end_stale_session(home: SiteHome) -> bool:
     try:
         flower.deactivate_node(client, int(path.read_text()))
     except Exception as err:  # noqa: BLE001 - nothing to end (offline already, coordinator down): start anyway
-        log.info("no previous session to end (%s)", err)
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        if status == PRECONDITION_FAILED:  # the usual case: the previous session ended cleanly
+            log.debug("the previous session had ended (%s)", err)
+        else:
+            log.info("could not end a previous session at the coordinator (%s); starting anyway", err)
         return False
     finally:
         client.close()

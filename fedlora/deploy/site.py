@@ -12,20 +12,34 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import tomli_w
 
+from fedlora.deploy.keys import fingerprint
+from fedlora.deploy.permissions import make_private
 from fedlora.deploy.session import end_stale_session, remember_node_id
-from fedlora.deploy.site_home import SiteHome
+from fedlora.deploy.site_home import SiteError, SiteHome
+from fedlora.deploy.systemd import SITE_NOT_ACCEPTED
 from fedlora.flower import FLOWER_ENV
-from fedlora.processes import start_child, stop_on_sigterm, stop_tree, write_pid_file
+from fedlora.processes import (
+    SUPERVISOR_MARK,
+    mark_supervisor,
+    running_pid,
+    start_child,
+    stop_leftovers,
+    stop_on_sigterm,
+    stop_tree,
+    write_pid_file,
+)
 
 log = logging.getLogger(__name__)
 
-REFUSED = 305           # flower-supernode's exit code when the SuperLink does not activate it
+REFUSED = 305           # Flower's exit code when the SuperLink does not activate a SuperNode
+FLOWER_EXIT_CODE = re.compile(rb"Exit Code: (\d+)")  # the process exits 1; the log says which error
 ACTIVATION_WINDOW = 75  # seconds: a crashed session's heartbeat window (2 x 30 s) and some margin
 
 
@@ -45,9 +59,37 @@ def supernode_command(home: SiteHome) -> list[str]:
             "--host", "127.0.0.1", "--port", str(home.runtime_port)]
 
 
+def worker_socket(home: SiteHome) -> Path:
+    return home.state / "worker.sock"
+
+
 def worker_command(home: SiteHome, parent_pid: int) -> list[str]:
-    return [sys.executable, "-m", "fedlora.deploy.worker", "--socket", str(home.state / "worker.sock"),
+    return [sys.executable, "-m", "fedlora.deploy.worker", "--socket", str(worker_socket(home)),
             "--parent-pid", str(parent_pid)]
+
+
+def flower_exit_code(node_log: Path, offset: int, returncode: int) -> int:
+    """The SuperNode's Flower exit code (e.g. 305, refused), from what it logged after `offset`;
+    its process exit status when it logged none (0, or a signal)."""
+    found = FLOWER_EXIT_CODE.findall(node_log.read_bytes()[offset:]) if node_log.exists() else []
+    return int(found[-1]) if found and returncode == 1 else returncode
+
+
+def _exit_code(home: SiteHome, code: int, was_connected: bool, node_log: Path) -> int:
+    """Say why the SuperNode stopped, in the site's words, and choose the command's exit code."""
+    key = fingerprint(home.private_key.with_name(home.private_key.name + ".pub"))
+    if code == REFUSED:
+        log.error("the coordinator does not accept this site's key (%s): it is not registered there, was "
+                  "revoked, or is another key than the one registered. Send keys/site.key.pub to the "
+                  "coordinator and compare this fingerprint with theirs", key)
+        return SITE_NOT_ACCEPTED
+    if code == 0 and was_connected:  # a SuperNode ends by itself, successfully, when its node is unregistered
+        log.error("the coordinator ended this site's session and no longer accepts its key (%s): it was "
+                  "unregistered or revoked there. Ask the consortium's coordinator; a revoked key is never "
+                  "accepted again, so a returning site makes a new key pair", key)
+        return SITE_NOT_ACCEPTED
+    log.error("the SuperNode exited with code %s; see %s", code, node_log)
+    return code or 1
 
 
 def _check(home: SiteHome) -> None:
@@ -61,10 +103,18 @@ def start(home: SiteHome, env: dict[str, str] | None = None) -> int:
     """Run the site in the foreground until SIGINT/SIGTERM or the SuperNode exits; returns its exit code."""
     _check(home)
     stop_on_sigterm()
+    if (pid := running_pid(home.pid_file)) is not None:
+        raise SiteError(f"this site is already running (pid {pid}); `fedlora site stop` stops it")
+    ended = stop_leftovers(home.path)
+    if ended:
+        log.warning("stopped %d process(es) left running by a site that did not stop cleanly (pids %s)",
+                    len(ended), ", ".join(map(str, ended)))
+    make_private(home.state, home.logs, home.path / "keys")
     home.state.mkdir(parents=True, exist_ok=True)
     home.logs.mkdir(parents=True, exist_ok=True)
     write_pid_file(home.pid_file)
-    env = {**(env or os.environ), **FLOWER_ENV}
+    mark_supervisor(home.path)
+    env = {**(env or os.environ), **FLOWER_ENV, SUPERVISOR_MARK: os.environ[SUPERVISOR_MARK]}
     node_log_path = home.logs / "supernode.log"
     children: list = []
     try:
@@ -93,20 +143,24 @@ def start(home: SiteHome, env: dict[str, str] | None = None) -> int:
                         children.append(worker)
                     time.sleep(1.0)
                 children.remove(supernode)
+                code = flower_exit_code(node_log_path, offset, supernode.returncode)
                 refused_since = refused_since or time.monotonic()
-                if supernode.returncode != REFUSED or time.monotonic() - refused_since > ACTIVATION_WINDOW:
+                if code != REFUSED or time.monotonic() - refused_since > ACTIVATION_WINDOW:
                     break
                 log.warning("the coordinator refused to activate this site: its key is not registered, or its "
                             "previous session is still open (up to %d s after a crash); retrying",
                             ACTIVATION_WINDOW)
                 time.sleep(5.0)
                 end_stale_session(home)
-            log.error("the SuperNode exited with code %s; see %s", supernode.returncode, node_log_path)
-            return supernode.returncode or 1
+            return _exit_code(home, code, node_id is not None, node_log_path)
     except KeyboardInterrupt:
         return 0
     finally:
         for child in children:
             stop_tree(child.pid)
+        left = stop_leftovers(home.path)  # e.g. a ClientApp orphaned by a SuperNode crash
+        if left:
+            log.info("stopped %d process(es) the SuperNode left behind (pids %s)", len(left), ", ".join(map(str, left)))
+        worker_socket(home).unlink(missing_ok=True)
         home.pid_file.unlink(missing_ok=True)
         log.info("site %s stopped", home.name)

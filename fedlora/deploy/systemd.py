@@ -30,6 +30,10 @@ from pathlib import Path
 
 from fedlora.flower import FLOWER_ENV
 
+# `fedlora site start`'s exit code when the coordinator does not accept the site's key (sysexits'
+# EX_CONFIG): the unit does not restart on it, since a restart cannot help.
+SITE_NOT_ACCEPTED = 78
+
 FOLDER = "systemd"
 DEFAULT_USER = "fedlora"       # the account a root-owned folder's service runs as
 RESTART_SEC = 15               # between a failure and the restart
@@ -148,6 +152,8 @@ def unit_text(description: str, command: list[str], folder: Path, user: str, gro
         "Environment=" + " ".join(_quote(f"{k}={v}") for k, v in env.items()),
         "Restart=on-failure",
         f"RestartSec={RESTART_SEC}",
+        "# 78: the coordinator does not accept the site's key; restarting cannot help.",
+        f"RestartPreventExitStatus={SITE_NOT_ACCEPTED}",
         "# Every process of the service (SuperLink or SuperNode, proxy, worker, Flower app",
         "# processes) is in its control group and is stopped with it.",
         "KillMode=control-group",
@@ -218,10 +224,8 @@ def _cache_env() -> dict[str, str]:
 
 def coordinator_unit(home, user: str | None = None, executable: Path | None = None) -> Unit:
     """Write DIR/systemd/fedlora-coordinator.service for a CoordinatorHome."""
-    from fedlora.deploy.coordinator_home import split_address
-
     user, group = service_account(home.path, user)
-    _, port = split_address(home.listen)
+    port = int(home.listen.rpartition(":")[2])  # HOST:PORT, checked when the home was loaded
     command = [str(executable or fedlora_executable()), "coordinator", "start", "--dir", str(home.path)]
     text = unit_text("fedlora coordinator (Flower SuperLink and Fleet-only proxy)", command, home.path, user,
                      group, writable=[home.database.parent, home.runs], readable=_model_cache(),
