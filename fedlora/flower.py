@@ -7,7 +7,8 @@ wide task identity a Message is stamped with, the Fleet API's route list (the
 Fleet-only proxy), the signed `deactivate-node` call a site makes to end a
 crashed session, and a deadline on downloading a reply's data (a deployed
 ServerApp would otherwise wait up to two hours for a site that died while
-uploading its update). Those reach into Flower's private modules, which change
+uploading its update); and, for the deployment tests, hooks on the points a
+SuperNode passes with a train message, where a test makes a site crash. Those reach into Flower's private modules, which change
 between releases; they are imported here and nowhere else, so a Flower upgrade
 breaks in this one file, with the message below, and tests/test_flower.py
 exercises each of them.
@@ -16,12 +17,14 @@ exercises each of them.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import flwr
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 
 
 def _moved(err: ImportError) -> str:
@@ -121,7 +124,7 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
     (MESSAGE_UNAVAILABLE), which the caller counts as no reply.
     """
     try:  # imported here: 0.7 s that only a deployed ServerApp needs
-        from flwr.superlink.grid import http_grid
+        import flwr.superlink.grid.http_grid as http_grid
     except ImportError as err:  # pragma: no cover
         raise ImportError(_moved(err)) from err
     if not isinstance(grid, http_grid.HttpGrid):  # in memory: a reply arrives whole
@@ -201,10 +204,57 @@ def simulated_sites(grid) -> bool:
     True on the Simulation Engine's grid and on a grid that says so (`simulated_sites`, as
     fedlora's in-process grid does); False on a deployment's grid, whose SuperNodes read their
     own files. Not imported to ask: it is loaded already when it is the grid (0.4 s otherwise)."""
-    import sys
-
     said = getattr(grid, "simulated_sites", None)
     if said is not None:
         return bool(said)
     module = sys.modules.get(INMEMORY_GRID_MODULE)
     return module is not None and isinstance(grid, module.InMemoryGrid)
+
+
+# -- a SuperNode's progress through a train message (the deployment tests' crash points) -------
+SUPERNODE_POINTS = ("received", "trained", "replied")
+
+
+def watch_supernode(on_point: Callable[[str, int], None]) -> None:
+    """In a `flower-supernode` process: call `on_point(point, n)` as its n-th train message reaches
+    each point: "received" (pulled from the SuperLink, before the ClientApp runs), "trained" (the
+    ClientApp handed its reply back, before the SuperNode sends it), "replied" (the reply message is
+    at the SuperLink; its data, the update, is not uploaded yet)."""
+    try:
+        import flwr.supernode.servicer.runtime.runtime_handlers as runtime_handlers
+        import flwr.supernode.start_client_internal as supernode
+    except ImportError as err:  # pragma: no cover
+        raise ImportError(_moved(err)) from err
+    counts: dict[str, int] = {}
+
+    def passed(point: str, message_type: str) -> None:
+        if message_type == MessageType.TRAIN:
+            counts[point] = counts.get(point, 0) + 1
+            on_point(point, counts[point])
+
+    pull_and_store, push_replies, hand_back = (supernode._pull_and_store_message, supernode._push_messages,
+                                               runtime_handlers.push_messages)
+
+    def watched_pull_and_store(*args, receive, **kwargs):
+        def receive_and_watch():
+            got = receive()
+            if got is not None:
+                passed("received", got[0].metadata.message_type)
+            return got
+        return pull_and_store(*args, receive=receive_and_watch, **kwargs)
+
+    def watched_push_replies(*args, send, **kwargs):
+        def send_and_watch(message, *rest):
+            sent = send(message, *rest)
+            passed("replied", message.metadata.message_type)  # the objects are pushed after this returns
+            return sent
+        return push_replies(*args, send=send_and_watch, **kwargs)
+
+    def watched_hand_back(request, *args, **kwargs):
+        for proto in request.messages_list:
+            passed("trained", proto.metadata.message_type)
+        return hand_back(request, *args, **kwargs)
+
+    supernode._pull_and_store_message = watched_pull_and_store
+    supernode._push_messages = watched_push_replies
+    runtime_handlers.push_messages = watched_hand_back

@@ -87,11 +87,16 @@ class Messenger:
             self._add_anchor(message)
         traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
         received = flower.send_and_receive(self.grid, messages, timeout)
+        # The SuperLink answers for a site it knows is gone ("Node Unavailable"): by the message's destination.
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         replies, failures, answered = [], [], set()
         for reply in received:
             if flower.message_unavailable(reply):  # made by the grid: its data never arrived in time
                 continue
             node = reply.metadata.src_node_id
+            if node == flower.SERVER_NODE_ID:
+                node = destination.get(reply.metadata.reply_to_message_id, node)
+                self.silent.add(node)  # offline: not asked again this round
             answered.add(node)
             if reply.has_error():
                 if is_budget_refusal(reply):

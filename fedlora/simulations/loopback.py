@@ -96,10 +96,11 @@ class LoopbackFederation:
         return self.root / f"{name}.out"
 
     # -- processes -----------------------------------------------------------
-    def spawn(self, name: str, *command: str) -> subprocess.Popen:
+    def spawn(self, name: str, *command: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a process (`env`: variables to add to the federation's environment)."""
         with self.log(name).open("a") as out:
-            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[name] = process
         return process
 
@@ -112,10 +113,10 @@ class LoopbackFederation:
         if process.poll() is not None:
             raise RuntimeError(f"the coordinator exited: {tail(log, seen)[-3000:]}")
 
-    def start_site(self, name: str, wait: bool = True) -> None:
+    def start_site(self, name: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
         logs = self.site_dir(name) / "logs"
         self._marks[name] = {f: _size(logs / f) for f in ("supernode.log", "worker.log")}
-        self.spawn(name, *cli("site", "start", "--dir", str(self.site_dir(name))))
+        self.spawn(name, *cli("site", "start", "--dir", str(self.site_dir(name))), env=env)
         if wait:
             self.wait_site(name)
 
