@@ -30,28 +30,11 @@ from fedlora.data.pii import find_identifiers, mask
 from fedlora.deploy.certificates import certificate_names, create_tls, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.coordinator import superlink_command
+from fedlora.deploy.pki import handshake
 from fedlora.deploy.registry import add_site, read_registry, remove_site
 
 
 # -- certificates ------------------------------------------------------------------------
-def _handshake(files, server_name: str) -> None:
-    """A TLS handshake in memory: server with our certificate, client trusting only our CA."""
-    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(files.server_cert, files.server_key)
-    client_ctx = ssl.create_default_context(cafile=str(files.ca_cert))
-    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = client_ctx.wrap_bio(c_in, c_out, server_hostname=server_name)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    for _ in range(10):
-        for side, out, peer_in in ((client, c_out, s_in), (server, s_out, c_in)):
-            try:
-                side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
-            peer_in.write(out.read())
-    assert client.version() is not None
-
-
 def test_certificates_name_the_hosts_and_verify_against_the_ca(tmp_path):
     files = create_tls(tmp_path, ["fl.example.org", "10.0.0.5"])
     assert set(certificate_names(files.server_cert)) == {"fl.example.org", "10.0.0.5", "localhost", "127.0.0.1"}
@@ -63,9 +46,9 @@ def test_certificates_name_the_hosts_and_verify_against_the_ca(tmp_path):
     for key in (files.ca_key, files.server_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     for name in ("127.0.0.1", "fl.example.org"):
-        _handshake(files, name)
+        handshake(files, name)
     with pytest.raises(ssl.SSLCertVerificationError):
-        _handshake(files, "other.example.org")
+        handshake(files, "other.example.org")
 
 
 def test_renewed_server_certificate_is_new_and_still_trusted(tmp_path):
@@ -74,7 +57,7 @@ def test_renewed_server_certificate_is_new_and_still_trusted(tmp_path):
     renew_server_cert(files, ["b.example.org"])
     assert files.server_key.read_bytes() != old_key
     assert "b.example.org" in certificate_names(files.server_cert)
-    _handshake(files, "b.example.org")
+    handshake(files, "b.example.org")
 
 
 # -- site keys ---------------------------------------------------------------------------------

@@ -79,9 +79,10 @@ def _public_bytes(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def _handshake(files: OwnTls, server_name: str) -> None:
+def handshake(files, server_name: str) -> None:
     """A TLS handshake in memory, as a site (or the coordinator itself) makes it: the server with
-    CERT and KEY, the client trusting only CA and checking `server_name`. Raises ssl.SSLError."""
+    `files.server_cert` and `.server_key`, the client trusting only `.ca_cert` and checking
+    `server_name` (OwnTls, or the TlsFiles fedlora generates). Raises ssl.SSLError."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(files.server_cert, files.server_key)
     client_ctx = ssl.create_default_context(cafile=str(files.ca_cert))
@@ -155,7 +156,7 @@ def check_own_tls(files: OwnTls, hosts: list[str]) -> None:
                        f"{', '.join(certificate_names(leaf)) or 'nothing (no subjectAltName)'}: have your PKI "
                        "issue one with these subjectAltNames")
     try:
-        _handshake(files, LOOPBACK_NAMES[1])
+        handshake(files, LOOPBACK_NAMES[1])
     except ssl.SSLCertVerificationError as err:
         issuer = leaf.issuer.rfc4514_string()
         subjects = "; ".join(_short(c) for c in cas)
