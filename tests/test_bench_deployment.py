@@ -57,7 +57,8 @@ def test_a_finished_deployment_is_reused_without_starting_one(tmp_path, monkeypa
     monkeypatch.setattr(dep, "run_mode", no_deployment)
     result = dep.run(BenchContext(quick=True, workdir=tmp_path / "quick"))
     assert result.figures["summaries"]["worker"]["overhead_later"] == 8.0  # round keys are ints again
-    assert "| cold | 51.5 | 8.0 | 19.0 | 4.0 |" in result.markdown
+    assert "| cold (Python proxy) | 51.5 | 8.0 | 19.0 | 4.0 |" in result.markdown
+    assert "| worker (nginx) | 51.5 |" in result.markdown and "nginx takes 1.00×" in result.markdown
     assert "tiny-bert + LoRA, 40 synthetic notes per site, 2 rounds" in result.markdown
 
 

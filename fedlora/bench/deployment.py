@@ -1,10 +1,12 @@
-"""Model loading against local training at deployed sites, per round.
+"""Model loading against local training at deployed sites, per round; the two proxies.
 
 Runs a real loopback deployment (fedlora/simulations/loopback.py: coordinator + N
-sites as separate processes, TLS, site keys) twice with the same run:
+sites as separate processes, TLS, site keys) three times with the same run:
   cold    a fresh ClientApp process imports torch/transformers and loads the base
           model for every message (Flower's behaviour; `worker = false` in site.toml)
   worker  the site worker keeps the model loaded; the ClientApp process only relays
+  nginx   as worker, with nginx instead of the Python proxy in front of the SuperLink
+          (coordinator.toml `proxy = "nginx"`)
 and reads what each site measured (`<state-dir>/timings.jsonl`, never sent) and
 the run's metrics.jsonl.
 
@@ -30,7 +32,8 @@ from fedlora.simulations.loopback import LABELS, LoopbackFederation, metrics
 NAME = "deployment"
 TITLE = "Deployment: model loading against local training at the sites"
 
-MODES = ("cold", "worker")
+MODES = ("cold", "worker", "nginx")
+LABEL = {"cold": "cold (Python proxy)", "worker": "worker (Python proxy)", "nginx": "worker (nginx)"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def _site_rounds(timings: list[dict]) -> dict[int, dict[str, float]]:
 
 
 def run_mode(mode: str, root: Path, plan: Plan) -> dict:
-    fed = LoopbackFederation(root / mode, num_sites=plan.sites, records=plan.records, worker=mode == "worker")
+    fed = LoopbackFederation(root / mode, num_sites=plan.sites, records=plan.records, worker=mode != "cold",
+                             proxy="nginx" if mode == "nginx" else "python")
     try:
         fed.start_coordinator()
         for name in fed.sites:
@@ -122,14 +126,18 @@ def render(fig: dict) -> str:
         f"separate processes, TLS, site keys; one torch thread per process), {p['model']} + LoRA, "
         f"{p['records']} synthetic notes per site, {p['rounds']} rounds, run once per mode: cold = a fresh "
         "ClientApp process per message (site.toml `worker = false`), worker = the site worker keeps the model "
-        "loaded. Load overhead: per site and round, Flower's process start + fedlora imports + base model and "
-        "data load, from each site's own timings.jsonl.",
+        "loaded, with the Python proxy (worker) or nginx (nginx) in front of the SuperLink. Load overhead: per "
+        "site and round, Flower's process start + fedlora imports + base model and data load, from each site's "
+        "own timings.jsonl.",
         "",
-        markdown_table(["sites' ClientApp", "load overhead per site, round 1 (s)",
+        markdown_table(["sites' ClientApp (proxy)", "load overhead per site, round 1 (s)",
                         "load overhead per site, later rounds (s)", "local training per site and round (s)",
                         "round wall time, later rounds (s)"],
-                       [[mode, f"{s['overhead_round1']:.1f}", f"{s['overhead_later']:.1f}", f"{s['train']:.1f}",
+                       [[LABEL[mode], f"{s['overhead_round1']:.1f}", f"{s['overhead_later']:.1f}", f"{s['train']:.1f}",
                          f"{s['round_seconds_later']:.1f}"] for mode, s in fig["summaries"].items()]),
+        "",
+        f"Proxy: a round behind nginx takes {fig['nginx_over_python']:.2f}× a round behind the Python proxy "
+        "(round wall time, later rounds; one run each, same machine, same session).",
     ])
 
 
@@ -140,5 +148,7 @@ def run(ctx: BenchContext) -> SuiteResult:
     fig = {"plan": {"sites": plan.sites, "rounds": plan.rounds, "model": plan.model, "records": plan.records},
            "summaries": {mode: summarize(result) for mode, result in results.items()},
            "results": results}
+    fig["nginx_over_python"] = (fig["summaries"]["nginx"]["round_seconds_later"]
+                                / fig["summaries"]["worker"]["round_seconds_later"])
     notes = ["deployment: all sites and the coordinator share this machine; a real site has its own."]
     return SuiteResult(fig, render(fig), notes)
