@@ -16,7 +16,6 @@ exercises each of them.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from contextlib import contextmanager
@@ -146,10 +145,15 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
 
 @contextmanager
 def _object_downloads_until(http_grid, deadline: float):
-    """HttpGrid.pull_messages downloads objects with `pull_objects(..., max_time=7200)`; bound it.
-    (The first try of each object still happens after the deadline: data already there is taken.)"""
+    """HttpGrid.pull_messages downloads each reply's objects with `pull_objects(..., max_time=7200)`,
+    one reply after another, each call with a clock of its own: every call gets the time left to the
+    one deadline. (The first try of each object still happens after it: data already there is taken.)"""
     unbounded = http_grid.pull_objects
-    http_grid.pull_objects = functools.partial(unbounded, max_time=max(0.0, deadline - time.monotonic()))
+
+    def until_deadline(*args, **kwargs):
+        return unbounded(*args, **{**kwargs, "max_time": max(0.0, deadline - time.monotonic())})
+
+    http_grid.pull_objects = until_deadline
     try:
         yield
     finally:

@@ -82,14 +82,14 @@ def test_a_signed_fleet_client_reaches_for_its_superlink(tmp_path):
 
 # -- replies by a deadline: a deployed ServerApp's grid, its Runtime API replaced by a stub --------
 class _RuntimeStub:
-    """The SuperLink's Runtime API as a deployed ServerApp sees it, holding one site's reply whose
-    data (its objects) is uploaded, or is not: the site died between sending the reply and its data."""
+    """The SuperLink's Runtime API as a deployed ServerApp sees it, holding sites' replies whose data
+    (their objects) is uploaded, or is not: the site died between sending the reply and its data."""
 
-    def __init__(self, reply: Message, uploaded: bool):
+    def __init__(self, replies: list[Message], uploaded: bool):
         from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-        self.reply, self.uploaded = reply, uploaded
-        self.objects = {oid: obj.deflate() for oid, obj in get_all_nested_objects(reply).items()}
+        self.replies, self.uploaded = replies, uploaded
+        self.objects = {oid: obj.deflate() for reply in replies for oid, obj in get_all_nested_objects(reply).items()}
         self.pulls = 0
 
     def PushMessages(self, request):  # noqa: N802 - Flower's RPC names
@@ -107,8 +107,9 @@ class _RuntimeStub:
         from flwr.proto.runtime_pb2 import PullAppMessagesResponse
         from flwr.supercore.inflatable.inflatable_object import get_object_tree
 
-        return PullAppMessagesResponse(messages_list=[message_to_proto(remove_content_from_message(self.reply))],
-                                       message_object_trees=[get_object_tree(self.reply)])
+        wanted = [r for r in self.replies if r.metadata.reply_to_message_id in request.message_ids]
+        return PullAppMessagesResponse(messages_list=[message_to_proto(remove_content_from_message(r)) for r in wanted],
+                                       message_object_trees=[get_object_tree(r) for r in wanted])
 
     def PullObject(self, request):  # noqa: N802
         from flwr.proto.message_pb2 import PullObjectResponse
@@ -121,40 +122,63 @@ class _RuntimeStub:
         return None
 
 
-def _deployed_grid_with_reply(uploaded: bool):
+def _deployed_grid_with_replies(uploaded: bool, sites: int = 1):
     from flwr.superlink.grid.http_grid import HttpGrid
 
     grid = HttpGrid(token="t")
     grid.set_run(flower.empty_run(7))
-    flower.set_task_identity(7, flower.SERVER_NODE_ID, 1)
-    sent = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=42, message_type="train")
-    sent.metadata.__dict__["_message_id"] = sent.object_id
-    flower.set_task_identity(7, 42, 2)
-    reply = Message(RecordDict({"arrays": to_record({"w": np.ones((64, 64), dtype=np.float32)})}), reply_to=sent)
-    reply.metadata.__dict__["_message_id"] = reply.object_id
-    grid._client = _RuntimeStub(reply, uploaded)  # noqa: SLF001 - the Runtime API connection
+    sent, replies = [], []
+    for i in range(sites):
+        flower.set_task_identity(7, flower.SERVER_NODE_ID, 1)
+        message = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=42 + i,
+                          message_type="train")
+        message.metadata.__dict__["_message_id"] = message.object_id
+        flower.set_task_identity(7, 42 + i, 2)
+        reply = Message(RecordDict({"arrays": to_record({"w": np.full((64, 64), i, dtype=np.float32)})}),
+                        reply_to=message)
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        sent.append(message)
+        replies.append(reply)
+    grid._client = _RuntimeStub(replies, uploaded)  # noqa: SLF001 - the Runtime API connection
     return grid, sent
 
 
-def test_a_reply_whose_data_never_arrives_ends_at_the_deadline_as_no_reply():
+def _send_and_receive_in_thread(grid, sent, timeout: float, patience: float = 30.0):
     import threading
-    import time
 
-    grid, sent = _deployed_grid_with_reply(uploaded=False)
-    result, started = {}, time.monotonic()
-    worker = threading.Thread(target=lambda: result.update(r=flower.send_and_receive(grid, [sent], timeout=2.0)),
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=flower.send_and_receive(grid, sent, timeout=timeout)),
                               daemon=True)
     worker.start()
-    worker.join(timeout=30)  # Flower's own send_and_receive keeps pulling the objects for up to two hours
-    assert not worker.is_alive(), "still waiting for the reply's data 30 s past a 2 s deadline"
+    worker.join(timeout=patience)  # Flower's own send_and_receive keeps pulling the objects for up to two hours
+    assert not worker.is_alive(), f"still waiting for the replies' data {patience:.0f} s past a {timeout} s deadline"
+    return result["r"]
+
+
+def test_a_reply_whose_data_never_arrives_ends_at_the_deadline_as_no_reply():
+    import time
+
+    grid, sent = _deployed_grid_with_replies(uploaded=False)
+    started = time.monotonic()
+    [reply] = _send_and_receive_in_thread(grid, sent, timeout=2.0)
     assert time.monotonic() - started < 10
-    [reply] = result["r"]
-    assert flower.message_unavailable(reply) and reply.metadata.reply_to_message_id == sent.metadata.message_id
+    assert flower.message_unavailable(reply) and reply.metadata.reply_to_message_id == sent[0].metadata.message_id
     assert grid._client.pulls >= 1  # noqa: SLF001
 
 
+def test_one_deadline_for_all_replies_however_many_sites_died_mid_upload():
+    import time
+
+    grid, sent = _deployed_grid_with_replies(uploaded=False, sites=3)
+    started = time.monotonic()
+    replies = _send_and_receive_in_thread(grid, sent, timeout=3.0)
+    took = time.monotonic() - started
+    assert len(replies) == 3 and all(flower.message_unavailable(r) for r in replies)
+    assert took < 3.0 + 2.5, f"{took:.1f} s: the deadline was applied per reply, not once"
+
+
 def test_a_complete_reply_arrives_with_its_data():
-    grid, sent = _deployed_grid_with_reply(uploaded=True)
-    [reply] = flower.send_and_receive(grid, [sent], timeout=5.0)
+    grid, sent = _deployed_grid_with_replies(uploaded=True)
+    [reply] = flower.send_and_receive(grid, sent, timeout=5.0)
     assert not reply.has_error() and not flower.message_unavailable(reply)
-    np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), np.ones((64, 64), dtype=np.float32))
+    np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), np.zeros((64, 64), dtype=np.float32))
