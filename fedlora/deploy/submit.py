@@ -86,6 +86,7 @@ def submit(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None = None
                         f"start it with `fedlora coordinator start {home.path}`")
     config, out = resolve(home, config, out, resume)
     out.mkdir(parents=True, exist_ok=True)
+    (out / FAILED).unlink(missing_ok=True)  # a previous attempt's reason is not this one's
     if resume:
         _stop_previous(home, out)
     work = Path(tempfile.mkdtemp(prefix="fedlora-run-"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from fedlora.server import tracking
@@ -40,13 +41,13 @@ def _writing(path: Path, partial: Path | None = None):
     ("No space left on device"), removing the `partial` file or folder it leaves."""
     try:
         yield
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error
         if partial is not None:
             if partial.is_dir():
                 shutil.rmtree(partial, ignore_errors=True)
             else:
                 partial.unlink(missing_ok=True)
-        raise RunDirectoryError(f"cannot write {path}: {err.strerror or err}") from err
+        raise RunDirectoryError(f"cannot write {path}: {getattr(err, 'strerror', None) or err}") from err
 
 
 def _atomic_write(path: Path, text: str) -> None:
