@@ -18,6 +18,7 @@ now: after a `kill -9` of the supervisor, `stop` and the next `start` end them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -162,29 +163,41 @@ def stop_on_sigterm() -> None:
 
 
 def write_pid_file(path: Path) -> None:
+    """This process's pid and start time: a pid alone may name another process after a reboot or a kill -9."""
+    me = psutil.Process()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n")
+    path.write_text(f"{me.pid} {me.create_time():.3f}\n")
 
 
 def running_pid(path: Path) -> int | None:
-    """The pid in a pid file when that process still runs (and is not the caller)."""
+    """The pid in a pid file when that same process (same start time) still runs and is not the caller."""
     if not path.exists():
         return None
-    text = path.read_text().strip()
-    pid = int(text) if text.isdigit() else 0
-    if pid <= 0 or pid == os.getpid() or not psutil.pid_exists(pid):
+    fields = path.read_text().split()
+    pid = int(fields[0]) if fields and fields[0].isdigit() else 0
+    if pid <= 0 or pid == os.getpid():
         return None
     try:
-        return None if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else pid
-    except psutil.NoSuchProcess:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if len(fields) > 1:
+            same = abs(proc.create_time() - float(fields[1])) < 1.0
+        else:  # a pid file of an earlier fedlora: at least a fedlora process
+            same = any("fedlora" in part for part in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
+    return pid if same else None
 
 
 def signal_pid_file(path: Path, sig: int = signal.SIGTERM) -> int | None:
     """Send `sig` to the process named in a pid file; returns its pid, or None if none is running."""
     pid = running_pid(path)
     if pid is not None:
-        os.kill(pid, sig)
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # it ended just now
+            return None
     return pid
 
 
@@ -199,5 +212,6 @@ def stop_supervisor(pid_file: Path, home: Path, timeout: float = 60.0) -> tuple[
         except psutil.NoSuchProcess:
             pass
         except psutil.TimeoutExpired:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     return pid, stop_leftovers(home)

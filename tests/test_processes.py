@@ -7,7 +7,14 @@ import time
 
 import psutil
 
-from fedlora.processes import SUPERVISOR_MARK, leftovers, running_pid, stop_leftovers, write_pid_file
+from fedlora.processes import (
+    SUPERVISOR_MARK,
+    leftovers,
+    running_pid,
+    signal_pid_file,
+    stop_leftovers,
+    write_pid_file,
+)
 
 # A child that starts a grandchild in a session of its own (as Flower's SuperLink starts its SuperExec),
 # which ignores SIGTERM (as an orphaned flwr-clientapp did), then waits.
@@ -58,7 +65,7 @@ def test_a_pid_file_names_a_running_supervisor_only_while_it_runs(tmp_path):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         pid_file.parent.mkdir()
-        pid_file.write_text(f"{sleeper.pid}\n")
+        pid_file.write_text(f"{sleeper.pid} {psutil.Process(sleeper.pid).create_time():.3f}\n")
         assert running_pid(pid_file) == sleeper.pid
     finally:
         sleeper.kill()
@@ -66,6 +73,24 @@ def test_a_pid_file_names_a_running_supervisor_only_while_it_runs(tmp_path):
     assert running_pid(pid_file) is None  # a stale file after a kill -9
     write_pid_file(pid_file)
     assert running_pid(pid_file) is None  # the caller itself is not "another" supervisor
+
+
+def test_a_pid_file_whose_pid_now_names_another_process_is_not_trusted(tmp_path):
+    """After a reboot or a kill -9 the pid may be reused: stop must not signal that process."""
+    pid_file = tmp_path / "coordinator.pid"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        started = psutil.Process(other.pid).create_time()
+        pid_file.write_text(f"{other.pid} {started - 3600:.3f}\n")  # the same pid, another process's start
+        assert running_pid(pid_file) is None and signal_pid_file(pid_file) is None
+        assert other.poll() is None  # not signalled
+        pid_file.write_text(f"{other.pid} {started:.3f}\n")
+        assert running_pid(pid_file) == other.pid
+        pid_file.write_text(f"{other.pid}\n")  # an earlier fedlora's pid file: only a fedlora process counts
+        assert running_pid(pid_file) is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_supervisors_files_are_made_private_and_so_is_what_it_creates_later(tmp_path):
