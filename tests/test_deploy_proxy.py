@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from fedlora.cli import main as fedlora_main
@@ -34,7 +36,7 @@ from fedlora.deploy.coordinator_home import (
     init_coordinator,
 )
 from fedlora.deploy.fleet_proxy import create_proxy_app, fleet_paths, is_forwarded
-from fedlora.processes import free_ports, wait_for_port
+from fedlora.processes import free_ports, port_open, wait_for_port
 
 AUTH_HEADERS = {  # what a SuperNode sends (flwr.common.constant): forwarded byte for byte
     "flwr-public-key": "LS0tLS1CRUdJTiBQVUJMSUMgS0VZLS0tLS0KTUhZd0VBWUhLb1pJemowQ0FRWUZLNEVF+/=",
@@ -340,6 +342,18 @@ def test_proxy_setting_is_python_by_default_and_nginx_on_request(tmp_path):
         init_coordinator(tmp_path / "c", [], proxy="haproxy")
 
 
+def test_nginx_workers_started_by_root_run_as_nobody_and_write_no_file(proxy, coordinator):
+    """The network-facing processes hold no privilege and need no file of the coordinator's (the 24 MB
+    body above streamed through without a temporary file)."""
+    if proxy.kind != "nginx":
+        pytest.skip("nginx only")
+    home, _ = coordinator
+    master = psutil.Process(int((nginx.folder(home) / "nginx.pid").read_text()))
+    workers = master.children()
+    assert workers and {w.username() for w in workers} == {"nobody" if os.geteuid() == 0 else master.username()}
+    assert not [f for f in (nginx.folder(home) / "tmp").rglob("*") if f.is_file()]
+
+
 def test_generated_config_forwards_each_route_to_its_own_uri_and_verifies_the_superlink(tmp_path):
     home = init_coordinator(tmp_path / "c", [], "0.0.0.0:9092", 9093, proxy="nginx")
     config = nginx.render(home.listen, home.superlink_port, home.tls.server_cert, home.tls.server_key,
@@ -391,3 +405,21 @@ def test_the_coordinator_hears_when_nginx_dies(tmp_path, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "nginx exited with code 3" in errors[0] and str(nginx.error_log(home)) in errors[0]
     assert "exited with code 4" in errors[1] and str(nginx.error_log(home)) in errors[1]
+
+
+def test_an_nginx_left_running_is_found_by_its_pid_file_and_stopped(tmp_path):
+    """nginx rewrites its environment (the supervisor's mark is lost), so a coordinator killed outright
+    leaves an nginx that only its pid file names: `coordinator stop` and `start` end it by that."""
+    _nginx_or_skip()
+    port = free_ports(1)[0]
+    home = init_coordinator(tmp_path / "c", [], f"127.0.0.1:{port}", free_ports(1)[0], proxy="nginx")
+    command = nginx.prepare(home, workers=1)
+    orphan = subprocess.Popen(command, cwd=nginx.folder(home), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, orphan, timeout=20, what="nginx")
+        assert nginx.end_leftover(home)[0] == orphan.pid
+        assert orphan.wait(timeout=30) is not None and not port_open("127.0.0.1", port)
+        assert nginx.end_leftover(home) == []  # nothing left; a stale pid file names no nginx
+    finally:
+        orphan.kill()

@@ -16,7 +16,7 @@ from fedlora import config as cfg
 from fedlora import logs
 from fedlora.data import synthetic
 from fedlora.data.readers import DataError
-from fedlora.deploy import coordinator, site
+from fedlora.deploy import coordinator, nginx, site
 from fedlora.deploy.certificates import certificate_names, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.flwr_cli import FlowerCommandFailed
@@ -181,6 +181,8 @@ def _stop(args: argparse.Namespace) -> int:
     except (CoordinatorError, SiteError) as err:
         return _fail(f"{args.what} stop", err)
     pid, leftovers = stop_supervisor(home.pid_file, home.path)
+    if isinstance(home, CoordinatorHome):
+        leftovers += nginx.end_leftover(home)
     print(f"stopped the {args.what} (pid {pid})" if pid else f"the {args.what} was not running")
     if leftovers:
         print(f"stopped {len(leftovers)} process(es) it had left running (pids {', '.join(map(str, leftovers))})")

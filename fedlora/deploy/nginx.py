@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, split_address
 from fedlora.deploy.fleet_proxy import fleet_paths
 from fedlora.processes import port_open, start_child, stop_tree, wait_for_port
@@ -85,11 +87,13 @@ def _listen(host: str, port: int) -> str:
 
 
 def _user_line() -> str:
-    """As root, nginx's workers would switch to `nobody`; keep them as the coordinator's own user
-    (the Python proxy's rights, no more). Unprivileged, the directive would only be ignored."""
+    """Started as root, nginx's network-facing workers drop to `nobody` (the master keeps root to read
+    the key). They need no file of the coordinator's: bodies stream through, nothing is buffered to
+    disk. Unprivileged, workers run as the coordinator's own user and the directive is left out."""
     if os.geteuid() != 0:
         return ""
-    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
+    nobody = pwd.getpwnam("nobody")
+    return f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};\n"
 
 
 def render(listen: str, superlink_port: int, cert: Path, key: Path, ca_cert: Path, logs: Path, state: Path,
@@ -158,6 +162,10 @@ http {{
         client_body_timeout {TIMEOUT_S}s;
         send_timeout {TIMEOUT_S}s;
 
+        # Stream request and reply bodies (a site's update, the global adapter) instead of buffering
+        # them in temporary files: the workers touch no file, so they can run as nobody.
+        proxy_request_buffering off;
+        proxy_buffering off;
         proxy_http_version 1.1;
         proxy_set_header Host 127.0.0.1:{superlink_port};
         proxy_set_header Connection "";
@@ -245,6 +253,22 @@ def prepare(home: CoordinatorHome, workers: int | str = "auto") -> list[str]:
     cmd = command(config, folder(home), home.logs, nginx)
     check(cmd)
     return cmd
+
+
+def end_leftover(home: CoordinatorHome) -> list[int]:
+    """Stop an nginx a coordinator killed outright left running (its pid file names it; nginx rewrites
+    its own process title and environment, so the supervisor's mark cannot find it). Returns its pids."""
+    pid_file = folder(home) / "nginx.pid"
+    text = pid_file.read_text().strip() if pid_file.exists() else ""
+    try:
+        master = psutil.Process(int(text)) if text.isdigit() else None
+        if master is None or not any("nginx" in part for part in master.cmdline()):
+            return []
+        pids = [master.pid, *(child.pid for child in master.children(recursive=True))]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+    stop_tree(master.pid)
+    return pids
 
 
 def serve(cmd: list[str], home: CoordinatorHome, keep_running: Callable[[], bool] = lambda: True) -> bool:
