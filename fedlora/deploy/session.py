@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 NODE_ID_FILE = "node-id"
 PRECONDITION_FAILED = 412  # the SuperLink's answer when the node is not online: nothing to end
+UNAUTHORIZED = 401         # its answer to a signature by a key it does not hold (unknown or revoked)
 NODE_ID_LINE = re.compile(rb"SuperNode ID: (\d+)")
 
 
@@ -57,3 +58,20 @@ def end_stale_session(home: SiteHome) -> bool:
         client.close()
     log.info("ended this site's previous session at the coordinator")
     return True
+
+
+def key_accepted(home: SiteHome) -> bool | None:
+    """Whether the coordinator still accepts this site's key, asked with the same signed call:
+    False when it answers 401 (it holds no such key: unregistered or revoked), True when it
+    authenticated the call (whatever else it answered), None when it could not be asked."""
+    path = home.state / NODE_ID_FILE
+    node_id = int(path.read_text()) if path.exists() else 0
+    client = flower.fleet_client(home.superlink, str(home.root_certificates), home.private_key.read_bytes())
+    try:
+        flower.deactivate_node(client, node_id)
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure to ask is "unknown"
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        return None if status is None else status != UNAUTHORIZED
+    finally:
+        client.close()

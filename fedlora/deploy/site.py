@@ -21,7 +21,7 @@ import tomli_w
 
 from fedlora.deploy.keys import fingerprint
 from fedlora.deploy.permissions import make_private
-from fedlora.deploy.session import end_stale_session, remember_node_id
+from fedlora.deploy.session import end_stale_session, key_accepted, remember_node_id
 from fedlora.deploy.site_home import SiteError, SiteHome
 from fedlora.deploy.systemd import SITE_NOT_ACCEPTED
 from fedlora.flower import FLOWER_ENV
@@ -83,7 +83,9 @@ def _exit_code(home: SiteHome, code: int, was_connected: bool, node_log: Path) -
                   "revoked, or is another key than the one registered. Send keys/site.key.pub to the "
                   "coordinator and compare this fingerprint with theirs", key)
         return SITE_NOT_ACCEPTED
-    if code == 0 and was_connected:  # a SuperNode ends by itself, successfully, when its node is unregistered
+    # A connected SuperNode also ends by itself, with status 0, when its node is unregistered, and when
+    # the coordinator answers with an error it does not retry: ask which.
+    if code == 0 and was_connected and key_accepted(home) is False:
         log.error("the coordinator ended this site's session and no longer accepts its key (%s): it was "
                   "unregistered or revoked there. Ask the consortium's coordinator; a revoked key is never "
                   "accepted again, so a returning site makes a new key pair", key)
