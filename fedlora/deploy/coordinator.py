@@ -84,7 +84,7 @@ def start(home: CoordinatorHome) -> int:
     if port_open("127.0.0.1", home.superlink_port):
         raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
                                "set superlink-port in coordinator.toml")
-    make_private(home.path / "state", home.logs, home.runs, home.flwr_home)
+    make_private(home.path / "state", home.database.parent, home.logs, home.runs, home.flwr_home)
     home.logs.mkdir(parents=True, exist_ok=True)
     nginx_command = nginx.prepare(home) if home.proxy == "nginx" else None  # fails here, before anything runs
     home.database.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +129,7 @@ def start(home: CoordinatorHome) -> int:
 
 def _end_leftovers(home: CoordinatorHome) -> None:
     """A coordinator killed outright leaves Flower's processes holding its ports: end them first."""
-    ended = stop_leftovers(home.path)
+    ended = stop_leftovers(home.path) + nginx.end_leftover(home)
     if ended:
         log.warning("stopped %d process(es) left running by a coordinator that did not stop cleanly (pids %s)",
                     len(ended), ", ".join(map(str, ended)))

@@ -10,9 +10,12 @@ restrict what an earlier version left readable.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 PRIVATE_UMASK = 0o077
 
@@ -21,13 +24,15 @@ def make_private(*folders: Path) -> None:
     """Files created from now on by this process and its children are private; the `folders`
     and everything in them are made so too (group and others lose every permission)."""
     os.umask(PRIVATE_UMASK)
-    for folder in folders:
-        folder = Path(folder)
+    for folder in dict.fromkeys(Path(f) for f in folders):
         if not folder.exists():
             continue
         for path in [folder, *folder.rglob("*")]:
-            if path.is_symlink() or path.is_socket():
-                continue
-            mode = stat.S_IMODE(path.stat().st_mode)
-            if mode & 0o077:
-                path.chmod(mode & ~0o077)
+            try:
+                if path.is_symlink() or path.is_socket():
+                    continue
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    path.chmod(mode & ~0o077)
+            except OSError as err:  # another account's file, or one removed meanwhile: say so, go on
+                log.warning("could not make %s private: %s", path, err.strerror or err)
