@@ -54,8 +54,9 @@ def _phone_like(text: str) -> bool:
 
 
 def _nanp_valid(text: str) -> bool:
-    """A North-American number: area code and exchange start with 2-9 (so ranges and doses
-    such as 120-135-1000 or (100) 200-3000 are not numbers anyone can dial)."""
+    """A North-American number: area code and exchange start with 2-9, so this pattern leaves
+    ranges and doses such as 120-135-1000 or (100) 200-3000 alone (the general phone pattern
+    still flags any group of 9-15 digits written like a number: better one false alarm)."""
     d = _digits(text)
     d = d[1:] if len(d) == 11 else d
     return len(d) == 10 and d[0] in "23456789" and d[3] in "23456789"

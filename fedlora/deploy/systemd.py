@@ -54,9 +54,6 @@ class Unit:
     user: str
     group: str
 
-    def install_hint(self) -> str:
-        return install_hint(self.path)
-
 
 def install_hint(path: Path) -> str:
     """What the administrator runs to install a unit file and start its service."""

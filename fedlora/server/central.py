@@ -23,7 +23,6 @@ class CentralEvaluator:
         self.loaded = loaded
         self.test_set = central_test_set(config, task, simulated_sites)
         rows = self.test_set.rows
-        self.test_rows = rows
         self.test_examples = task.encode(rows, loaded.tokenizer, config.model.max_length) if rows else []
 
     @property
@@ -49,7 +48,7 @@ class CentralEvaluator:
         set_trainable_state(self.loaded.model, state)
         preds = predict_labels(self.loaded.model, self.task, self.test_examples, self.pad_id)
         with Path(path).open("w") as fh:
-            for i, (row, p) in enumerate(zip(self.test_rows, preds)):
+            for i, (row, p) in enumerate(zip(self.test_set.rows, preds)):
                 fh.write(json.dumps({"index": i, "label": str(row[self.task.label_column]),
                                      "prediction": self.task.labels[p]}) + "\n")
 
