@@ -15,13 +15,14 @@ SCALE = 2.0  # alpha 8 / rank 4
 
 
 def _mean_delta_w(global_state, updates, layer):
-    """Σ wᵢ ΔWᵢ from each site's local adapter at its own rank, computed independently of the strategies."""
+    """Σ wᵢ ΔWᵢ from each site's full local adapter, computed independently of the strategies: the
+    global adapter with the site's update added to the first rᵢ components, the rest the global's."""
     a, b = lora_layers(global_state)[layer]
     total, weight = 0.0, sum(u.weight for u in updates)
     for u in updates:
-        view = truncate(global_state, u.rank)
-        local_a = view[a] + u.delta.get(a, 0.0)
-        local_b = view[b] + u.delta.get(b, 0.0)
+        local_a, local_b = global_state[a].copy(), global_state[b].copy()
+        local_a[:u.rank] += u.delta.get(a, 0.0)
+        local_b[:, :u.rank] += u.delta.get(b, 0.0)
         total = total + u.weight * delta_w(local_a, local_b, SCALE)
     return total / weight
 
@@ -70,13 +71,13 @@ def test_fedit_is_measurably_inexact():
     assert error > 1e-3
 
 
-def test_smaller_rank_updates_are_zero_padded_local_adapters():
+def test_smaller_rank_sites_keep_the_global_components_they_never_held():
     rng = np.random.default_rng(2)
     g = random_state(rng)
     update = random_updates(rng, g, [2], [1.0])[0]
-    local = local_adapter(g, update.delta, 2)
+    local = local_adapter(g, update.delta)
     a, b = lora_layers(g)["m.l0"]
-    assert np.all(local[a][2:] == 0) and np.all(local[b][:, 2:] == 0)
+    assert np.array_equal(local[a][2:], g[a][2:]) and np.array_equal(local[b][:, 2:], g[b][:, 2:])
     assert np.allclose(local[a][:2], g[a][:2] + update.delta[a])
     new = strategy("fedit", rank=4, alpha=8.0).aggregate(g, [update])
     assert np.allclose(new[a], local[a]) and np.allclose(new[b], local[b])

@@ -7,11 +7,12 @@ its parameters, if any, are a `params` dataclass in the same file, which
 becomes the `[strategy.<name>]` table of the configuration. The arithmetic
 stays in pure functions that tests call without Flower.
 
-`aggregate` is the same for every strategy: turn each site's update into its
-local adapter at the global rank (zero-padding a smaller-rank site), let
-`combine` compute the new global adapter, fold any residual into the base
-correction, and measure how far the result is from the weighted mean of what
-the sites learned.
+`aggregate` is the same for every strategy: turn each site's update into an
+update at the global rank (zero beyond a smaller-rank site's rank: it never
+held those components, so it neither changes nor erases them), let `combine`
+compute the new global adapter, fold any residual into the base correction,
+and measure how far the result is from the weighted mean of what the sites
+hold (global + their update).
 
 A strategy declares what it needs instead of being refused by name:
 `linear` (the new adapter depends only on the weighted sum of the updates,
@@ -99,7 +100,7 @@ class Strategy(ABC):
     needs_secret_sampling: bool = False
     #: Sites may train at a smaller rank than lora.rank.
     heterogeneous_ranks: bool = True
-    rank_note: str = "smaller-rank updates are zero-padded"
+    rank_note: str = "a smaller-rank site's update is zero beyond its rank"
     #: Sites train and send B (and the head) only; A stays at its shared initialization.
     freeze_a: bool = False
     #: B is each site's own: never sent down or up.
@@ -174,9 +175,8 @@ class Strategy(ABC):
         """The next global adapter (and, for some strategies, a new base correction)."""
         if not updates:
             raise ValueError("no updates to aggregate")
-        locals_ = [local_adapter(global_state, u.delta, u.rank) for u in updates]
-        full = [replace(u, delta={k: loc[k] - global_state[k] for k in global_state})
-                for u, loc in zip(updates, locals_)]
+        full = [replace(u, delta=full_delta(global_state, u.delta)) for u in updates]
+        locals_ = [local_adapter(global_state, u.delta) for u in full]
         result = self.combine_kept(global_state, full)
         # Measure the correction as it is kept and sent: float32 factors.
         factors = {layer: (u.astype(np.float32), v.astype(np.float32)) for layer, (u, v) in result.folded.items()}
@@ -189,16 +189,17 @@ class Strategy(ABC):
         return result.state
 
     def combine_kept(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
-        """`combine`, then what sites do not send (FFA's frozen A, FedSA's B) stays as it was:
-        a smaller-rank site's zero-padded copy must not pull it down."""
+        """`combine`, then what sites do not send (FFA's frozen A, FedSA's B) stays exactly as it
+        was, whatever a server optimizer's state would make of a zero update."""
         result = self.combine(global_state, updates)
         result.state.update({k: v for k, v in global_state.items() if not self.uploaded(k)})
         return result
 
     @abstractmethod
     def combine(self, global_state: State, updates: list[SiteUpdate]) -> Aggregate:
-        """The algorithm: `updates` hold full-rank deltas (global + delta = the site's
-        zero-padded local adapter); `SiteUpdate.rank` still says the site's own rank."""
+        """The algorithm: `updates` hold deltas at the global rank, zero where a site sent
+        nothing or never held a component (global + delta = the site's full local adapter);
+        `SiteUpdate.rank` still says the site's own rank."""
 
     def round_metrics(self) -> dict[str, Any]:
         """Columns for this round's metrics row (at least `aggregation_error`)."""
@@ -298,13 +299,19 @@ class StrategyWrapper(Strategy):
         self.inner.load_state_dict(state)
 
 
-def local_adapter(global_state: State, delta: State, rank: int | None) -> State:
-    """A site's local adapter at the global rank: its view of the global adapter
-    (truncated to its rank) plus its update, zero-padded back. Tensors the site
-    did not send (frozen or kept) are taken from its view."""
-    view = truncate(global_state, rank) if rank else global_state
-    local = {k: view[k] + delta[k] if k in delta else view[k] for k in view}
-    return pad(local, global_state)
+def full_delta(global_state: State, delta: State) -> State:
+    """A site's update at the global rank: zero-padded beyond its rank, zero for tensors it
+    did not send. A component the site never held is then left as the global has it; padding
+    its local adapter instead would make it vote to erase that component (delta = −global)."""
+    sent = pad({k: v for k, v in delta.items() if k in global_state}, global_state)
+    return {k: sent[k] if k in sent else np.zeros_like(v) for k, v in global_state.items()}
+
+
+def local_adapter(global_state: State, delta: State) -> State:
+    """A site's full local adapter at the global rank: the global adapter plus its update,
+    the components beyond its rank (and tensors it did not send) the global's own."""
+    full = full_delta(global_state, delta)
+    return {k: g + full[k] for k, g in global_state.items()}
 
 
 def weighted_mean(updates: list[SiteUpdate]) -> State:

@@ -12,7 +12,7 @@ import numpy as np
 
 from fedlora.strategies.base import SiteUpdate, State, Strategy
 from fedlora.strategies.correction import BaseCorrection, residual_factors
-from fedlora.strategies.factors import lora_layers, normalized
+from fedlora.strategies.factors import lora_layers, normalized, state_rank
 
 
 class FoldingStrategy(Strategy):
@@ -29,13 +29,26 @@ class FoldingStrategy(Strategy):
 
     def residuals(self, global_state: State, updates: list[SiteUpdate],
                   new_state: State) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """{layer: (U, V)} with U·V = scale·(Σ wᵢ Bᵢ·Aᵢ − B'·A'), each site at its own rank."""
+        """{layer: (U, V)} with U·V = scale·(Σ wᵢ ΔWᵢ/scale − B'·A'), ΔWᵢ each site's full local
+        ΔW: its own factors at its rank plus the global components beyond it, which it kept."""
         weights = normalized(u.weight for u in updates)
+        ranks = [u.rank or state_rank(global_state) for u in updates]
         out = {}
         for layer, (a, b) in lora_layers(global_state).items():
             locals_ = [site_factors(global_state, u, a, b) for u in updates]
-            out[layer] = residual_factors(locals_, weights, new_state[a], new_state[b], self.lora_scale)
+            locals_.append(kept_tail(global_state[a], global_state[b], ranks, weights))
+            out[layer] = residual_factors(locals_, np.append(weights, 1.0), new_state[a], new_state[b],
+                                          self.lora_scale)
         return out
+
+
+def kept_tail(a: np.ndarray, b: np.ndarray, ranks: list[int], weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Σᵢ wᵢ·B[:, rᵢ:]·A[rᵢ:] as one stack: global component j once, its B column weighted by
+    the share of the sites that never held it (rank ≤ j). Components with B = 0 (FLoRA's
+    restarted adapter) add nothing and are left out, so the correction grows only by what counts."""
+    share = np.array([sum(w for w, r in zip(weights, ranks) if r <= j) for j in range(a.shape[0])])
+    keep = (share > 0) & np.any(b != 0, axis=0)
+    return a[keep], b[:, keep] * share[keep]
 
 
 def site_factors(global_state: State, update: SiteUpdate, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
