@@ -1,5 +1,6 @@
 """Pure arithmetic on LoRA factors: pairing A with B, rank truncation and
-zero-padding, the weight update ΔW = scale·B·A, and the aggregation error.
+zero-padding, the weight update ΔW = scale·B·A, its SVD order, and the
+aggregation error.
 
 Adapter states are `{tensor name: array}` as `fedlora.models.trainable_state`
 produces them. For a LoRA layer PEFT names its factors
@@ -70,7 +71,10 @@ def truncate(state: State, rank: int) -> State:
 
 
 def pad(state: State, like: State) -> State:
-    """Zero-pad each factor of a smaller-rank state to the shape it has in `like`."""
+    """Zero-pad each factor of a smaller-rank state to the shape it has in `like`.
+
+    Meant for updates: a zero-padded update leaves the components a site never
+    held as they are. A zero-padded adapter would erase them."""
     out = {}
     for key, value in state.items():
         target = like[key].shape
@@ -95,13 +99,41 @@ def normalized(weights) -> np.ndarray:
     return w / w.sum()
 
 
+def svd_ordered(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(A', B') with B'·A' = B·A, whose first j components are the best rank-j approximation
+    of B·A for every j (Eckart–Young): B'·A' = U·diag(σ)·Vᵀ with A' = c·Vᵀ (orthogonal rows,
+    c = A's root-mean-square row norm, so A keeps its scale) and B' = U·diag(σ)/c.
+
+    With A = Rᵀ·Qᵀ (QR), B·A = (B·Rᵀ)·Qᵀ and the SVD of the small d × r matrix B·Rᵀ gives
+    U, σ and the rotation of Qᵀ. A' spans A's row space even where σ = 0 (B = 0 keeps its
+    directions, so training can still start there). Signs are fixed (each column of U has
+    its largest entry positive) so that ordering an ordered adapter changes nothing."""
+    rank, k = a.shape
+    if rank > k:
+        return a, b  # A cannot have orthogonal rows; LoRA's rank is below the layer's width
+    q, r = np.linalg.qr(a.astype(np.float64).T)
+    flip = np.where(np.diag(r) < 0, -1.0, 1.0)
+    q, r = q * flip, r * flip[:, None]
+    u, sigma, vt = np.linalg.svd(b.astype(np.float64) @ r.T, full_matrices=False)
+    signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(rank)])
+    signs[signs == 0] = 1.0
+    c = float(np.linalg.norm(a)) / np.sqrt(rank) or 1.0
+    new_a = c * (vt * signs[:, None]) @ q.T
+    new_b = u * signs * sigma / c
+    return new_a.astype(a.dtype), new_b.astype(b.dtype)
+
+
 def aggregation_error(new_state: State, locals_: list[State], weights, scale: float,
                       folded: dict[str, np.ndarray] | None = None) -> float:
     """‖ΔW_global − Σ wᵢ ΔWᵢ‖_F / ‖Σ wᵢ ΔWᵢ‖_F over all adapted layers.
 
-    `locals_` are the sites' local adapters (global + their update, zero-padded
-    to the global rank: padding does not change B·A), `folded` what this round
-    folded into the frozen base weights ({layer: d × k}), counted in ΔW_global.
+    `locals_` are the sites' full local adapters at the global rank: the global
+    adapter plus each site's update, the components a site never held taken
+    from the global adapter (base.local_adapter). Against that target an
+    aggregate that erased those components reads a large error. `folded` is
+    what this round folded into the frozen base weights ({layer: d × k}),
+    counted in ΔW_global. The denominator is the whole adapter's ΔW the sites
+    hold (earlier rounds included, earlier base corrections not).
     """
     w = normalized(weights)
     num = den = 0.0
