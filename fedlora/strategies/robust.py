@@ -3,9 +3,14 @@
 They compare the sites' updates coordinate by coordinate or as whole vectors,
 so they need each individual update (no secure aggregation) and their
 sensitivity to one site is not that of a sum (no client-level DP as
-implemented). Sites of a smaller rank would be zero-padded, and those zeros
-would vote for "no change" (median) or look like outliers (Krum), so every
-site must train at lora.rank. Weights are ignored: one site, one vote.
+implemented). They work per factor coordinate (A's and B's entries), not on
+B·A. Every site must train at lora.rank: a component a smaller-rank site never
+held has no value of its own there, and a robust rule needs several sites'
+values per coordinate to outvote a bad one. Counting the others as "no change"
+would freeze a component that fewer than half the sites hold (a median of one
+change and three zeros), and leaving them out would give a single holder the
+whole say (ranks 8, 4, 4, 2: components 5-8 have one). Weights are ignored:
+one site, one vote.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ class RobustStrategy(Strategy):
     needs = "each site's own update, to compare it with the others"
     client_dp = False
     heterogeneous_ranks = False
-    rank_note = "zero-padded components would count as votes for no change, or as outliers"
+    rank_note = ("a component held by few sites cannot be aggregated robustly: counting the others as "
+                 "'no change' freezes it, leaving them out gives one site the whole say")
 
 
 def stack(updates: list[SiteUpdate], keys: list[str]) -> np.ndarray:
