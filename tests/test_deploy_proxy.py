@@ -342,11 +342,10 @@ def test_proxy_setting_is_python_by_default_and_nginx_on_request(tmp_path):
         init_coordinator(tmp_path / "c", [], proxy="haproxy")
 
 
+@pytest.mark.parametrize("proxy", ["nginx"], indirect=True)
 def test_nginx_workers_started_by_root_run_as_nobody_and_write_no_file(proxy, coordinator):
     """The network-facing processes hold no privilege and need no file of the coordinator's (the 24 MB
     body above streamed through without a temporary file)."""
-    if proxy.kind != "nginx":
-        pytest.skip("nginx only")
     home, _ = coordinator
     master = psutil.Process(int((nginx.folder(home) / "nginx.pid").read_text()))
     workers = master.children()
