@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fedlora.config import RunConfig
+from fedlora.config import RunConfig, load_config
 from fedlora.privacy.accounting import calibrate_noise, epsilon_by_round
 from fedlora.privacy.budget import NODE_DELTA, NODE_EPSILON, SITE_DELTA, Budget, positive, run_share
 from fedlora.privacy.client_dp import utility_warning
@@ -25,6 +25,8 @@ from fedlora.privacy.distributed_site import EVENT as DISTRIBUTED_DP
 from fedlora.privacy.ledger import Ledger
 from fedlora.privacy.secagg.distributed_dp import epsilon_of_releases
 from fedlora.privacy.site import REFUSED, SiteAccountant
+from fedlora.privacy.utility import PARTLY, NoisedParameters, count_noised_parameters, noise_to_signal, remedies, \
+    report, verdict
 from fedlora.training import planned_steps
 
 
@@ -142,6 +144,9 @@ def _deployed_site(args: argparse.Namespace) -> int:
           f"per round): sigma {f.noise_multiplier:g}{' (calibrated)' if f.calibrated else ''}, epsilon "
           f"{f.run_epsilon:.4f} for the run, {f.after_epsilon:.4f} in all"
           + (f"; the site refuses round {f.refuses_at}: {f.why}" if f.refuses_at else ""))
+    if f.noise_multiplier > 0 and f.refuses_at != 1:
+        # the run's own rounds at the epsilon the forecast gives them: the same sigma, from a fresh plan
+        print(will_it_learn(args, f.noise_multiplier, steps, f.run_epsilon, f.delta))
     return 0
 
 
@@ -156,12 +161,44 @@ def _site(args: argparse.Namespace) -> int:
                      args.local_steps, args.accountant, args.noise_multiplier)
     print(format_plan(plan, f"fedlora privacy plan: one site, {args.records} units of privacy "
                             f"(records, or patients with privacy.unit-column), expected batch {args.batch_size}"))
+    print(will_it_learn(args, plan.noise_multiplier, plan.steps_per_round, args.epsilon, args.delta))
     if plan.calibrated:
         print(f"\n  run with --set privacy.noise-multiplier={plan.noise_multiplier:g} (or leave it 0: each site "
               "calibrates the same way for its own unit count)")
     if args.delta >= 1 / args.records:
         print(f"\n  warning: delta {args.delta:g} is not below 1/{args.records}: choose a smaller one")
     return 0
+
+
+def noised_parameters(args: argparse.Namespace) -> NoisedParameters | None:
+    """d: `--trainable-parameters`, else counted from the run configuration (`--config`, `--set`)."""
+    if args.trainable_parameters:
+        return NoisedParameters(args.trainable_parameters)
+    try:
+        return count_noised_parameters(load_config(args.config, args.set))
+    except (ValueError, OSError) as err:  # ModelLoadError: the model's config.json is not here
+        print(f"\n  noise-to-signal not computed: cannot count the trainable parameters ({err}); "
+              "give --trainable-parameters N", file=sys.stderr)
+        return None
+
+
+def will_it_learn(args: argparse.Namespace, noise_multiplier: float, steps: int, epsilon: float,
+                  delta: float) -> str:
+    """The per-step noise-to-signal ratio of the plan, the verdict, and (when it is not expected to
+    learn) what would: each figure from the same calibration as the plan's."""
+    parameters = noised_parameters(args)
+    if parameters is None:
+        return ""
+    nsr = noise_to_signal(noise_multiplier, parameters.total, args.batch_size)
+    fix = None
+    if verdict(nsr) != PARTLY:
+        def calibrate(units: int, batch: int) -> tuple[float, int, int]:
+            p = site_plan(units, batch, args.rounds, epsilon, delta, args.local_epochs, args.local_steps,
+                          args.accountant, args.noise_multiplier)
+            return p.noise_multiplier, p.steps_per_round, p.rounds
+        fix = remedies(args.records, args.batch_size, noise_multiplier, steps, args.rounds, delta, args.accountant,
+                       parameters, calibrate)
+    return report(nsr, noise_multiplier, parameters, args.batch_size, steps * args.rounds, fix, epsilon)
 
 
 def _clients(args: argparse.Namespace) -> int:
@@ -197,6 +234,12 @@ def add_parsers(sub, load_site: SiteLoader | None = None) -> None:
     plan.add_argument("--local-epochs", type=float, default=d.privacy.local_epochs,
                       help="local epochs per round (default: %(default)s)")
     plan.add_argument("--local-steps", type=int, default=0, help="local steps per round; overrides --local-epochs")
+    plan.add_argument("--trainable-parameters", type=int, default=0, metavar="N",
+                      help="noised (trainable) parameters d, for the noise-to-signal ratio; default: counted "
+                           "from the run configuration (--config, --set) without loading weights")
+    plan.add_argument("--config", "-c", help="the run's TOML configuration (model, lora, task, strategy): for d")
+    plan.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
+                      help="override one key of the run configuration, e.g. --set lora.rank=4 (repeatable)")
     _common(plan, d)
     plan.set_defaults(func=_site, site=None, load_site=load_site)
 
