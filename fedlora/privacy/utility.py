@@ -17,11 +17,19 @@ guide, not a guarantee.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fedlora.data.labels import infer_labels
+from fedlora.model_sources import DEMO_MODEL, TINY_MODELS, ModelLoadError, demo_model_dir, not_found
+from fedlora.models import _tiny_config, load_tokenizer, wrap_with_lora
 from fedlora.privacy.accounting import epsilon_by_round
+from fedlora.strategies import STRATEGIES
+from fedlora.strategies.factors import factor_of
+from fedlora.tasks import build_task
 
 D_REFERENCE = 75_653  # trainable parameters of the benchmark's adapter and head
 
@@ -140,16 +148,6 @@ def count_noised_parameters(config) -> NoisedParameters:
     PyTorch's meta device from its config.json (no weights read), LoRA applied as at the sites, and A
     left out under a strategy that freezes it (FFA). Raises ModelLoadError when the model's
     configuration is not available locally."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fedlora.data.labels import infer_labels
-    from fedlora.model_sources import DEMO_MODEL, TINY_MODELS, ModelLoadError, demo_model_dir, not_found
-    from fedlora.models import _tiny_config, load_tokenizer, wrap_with_lora
-    from fedlora.strategies import STRATEGIES
-    from fedlora.strategies.factors import factor_of
-    from fedlora.tasks import build_task
-
     config = infer_labels(config)
     task = build_task(config)
     m, lora = config.model, config.lora
@@ -165,8 +163,7 @@ def count_noised_parameters(config) -> NoisedParameters:
     auto = AutoModelForCausalLM
     if task.peft_task_type == "SEQ_CLS":
         model_config.num_labels, auto = task.num_labels, AutoModelForSequenceClassification
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notes, not ours
+    with torch.device("meta"):
         base = auto.from_config(model_config)
         model = wrap_with_lora(base, task.peft_task_type, lora.rank, lora.alpha, lora.dropout,
                                config.target_modules)
