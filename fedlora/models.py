@@ -10,7 +10,9 @@ Every process that loads the same spec gets bit-identical base weights, which
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,9 +147,52 @@ def load_model(config, task) -> LoadedModel:
     return LoadedModel(model, tokenizer, fingerprint)
 
 
-def export_adapter(model, directory: str | Path, base_name: str) -> Path:
-    """Save in PEFT's own format: loadable with PeftModel.from_pretrained(base, directory)."""
+DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the demo extra packages as 'minilm'
+LABELS_FILE = "labels.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_base_name(name: str) -> str:
+    """The base model's name for someone without fedlora: the demo alias becomes the hub id of the
+    checkpoint it packages, a hub id stays, a built-in tiny model keeps its name, and a local
+    folder becomes its model's own name (`_name_or_path` of its config.json when that is a hub id,
+    else the folder's name): never a path of the training machine."""
+    if name == DEMO_MODEL:
+        return DEMO_HUB_ID
+    folder = Path(name).expanduser()
+    if name in TINY_MODELS or not folder.is_dir():
+        return name
+    try:
+        own = json.loads((folder / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, ValueError):
+        own = ""
+    return own if isinstance(own, str) and _HUB_ID.match(own) and not Path(own).exists() else folder.resolve().name
+
+
+def label_mapping(labels: list[str]) -> dict[str, dict]:
+    """`id2label` / `label2id` exactly as `from_pretrained(base, **mapping)` takes them (JSON keys are
+    strings; transformers turns id2label's keys back into ints)."""
+    return {"id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def export_adapter(model, directory: str | Path, base_name: str, labels: list[str] | None = None) -> Path:
+    """Save in PEFT's own format: loadable with PeftModel.from_pretrained(base, directory).
+
+    `base_model_name_or_path` is `hub_base_name(base_name)`. A classifier's label names go to
+    `labels.json` ({"id2label": ..., "label2id": ...}) next to the adapter: PEFT keeps no label
+    names (its LoraConfig has no such field, and PeftModel.from_pretrained reads only
+    adapter_config.json and the weights), and a config.json here would make
+    `AutoConfig.from_pretrained(adapter_dir)` read an incomplete model config. The head's weights
+    travel in the adapter (modules_to_save); load the base with the same labels:
+    `AutoModelForSequenceClassification.from_pretrained(base, **json.load(open("labels.json")))`.
+    The model card (README.md) repeats them; fedlora.server.model_card writes it."""
     directory = Path(directory)
-    model.peft_config["default"].base_model_name_or_path = base_name
+    model.peft_config["default"].base_model_name_or_path = hub_base_name(base_name)
     model.save_pretrained(str(directory))
+    labels_path = directory / LABELS_FILE
+    if labels:
+        labels_path.write_text(json.dumps(label_mapping(labels), indent=2) + "\n")
+    else:
+        labels_path.unlink(missing_ok=True)  # none left from an earlier run in the same directory
     return directory

@@ -26,6 +26,7 @@ from fedlora.privacy.server import ServerPrivacy, finite
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
+from fedlora.server.model_card import write_model_card
 from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory, RunDirectoryError
@@ -119,5 +120,6 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
         "base_fingerprint": loaded.fingerprint,
         "versions": library_versions(),
     })
+    write_model_card(rundir.path / "adapter", config, rundir.path / "summary.json")  # the card with the run's figures
     write_report(rundir.path)
     log.info("done: adapter in %s, report %s", rundir.path / "adapter", rundir.path / "report.html")

@@ -8,6 +8,7 @@ from pathlib import Path
 from fedlora.arrays import State
 from fedlora.data.sites import central_test_set
 from fedlora.models import LoadedModel, export_adapter, set_trainable_state
+from fedlora.server.model_card import write_model_card
 from fedlora.tasks.base import Task
 from fedlora.training import evaluate_counts, predict_labels
 
@@ -53,5 +54,9 @@ class CentralEvaluator:
                                      "prediction": self.task.labels[p]}) + "\n")
 
     def export(self, state: State, directory: Path) -> Path:
+        """The adapter in PEFT format, its label names (labels.json) and a model card; the card
+        gains the run's figures once the summary exists (fedlora.server.model_card)."""
         set_trainable_state(self.loaded.model, state)
-        return export_adapter(self.loaded.model, directory, self.config.model.name)
+        out = export_adapter(self.loaded.model, directory, self.config.model.name, getattr(self.task, "labels", None))
+        write_model_card(out, self.config)
+        return out
