@@ -170,8 +170,8 @@ def hub_base_name(name: str) -> str:
 
 
 def label_mapping(labels: list[str]) -> dict[str, dict]:
-    """`id2label` / `label2id` exactly as `from_pretrained(base, **mapping)` takes them (JSON keys are
-    strings; transformers turns id2label's keys back into ints)."""
+    """`id2label` / `label2id` as transformers' configs hold them. JSON keys are strings, and
+    `from_pretrained` keeps a keyword's string keys, so readers turn id2label's keys into ints."""
     return {"id2label": {str(i): name for i, name in enumerate(labels)},
             "label2id": {name: i for i, name in enumerate(labels)}}
 
@@ -185,7 +185,8 @@ def export_adapter(model, directory: str | Path, base_name: str, labels: list[st
     adapter_config.json and the weights), and a config.json here would make
     `AutoConfig.from_pretrained(adapter_dir)` read an incomplete model config. The head's weights
     travel in the adapter (modules_to_save); load the base with the same labels:
-    `AutoModelForSequenceClassification.from_pretrained(base, **json.load(open("labels.json")))`.
+    `AutoModelForSequenceClassification.from_pretrained(base, id2label={int(i): n for i, n in
+    m["id2label"].items()}, label2id=m["label2id"])` with m the parsed labels.json.
     The model card (README.md) repeats them; fedlora.server.model_card writes it."""
     directory = Path(directory)
     model.peft_config["default"].base_model_name_or_path = hub_base_name(base_name)

@@ -54,7 +54,9 @@ from peft import PeftModel
 
 adapter = "path/to/adapter"  # this folder
 labels = json.load(open(f"{{adapter}}/{LABELS_FILE}"))  # {{"id2label": ..., "label2id": ...}}
-base = AutoModelForSequenceClassification.from_pretrained("{base}", **labels)
+id2label = {{int(i): name for i, name in labels["id2label"].items()}}  # JSON keys are strings
+base = AutoModelForSequenceClassification.from_pretrained("{base}", id2label=id2label,
+                                                          label2id=labels["label2id"])
 model = PeftModel.from_pretrained(base, adapter).eval()  # LoRA factors and the classification head
 tokenizer = AutoTokenizer.from_pretrained("{base}")
 inputs = tokenizer("some text", return_tensors="pt"{trunc})
@@ -137,8 +139,8 @@ def render(directory: Path, config=None, summary: dict[str, Any] | None = None) 
             out += ["", "## Library versions", "", ", ".join(f"{k} {v}" for k, v in versions.items())]
     out += ["", "## How to use with PEFT", ""]
     if labels:
-        out += [f"The label names are in `{LABELS_FILE}` as `id2label` / `label2id`, the keyword arguments "
-                "`from_pretrained` takes, so predictions decode to names:", ""]
+        out += [f"The label names are in `{LABELS_FILE}` as `id2label` / `label2id` (ids as "
+                "JSON strings); pass them to `from_pretrained` so predictions decode to names:", ""]
     out.append(_usage(base, task_type, labels, config.model.max_length if config is not None else None))
     if config is not None and config.model.name.startswith("tiny-"):
         out += ["", f"`{base}` is a built-in random test model of fedlora (fedlora.models.load_base_model), "
