@@ -10,9 +10,9 @@ leaves nothing behind.
 Flower detaches some of its processes (the SuperLink starts its SuperExec in a
 session of its own) and leaves others orphaned when their parent dies (a
 ClientApp whose SuperNode crashed), so neither the process tree nor the
-process group finds them all. A supervisor therefore marks its children's
-environment with its folder (`supervised_env`); every process they start
-inherits the mark, and `leftovers` finds them by it, whoever their parent is
+process group finds them all. A supervisor therefore marks its own environment
+with its folder (`mark_supervisor`); every process it starts, and every process
+those start, inherits the mark, and `leftovers` finds them by it, whoever their parent is
 now: after a `kill -9` of the supervisor, `stop` and the next `start` end them.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import IO
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 
@@ -73,13 +76,17 @@ def _signal_all(procs: list[psutil.Process], kill: bool) -> None:
             pass
 
 
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
-    """SIGTERM a process and all its descendants, then SIGKILL what is left after `timeout`."""
-    procs = _family(pid)
+def _terminate(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM `procs`, then SIGKILL what is left after `timeout`."""
     _signal_all(procs, kill=False)
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     _signal_all(alive, kill=True)
     psutil.wait_procs(alive, timeout=5)
+
+
+def stop_tree(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL what is left after `timeout`."""
+    _terminate(_family(pid), timeout)
 
 
 def kill_tree(pid: int, timeout: float = 30.0) -> None:
@@ -115,10 +122,7 @@ def leftovers(home: Path) -> list[psutil.Process]:
 def stop_leftovers(home: Path, timeout: float = 15.0) -> list[int]:
     """SIGTERM what `leftovers` finds, SIGKILL what ignores it after `timeout`; returns their pids."""
     procs = leftovers(home)
-    _signal_all(procs, kill=False)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    _signal_all(alive, kill=True)
-    psutil.wait_procs(alive, timeout=5)
+    _terminate(procs, timeout)
     return [p.pid for p in procs]
 
 
@@ -199,6 +203,18 @@ def signal_pid_file(path: Path, sig: int = signal.SIGTERM) -> int | None:
         except ProcessLookupError:  # it ended just now
             return None
     return pid
+
+
+def end_previous(pid_file: Path, home: Path, what: str) -> list[int]:
+    """Before a supervisor of `home` starts: refuse while the one in `pid_file` still runs, and end
+    what a previous one killed outright left running (it may hold the ports). Returns their pids."""
+    if (pid := running_pid(pid_file)) is not None:
+        raise RuntimeError(f"this {what} is already running (pid {pid}); `fedlora {what} stop` stops it")
+    ended = stop_leftovers(home)
+    if ended:
+        log.warning("stopped %d process(es) left running by a %s that did not stop cleanly (pids %s)",
+                    len(ended), what, ", ".join(map(str, ended)))
+    return ended
 
 
 def stop_supervisor(pid_file: Path, home: Path, timeout: float = 60.0) -> tuple[int | None, list[int]]:

@@ -25,9 +25,9 @@ from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, s
 from fedlora.deploy.permissions import make_private
 from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json, flower_env
 from fedlora.processes import (
+    end_previous,
     mark_supervisor,
     port_open,
-    running_pid,
     start_child,
     stop_leftovers,
     stop_on_sigterm,
@@ -77,10 +77,10 @@ def start(home: CoordinatorHome) -> int:
     _check_ready(home)
     stop_on_sigterm()  # uvicorn handles SIGTERM itself while the proxy serves
     listen_host, listen_port = split_address(home.listen)
-    if (pid := running_pid(home.pid_file)) is not None:
-        raise CoordinatorError(f"this coordinator is already running (pid {pid}); `fedlora coordinator stop` "
-                               "stops it")
-    _end_leftovers(home)
+    end_previous(home.pid_file, home.path, "coordinator")
+    if stale_nginx := nginx.end_leftover(home):  # nginx rewrites its environment: found by its pid file
+        log.warning("stopped an nginx left running by a coordinator that did not stop cleanly (pids %s)",
+                    ", ".join(map(str, stale_nginx)))
     if port_open("127.0.0.1", home.superlink_port):
         raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
                                "set superlink-port in coordinator.toml")
@@ -125,11 +125,3 @@ def start(home: CoordinatorHome) -> int:
             stop_leftovers(home.path)  # the SuperExec the SuperLink detached, ServerApps it orphaned
             home.pid_file.unlink(missing_ok=True)
             log.info("coordinator stopped")
-
-
-def _end_leftovers(home: CoordinatorHome) -> None:
-    """A coordinator killed outright leaves Flower's processes holding its ports: end them first."""
-    ended = stop_leftovers(home.path) + nginx.end_leftover(home)
-    if ended:
-        log.warning("stopped %d process(es) left running by a coordinator that did not stop cleanly (pids %s)",
-                    len(ended), ", ".join(map(str, ended)))

@@ -22,13 +22,13 @@ import tomli_w
 from fedlora.deploy.keys import fingerprint
 from fedlora.deploy.permissions import make_private
 from fedlora.deploy.session import end_stale_session, key_accepted, remember_node_id
-from fedlora.deploy.site_home import SiteError, SiteHome
+from fedlora.deploy.site_home import SiteHome
 from fedlora.deploy.systemd import SITE_NOT_ACCEPTED
 from fedlora.flower import FLOWER_ENV
 from fedlora.processes import (
     SUPERVISOR_MARK,
+    end_previous,
     mark_supervisor,
-    running_pid,
     start_child,
     stop_leftovers,
     stop_on_sigterm,
@@ -105,12 +105,7 @@ def start(home: SiteHome, env: dict[str, str] | None = None) -> int:
     """Run the site in the foreground until SIGINT/SIGTERM or the SuperNode exits; returns its exit code."""
     _check(home)
     stop_on_sigterm()
-    if (pid := running_pid(home.pid_file)) is not None:
-        raise SiteError(f"this site is already running (pid {pid}); `fedlora site stop` stops it")
-    ended = stop_leftovers(home.path)
-    if ended:
-        log.warning("stopped %d process(es) left running by a site that did not stop cleanly (pids %s)",
-                    len(ended), ", ".join(map(str, ended)))
+    end_previous(home.pid_file, home.path, "site")
     make_private(home.state, home.logs, home.path / "keys")
     home.state.mkdir(parents=True, exist_ok=True)
     home.logs.mkdir(parents=True, exist_ok=True)
