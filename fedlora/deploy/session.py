@@ -39,39 +39,45 @@ def remember_node_id(home: SiteHome, log_file: Path, offset: int) -> int | None:
     return node_id
 
 
-def end_stale_session(home: SiteHome) -> bool:
-    """Deactivate this site's previous session at the coordinator; True if one was ended."""
-    path = home.state / NODE_ID_FILE
-    if not path.exists():
-        return False
+def _end_session(home: SiteHome, node_id: int) -> tuple[int | None, Exception | None]:
+    """End `node_id`'s session with the site's signed Fleet call: (None, None) when ended, else the
+    HTTP status the coordinator answered (None when it could not be reached) and the error."""
     client = flower.fleet_client(home.superlink, str(home.root_certificates), home.private_key.read_bytes())
     try:
-        flower.deactivate_node(client, int(path.read_text()))
-    except Exception as err:  # noqa: BLE001 - nothing to end (offline already, coordinator down): start anyway
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        if status == PRECONDITION_FAILED:  # the usual case: the previous session ended cleanly
-            log.debug("the previous session had ended (%s)", err)
-        else:
-            log.info("could not end a previous session at the coordinator (%s); starting anyway", err)
-        return False
+        flower.deactivate_node(client, node_id)
+        return None, None
+    except Exception as err:  # noqa: BLE001 - the caller decides what each answer means
+        return getattr(getattr(err, "response", None), "status_code", None), err
     finally:
         client.close()
-    log.info("ended this site's previous session at the coordinator")
-    return True
+
+
+def _last_node_id(home: SiteHome) -> int | None:
+    path = home.state / NODE_ID_FILE
+    return int(path.read_text()) if path.exists() else None
+
+
+def end_stale_session(home: SiteHome) -> bool:
+    """Deactivate this site's previous session at the coordinator; True if one was ended."""
+    node_id = _last_node_id(home)
+    if node_id is None:
+        return False
+    status, err = _end_session(home, node_id)
+    if err is None:
+        log.info("ended this site's previous session at the coordinator")
+        return True
+    if status == PRECONDITION_FAILED:  # the usual case: the previous session ended cleanly
+        log.debug("the previous session had ended (%s)", err)
+    else:  # offline already, coordinator down: start anyway
+        log.info("could not end a previous session at the coordinator (%s); starting anyway", err)
+    return False
 
 
 def key_accepted(home: SiteHome) -> bool | None:
     """Whether the coordinator still accepts this site's key, asked with the same signed call:
     False when it answers 401 (it holds no such key: unregistered or revoked), True when it
     authenticated the call (whatever else it answered), None when it could not be asked."""
-    path = home.state / NODE_ID_FILE
-    node_id = int(path.read_text()) if path.exists() else 0
-    client = flower.fleet_client(home.superlink, str(home.root_certificates), home.private_key.read_bytes())
-    try:
-        flower.deactivate_node(client, node_id)
+    status, err = _end_session(home, _last_node_id(home) or 0)
+    if err is None:
         return True
-    except Exception as err:  # noqa: BLE001 - any failure to ask is "unknown"
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        return None if status is None else status != UNAUTHORIZED
-    finally:
-        client.close()
+    return None if status is None else status != UNAUTHORIZED
