@@ -132,8 +132,16 @@ def renew_server_cert(files: TlsFiles, hosts: list[str]) -> None:
     _write_cert(files.server_cert, cert)
 
 
+def san_names(cert: x509.Certificate) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """A certificate's subjectAltName: its DNS names and IP addresses (none without the extension)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return san.get_values_for_type(x509.DNSName), san.get_values_for_type(x509.IPAddress)
+
+
 def certificate_names(path: Path) -> list[str]:
     """The DNS names and IP addresses a certificate is valid for."""
-    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    return [*san.get_values_for_type(x509.DNSName), *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+    dns, ips = san_names(x509.load_pem_x509_certificate(Path(path).read_bytes()))
+    return [*dns, *(str(ip) for ip in ips)]

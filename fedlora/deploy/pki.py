@@ -33,7 +33,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedlora.deploy.certificates import LOOPBACK_NAMES, TlsFiles
+from fedlora.deploy.certificates import LOOPBACK_NAMES, TlsFiles, san_names
 
 MARKER = "own-pki.txt"   # in tls/: the certificates came from the hospital's PKI
 
@@ -106,18 +106,11 @@ def handshake(files, server_name: str) -> None:
     raise ssl.SSLError("the TLS handshake did not complete")
 
 
-def _names(cert: x509.Certificate) -> tuple[list[str], list[ipaddress._BaseAddress]]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return [], []
-    return [n.lower() for n in san.get_values_for_type(x509.DNSName)], san.get_values_for_type(x509.IPAddress)
-
-
 def names_host(cert: x509.Certificate, host: str) -> bool:
     """Whether a TLS client dialling `host` accepts `cert`'s names (subjectAltName; a wildcard
     stands for one leftmost label of a DNS name)."""
-    dns, ips = _names(cert)
+    dns, ips = san_names(cert)
+    dns = [name.lower() for name in dns]
     try:
         return ipaddress.ip_address(host) in ips
     except ValueError:
@@ -125,6 +118,11 @@ def names_host(cert: x509.Certificate, host: str) -> bool:
     host = host.lower().rstrip(".")
     return any(host == name or (name.startswith("*.") and host.count(".") == name.count(".")
                                 and fnmatch.fnmatchcase(host, name)) for name in dns)
+
+
+def _listed_names(cert: x509.Certificate) -> str:
+    dns, ips = san_names(cert)
+    return ", ".join([*(name.lower() for name in dns), *(str(ip) for ip in ips)]) or "nothing (no subjectAltName)"
 
 
 def _short(cert: x509.Certificate) -> str:
@@ -153,7 +151,7 @@ def check_own_tls(files: OwnTls, hosts: list[str]) -> None:
         why = [f"{h} (a --host)" if h in hosts else
                f"{h} (the coordinator dials its own SuperLink there)" for h in missing]
         raise PkiError(f"--server-cert {files.server_cert} does not name {', '.join(why)}; it names "
-                       f"{', '.join(certificate_names(leaf)) or 'nothing (no subjectAltName)'}: have your PKI "
+                       f"{_listed_names(leaf)}: have your PKI "
                        "issue one with these subjectAltNames")
     try:
         handshake(files, LOOPBACK_NAMES[1])
@@ -165,11 +163,6 @@ def check_own_tls(files: OwnTls, hosts: list[str]) -> None:
     except ssl.SSLError as err:
         raise PkiError(f"--server-cert {files.server_cert} with --server-key {files.server_key}: a TLS handshake "
                        f"fails: {err.reason or err}") from None
-
-
-def certificate_names(cert: x509.Certificate) -> list[str]:
-    dns, ips = _names(cert)
-    return [*dns, *(str(ip) for ip in ips)]
 
 
 def import_tls(folder: Path, files: OwnTls, hosts: list[str]) -> TlsFiles:
