@@ -1,7 +1,5 @@
 """Will DP-SGD learn at a site's size: the noise-to-signal ratio, the verdict, what would change it."""
 
-import math
-
 import pytest
 
 from fedlora.cli import main

@@ -130,7 +130,7 @@ def unit_text(description: str, command: list[str], folder: Path, user: str, gro
     capability = "CAP_NET_BIND_SERVICE" if bind_low_port else ""
     lines = [
         "# Written by `fedlora ... init` (fedlora/deploy/systemd.py; docs/deployment.md). Install:",
-        f"#   sudo cp THIS_FILE /etc/systemd/system/ && sudo systemctl daemon-reload",
+        "#   sudo cp THIS_FILE /etc/systemd/system/ && sudo systemctl daemon-reload",
         "#   sudo systemctl enable --now THIS_SERVICE      logs: journalctl -u THIS_SERVICE, and "
         f"{folder}/logs/",
         "[Unit]",

@@ -98,7 +98,7 @@ def render(directory: Path, config=None, summary: dict[str, Any] | None = None) 
            f"- Task: {'sequence classification' if classification else 'causal language modelling'}",
            f"- Base model: `{base}`"]
     if labels:
-        out.append(f"- Labels, in order (id: name): " + ", ".join(f"{i}: {n}" for i, n in enumerate(labels)))
+        out.append("- Labels, in order (id: name): " + ", ".join(f"{i}: {n}" for i, n in enumerate(labels)))
     targets = adapter.get("target_modules") or []
     targets = sorted(targets) if isinstance(targets, list) else [targets]
     out.append(f"- LoRA: rank {adapter.get('r')}, alpha {_fmt(adapter.get('lora_alpha'))}, "
