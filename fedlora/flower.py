@@ -110,6 +110,7 @@ def empty_run(run_id: int) -> Run:
 
 # -- replies by a deadline -----------------------------------------------------------------
 POLL_SECONDS = 3.0  # how often Flower's own send_and_receive polls for replies
+DEADLINE_POLL_SECONDS = 1.0  # the longest wait between two tries of a reply's data
 
 
 def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -147,11 +148,14 @@ def send_and_receive(grid, messages: list[Message], timeout: float) -> list[Mess
 def _object_downloads_until(http_grid, deadline: float):
     """HttpGrid.pull_messages downloads each reply's objects with `pull_objects(..., max_time=7200)`,
     one reply after another, each call with a clock of its own: every call gets the time left to the
-    one deadline. (The first try of each object still happens after it: data already there is taken.)"""
+    one deadline. (The first try of each object still happens after it: data already there is taken.)
+    pull_objects checks its time only between tries, which back off up to 10 s apart, so a download
+    could end that long past the deadline: tries here are at most DEADLINE_POLL_SECONDS apart."""
     unbounded = http_grid.pull_objects
 
     def until_deadline(*args, **kwargs):
-        return unbounded(*args, **{**kwargs, "max_time": max(0.0, deadline - time.monotonic())})
+        return unbounded(*args, **{**kwargs, "max_time": max(0.0, deadline - time.monotonic()),
+                                   "backoff_cap": DEADLINE_POLL_SECONDS})
 
     http_grid.pull_objects = until_deadline
     try:
