@@ -335,8 +335,17 @@ class PrivacySection(Section):
     batch_size: int = option(
         64, "Expected units (records, or patients) per DP-SGD step under Poisson sampling; "
         "0: train.batch-size.")
+    trainable: str = option(
+        "auto", "What DP-SGD trains at a site: head = the task head only, the LoRA factors staying as the "
+        "coordinator sends them (1,925 noised parameters on the demo model instead of 75,653: the noise on a "
+        "step grows with the square root of their number); adapter = the LoRA factors and the head; auto = "
+        "head for classification, adapter for a causal LM (it has no head).", ("auto", "head", "adapter"))
     learning_rate: float = option(
-        5e-3, "Site learning rate under DP-SGD (noisy steps need a larger one); 0: train.learning-rate.")
+        5e-3, "Site learning rate under DP-SGD when the adapter trains (noisy steps need a larger one than "
+        "plain ones); 0: train.learning-rate.")
+    head_learning_rate: float = option(
+        0.1, "Site learning rate under DP-SGD when only the head trains (privacy.trainable); 0: "
+        "privacy.learning-rate.")
     local_epochs: float = option(
         2.0, "Local epochs per round under DP-SGD; 0: train.local-epochs (train.local-steps, when set, wins).")
     ledger_heads: str = option(
@@ -377,6 +386,8 @@ class PrivacySection(Section):
                f"privacy.learning-rate: {self.learning_rate} must be >= 0 (0: train.learning-rate)")
         p.need(self.local_epochs >= 0,
                f"privacy.local-epochs: {self.local_epochs} must be >= 0 (0: train.local-epochs)")
+        p.need(self.head_learning_rate >= 0,
+               f"privacy.head-learning-rate: {self.head_learning_rate} must be >= 0 (0: privacy.learning-rate)")
         p.need(self.client_epsilon >= 0, f"privacy.client-epsilon: {self.client_epsilon} must be >= 0 "
                                          "(0: privacy.epsilon)")
         p.need(self.client_noise_multiplier > 0,
@@ -504,6 +515,12 @@ class RunConfig:
     def target_modules(self) -> list[str] | None:
         return list(self.lora.target_modules) or None
 
+    @property
+    def private_head_only(self) -> bool:
+        """Whether DP-SGD trains the task head alone (privacy.trainable; auto: when the task has a head)."""
+        trainable = self.privacy.trainable
+        return trainable == "head" or (trainable == "auto" and self.task.type == "classification")
+
     # -- checks ------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every problem: each section's own, then those only the sections together can tell."""
@@ -533,6 +550,8 @@ class RunConfig:
             records = c.data.records_per_site
             p.need(c.privacy.delta < 1 / records, f"privacy.delta: {c.privacy.delta} is not below 1 / records per "
                                                   f"site ({records}); such a delta allows releasing a record outright")
+        p.need(c.privacy.trainable != "head" or c.task.type == "classification",
+               f"privacy.trainable = head needs a task with a head (task.type = classification, not {c.task.type})")
         if c.secagg.enabled:
             p += _secure_aggregation_problems(c)
         p += composition_problems(c)

@@ -13,8 +13,10 @@ import hashlib
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -121,6 +123,19 @@ def base_fingerprint(model) -> str:
         digest.update(name.encode())
         digest.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@contextmanager
+def frozen(model, which: Callable[[str], bool]):
+    """For the duration of the block, the trainable tensors whose names `which` picks do not train."""
+    params = [p for name, p in model.named_parameters() if p.requires_grad and which(name)]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -35,7 +35,8 @@ def test_site_budget_is_enforced_by_the_train_handler(tmp_path):
     config = cfg.load_config(None, [
         "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=40", "federation.rounds=5",
         "task.labels=" + ",".join(synthetic.LABELS), f"output.dir={tmp_path}",
-        "privacy.enabled=false", "privacy.epsilon=8", "privacy.noise-multiplier=1.5", "privacy.accountant=rdp"])
+        "privacy.enabled=false", "privacy.epsilon=8", "privacy.noise-multiplier=1.5", "privacy.accountant=rdp",
+        "privacy.trainable=adapter"])
     node = {"partition-id": 0, "num-partitions": 2, "privacy-epsilon": 3.0}  # the hospital's own, stricter
     context = Context(run_id=7, node_id=1, node_config=node, state=RecordDict(), run_config=config.to_flat())
     rt = site_runtime(context)
@@ -85,3 +86,38 @@ def test_under_secure_aggregation_a_refusal_names_no_figures(tmp_path):
     assert reply.error.reason == f"site {rt.data.name} refuses round 1: its privacy budget would be exceeded"
     refusal = [e for e in Ledger(tmp_path / "sites" / rt.data.name).entries() if e["event"] == "refused"][-1]
     assert "q " in refusal["reason"] and "sigma 0.5" in refusal["reason"]  # the detail stays in the site's ledger
+
+
+@pytest.mark.parametrize("trainable, factors_train, rate", [("auto", False, 0.1), ("head", False, 0.1),
+                                                            ("adapter", True, 5e-3)])
+def test_dp_sgd_trains_the_head_alone_unless_the_adapter_is_asked_for(tmp_path, trainable, factors_train, rate):
+    """The private recipe: on a classification task DP-SGD noises and trains the head only (at the
+    head's learning rate); the LoRA factors come back unchanged, and train again after the round."""
+    from fedlora.strategies.factors import factor_of
+
+    config = cfg.load_config(None, [
+        "model.name=tiny-bert", "model.max-length=32", "data.records-per-site=40", "federation.rounds=2",
+        "task.labels=" + ",".join(synthetic.LABELS), f"output.dir={tmp_path}", "privacy.enabled=true",
+        "privacy.noise-multiplier=0.5", "privacy.batch-size=8", "privacy.epsilon=50",
+        f"privacy.trainable={trainable}"])
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=config.to_flat())
+    rt = site_runtime(context)
+    reply = app(_message(trainable_state(rt.loaded.model), 1, rt.loaded.fingerprint), context)
+    assert not reply.has_error()
+    delta = from_record(reply.content[wire.ARRAYS])
+    factors = {k: v for k, v in delta.items() if factor_of(k)}
+    head = {k: v for k, v in delta.items() if not factor_of(k)}
+    assert factors and head
+    assert all(abs(v).max() > 0 for v in head.values())
+    assert any(abs(v).max() > 0 for v in factors.values()) == factors_train
+    assert all(p.requires_grad for n, p in rt.loaded.model.named_parameters() if factor_of(n))
+    trained = [e for e in Ledger(tmp_path / "sites" / rt.data.name).entries() if e["event"] == "train"]
+    assert trained[-1]["learning_rate"] == rate
+
+
+def test_only_a_task_with_a_head_can_train_the_head_alone():
+    causal = ["task.type=causal-lm", "model.name=tiny-llama"]
+    assert not cfg.load_config(None, causal).private_head_only  # auto: a causal LM trains its adapter
+    with pytest.raises(ValueError, match="privacy.trainable = head needs a task with a head"):
+        cfg.load_config(None, [*causal, "privacy.trainable=head"])

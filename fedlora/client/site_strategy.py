@@ -23,7 +23,7 @@ from fedlora.arrays import State, from_record
 from fedlora.client.personal import load_personal, save_personal
 from fedlora.client.runtime import SiteRuntime
 from fedlora.frozen_base import set_base_correction
-from fedlora.models import set_trainable_state, trainable_state
+from fedlora.models import frozen, set_trainable_state, trainable_state
 from fedlora.strategies.correction import BaseCorrection
 from fedlora.strategies.factors import is_factor, truncate, uploaded
 from fedlora.strategies.fedprox import proximal_term
@@ -63,19 +63,12 @@ class SitePlan:
     @contextmanager
     def training(self, start: State):
         """For the duration of local training: A frozen (FFA); yields the extra loss term (FedProx) or None."""
-        frozen = [p for name, p in self.model.named_parameters()
-                  if self.freeze_a and p.requires_grad and is_factor(name, "A")]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
+        with frozen(self.model, lambda name: self.freeze_a and is_factor(name, "A")):
             if self.proximal_mu > 0:
                 anchor = {k: torch.from_numpy(v.copy()) for k, v in start.items()}
                 yield lambda model: proximal_term(model, anchor, self.proximal_mu)
             else:
                 yield None
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
 
     def update(self, start: State) -> State:
         """What the site sends: local − start for the tensors it shares; keeps its own B."""

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedlora import wire
+from fedlora.models import frozen
 from fedlora.privacy.budget import dp_required, resolve_budget, run_share, state_dir, unit_column
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.site import BudgetExhausted, Forecast, SiteAccountant
 from fedlora.privacy.units import build_units
+from fedlora.strategies.factors import factor_of
 from fedlora.training import TrainResult, local_train, planned_steps
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,12 @@ class PrivateRound:
 
 def dp_enabled(config, node: Mapping[str, Any]) -> bool:
     return dp_required(config.privacy.enabled, node)
+
+
+def private_learning_rate(config) -> float:
+    """The site's learning rate under DP-SGD: the head's when it trains alone, else the adapter's."""
+    d = config.privacy
+    return (d.head_learning_rate if config.private_head_only else 0.0) or d.learning_rate or config.train.learning_rate
 
 
 def dp_settings(config) -> DPSettings:
@@ -88,19 +96,23 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
                     "so far, %.3f if it trains every round left, share %g (node config privacy-per-run = warn)",
                     rt.data.name, plan.run_epsilon, plan.run_projected, accountant.share.epsilon)
     settings = dp_settings(config)
-    learning_rate = d.learning_rate or config.train.learning_rate
+    head_only = config.private_head_only
+    learning_rate = private_learning_rate(config)
     try:
-        dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
-                         learning_rate=learning_rate, weight_decay=config.train.weight_decay, extra_loss=extra_loss,
-                         steps_method=DPSGD(units, sample_rate, plan.noise_multiplier, settings))
+        with frozen(rt.loaded.model, lambda name: head_only and factor_of(name) is not None):
+            dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
+                             learning_rate=learning_rate, weight_decay=config.train.weight_decay,
+                             extra_loss=extra_loss, steps_method=DPSGD(units, sample_rate, plan.noise_multiplier,
+                                                                       settings))
     except Exception as err:  # nothing left the site: the reserved spend is given back, and the error goes on
         accountant.release(plan, f"training failed: {type(err).__name__}")
         raise
     entry = accountant.commit(plan, run=run, clip=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
                               max_records_per_unit=units.sensitivity_factor, units=units.count,
                               records=len(examples), empty_steps=dp.empty_steps, learning_rate=learning_rate)
-    log.info("site %s round %d: DP-SGD %d steps (%d empty), sigma %.3g, q %.4g, unit %s; epsilon %.3f of %g "
-             "(delta %g); local loss %.4f (not released)", rt.data.name, server_round, dp.steps, dp.empty_steps,
+    log.info("site %s round %d: DP-SGD on %s, %d steps (%d empty), sigma %.3g, q %.4g, unit %s; epsilon %.3f "
+             "of %g (delta %g); local loss %.4f (not released)", rt.data.name, server_round,
+             "the head alone" if head_only else "the adapter and head", dp.steps, dp.empty_steps,
              plan.noise_multiplier, sample_rate, units.describe(), plan.epsilon, budget.epsilon, budget.delta,
              dp.mean_loss)
     metrics = {

@@ -128,7 +128,8 @@ class NoisedParameters:
         factors grow linearly with the rank)."""
         if not (self.lora_a or self.lora_b):
             return []
-        out = []
+        out = [("the head alone, the LoRA factors not trained (privacy.trainable = head)", self.other)] \
+            if self.other else []
         lora = self.lora_a + self.lora_b
         if not self.frozen_a and self.lora_a:
             out.append(("A frozen, as FFA-LoRA does (strategy.name = ffa)", self.total - self.lora_a))
@@ -168,12 +169,13 @@ def count_noised_parameters(config) -> NoisedParameters:
         model = wrap_with_lora(base, task.peft_task_type, lora.rank, lora.alpha, lora.dropout,
                                config.target_modules)
     frozen_a = bool(getattr(STRATEGIES.get(config.strategy.name), "freeze_a", False))
+    head_only = config.private_head_only
     counts = {"A": 0, "B": 0, "other": 0}
     by_module: dict[str, list[int]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
         factor = factor_of(name)
+        if not p.requires_grad or (factor and head_only):
+            continue
         which = factor[1] if factor else "other"
         if which == "A" and frozen_a:
             continue
@@ -183,8 +185,9 @@ def count_noised_parameters(config) -> NoisedParameters:
             module[which == "B"] += p.numel()
     total = sum(counts.values())
     modules = tuple((k, a, b) for k, (a, b) in sorted(by_module.items()))
-    return NoisedParameters(total, counts["A"], counts["B"], lora.rank, modules, frozen_a,
-                            f"model {m.name}, LoRA rank {lora.rank}, strategy {config.strategy.name}")
+    what = ("the head alone (privacy.trainable)" if head_only
+            else f"LoRA rank {lora.rank}, strategy {config.strategy.name}")
+    return NoisedParameters(total, counts["A"], counts["B"], lora.rank, modules, frozen_a, f"model {m.name}, {what}")
 
 
 # -- what would change it ----------------------------------------------------------------
