@@ -155,7 +155,7 @@ round-timeout = 900.0
 wait-for-sites = 300.0
 
 [train]
-local-epochs = 1.0
+local-epochs = 2.0
 batch-size = 16
 
 [privacy]
