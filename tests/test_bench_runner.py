@@ -77,7 +77,7 @@ def test_bench_writes_what_finished_and_reports_what_failed(fake_suites, tmp_pat
 def test_unknown_suite_is_refused_with_the_list(capsys):
     assert fedlora_main(["bench", "--only", "speed"]) == 2
     assert ("known: lora-vs-full, communication, overheads, secure-aggregation, privacy, deployment, quality, "
-            "strategies") in capsys.readouterr().err
+            "curves, strategies") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name, module", list(runner.SUITES.items()))
@@ -108,8 +108,9 @@ def test_help_lists_every_suite_and_what_each_mode_leaves_out(capsys):
         fedlora_main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("Suites, in the order they run: lora-vs-full, communication, overheads, secure-aggregation, privacy, "
-            "deployment, quality, strategies.") in text
-    assert "quick mode runs all but deployment and strategies, and full mode all but privacy and strategies" in text
+            "deployment, quality, curves, strategies.") in text
+    assert ("quick mode runs all but deployment, curves, strategies, and full mode all but privacy, curves, "
+            "strategies") in text
 
 
 def test_the_parent_heading_is_found_in_the_real_benchmarks_file(tmp_path):

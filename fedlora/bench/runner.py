@@ -22,6 +22,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fedlora.bench.report import write_report
 from fedlora.bench.suite import BenchContext, SuiteResult
 from fedlora.progress import progress
 from fedlora.versions import library_versions
@@ -34,12 +35,13 @@ SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "privacy": "fedlora.bench.privacy",
     "deployment": "fedlora.bench.deployment",
     "quality": "fedlora.bench.quality",
+    "curves": "fedlora.bench.curves",
     "strategies": "fedlora.bench.strategies",
 }
 # Suites too long for a mode's default run: without --only that mode skips them (name them to run them).
-# Quick: the deployment starts real processes (minutes), strategies are 32 runs; full: privacy takes
-# about an hour, strategies about two.
-OPT_IN = {"quick": ("deployment", "strategies"), "full": ("privacy", "strategies")}
+# Quick: the deployment starts real processes (minutes), curves are 10 runs, strategies 32; full: privacy
+# takes about an hour, curves and strategies about two each.
+OPT_IN = {"quick": ("deployment", "curves", "strategies"), "full": ("privacy", "curves", "strategies")}
 PARENT_HEADING = "## `fedlora bench`"
 
 
@@ -130,6 +132,7 @@ def run_suites(names: list[str], quick: bool, workdir: Path, markdown: Path | No
                  "seconds": time.perf_counter() - started, "machine": load, "versions": library_versions(),
                  "figures": result.figures, "notes": result.notes}
         update_json(json_path, name, entry)
+        write_report(json_path)
         text = section(module.TITLE, result, entry)
         if markdown is not None:  # quick figures get sections of their own, beside the full ones
             update_markdown(markdown, f"{name} (quick)" if quick else name, text)
@@ -141,10 +144,12 @@ def add_parser(sub) -> None:
     bench = sub.add_parser(
         "bench", help="run the benchmark suites; write BENCHMARKS.md sections and BENCHMARKS.json",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__ + "\nSuites, in the order they "
-        "run: " + ", ".join(SUITES) + ".\n\nWithout --only, quick mode runs all but " + " and ".join(OPT_IN["quick"])
-        + ", and full mode all but " + " and ".join(OPT_IN["full"]) + "; name a suite in --only to run it anyway. "
+        "run: " + ", ".join(SUITES) + ".\n\nWithout --only, quick mode runs all but " + ", ".join(OPT_IN["quick"])
+        + ", and full mode all but " + ", ".join(OPT_IN["full"]) + "; name a suite in --only to run it anyway. "
         "Quick mode takes about 5 minutes on 2 cores (small models and data, few rounds); full mode runs the "
-        "default scenario and takes over an hour there (privacy adds about an hour, strategies about two). "
+        "default scenario and takes over an hour there (privacy adds about an hour, curves and strategies "
+        "about two each). The plots of every suite that has some go to BENCHMARKS.html (the JSON file's "
+        "name, .html) after each suite. "
         "Run directories are kept in --workdir; a finished one is reused, so an interrupted bench continues "
         "where it stopped.")
     bench.add_argument("--quick", action="store_true", help="a few minutes on 2 cores instead of the full suite")

@@ -19,7 +19,8 @@ WIDTH, HEIGHT, PAD, LEGEND = 540, 260, 56, 16
 MAX_X_TICKS = 10  # round labels on the x axis, at most
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "") -> str:
+def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "",
+               x_label: str = "round") -> str:
     """An SVG line chart of named (x, y) series; empty series are left out."""
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
@@ -49,7 +50,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label
     ticks = sorted(set(xs))
     for x in ticks[::math.ceil(len(ticks) / MAX_X_TICKS)]:
         parts.append(f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD + 14}" text-anchor="middle" font-size="10">{x:g}</text>')
-    parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT - PAD + 30}" text-anchor="middle" font-size="11">round</text>')
+    parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT - PAD + 30}" text-anchor="middle" '
+                 f'font-size="11">{html.escape(x_label)}</text>')
     if y_label:
         parts.append(f'<text x="12" y="{HEIGHT / 2}" font-size="11" transform="rotate(-90 12 {HEIGHT / 2})" '
                      f'text-anchor="middle">{html.escape(y_label)}</text>')
