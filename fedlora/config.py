@@ -78,6 +78,11 @@ class ModelSection(Section):
         False, "Allow fetching a hub model id over the network (off: cache or local dir only)."
     )
     seed: int = option(0, "Seed for weights the checkpoint lacks (task heads, tiny models).")
+    warm_start: str = option(
+        "", "Start from an adapter a previous run exported instead of a fresh one: its run directory or an "
+        "adapter folder (PEFT format). The coordinator sends it as the round-1 global model; base model, LoRA "
+        "rank and target modules and labels must be this run's. Not a resume (output.resume): rounds, "
+        "metrics and strategy state start anew.")
 
     def problems(self) -> list[str]:
         p = Problems()

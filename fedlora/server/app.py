@@ -31,6 +31,7 @@ from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory, RunDirectoryError
 from fedlora.server.secure_collect import SecureCollector
+from fedlora.server.warm_start import load_warm_start
 from fedlora.strategies.compose import server_strategy
 from fedlora.tasks import build_task
 from fedlora.versions import library_versions
@@ -82,15 +83,20 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     central = CentralEvaluator(config, task, loaded, flower.simulated_sites(grid))  # which test set is the run's
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
 
-    global_state, start_round = trainable_state(loaded.model), 1
+    global_state, start_round, warm = trainable_state(loaded.model), 1, None
     checkpoint = rundir.load_checkpoint() if config.output.resume else None
     if checkpoint is not None:
         global_state, start_round = checkpoint.global_state, checkpoint.round + 1
         coordinator.load_state_dict(checkpoint.state)
         rundir.truncate_metrics(checkpoint.round)
         log.info("resuming %s after round %d", rundir.path, checkpoint.round)
-    elif rundir.metrics_path.exists():
-        rundir.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
+    else:
+        if config.model.warm_start:
+            warm = load_warm_start(config.model.warm_start, config, loaded.model)
+            global_state = warm.state
+            log.info("starting from the adapter in %s (sha256 %s)", warm.folder, warm.sha256[:16])
+        if rundir.metrics_path.exists():
+            rundir.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
     log.info("run directory %s", rundir.path)
     final_state = coordinator.run(global_state, start_round)
 
@@ -118,6 +124,7 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
         "sites": {} if strategy.needs_secret_sampling else coordinator.sites_seen,
         "privacy": privacy,
         "base_fingerprint": loaded.fingerprint,
+        "warm_start": warm.summary() if warm else None,
         "versions": library_versions(),
     })
     write_model_card(rundir.path / "adapter", config, rundir.path / "summary.json")  # the card with the run's figures
