@@ -35,6 +35,9 @@ def test_a_warm_started_run_begins_from_the_previous_adapter_and_goes_on_from_th
     assert len(summary["warm_start"]["sha256"]) == 64
     cold = _rounds(first)
     warm = _rounds(second)
+    # scored before round 1, it is where the first run ended
+    assert summary["warm_start"]["test_accuracy"] == cold[-1]["test_accuracy"]
+    assert summary["warm_start"]["test_loss"] == pytest.approx(cold[-1]["test_loss"], rel=1e-5)
     # its first round goes on from where the first run ended (the sites' training loss; a random tiny model
     # does not generalize to the test set): below the first run's last round, not back at its first
     assert [r["train_loss"] for r in cold] == sorted((r["train_loss"] for r in cold), reverse=True)

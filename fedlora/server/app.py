@@ -94,7 +94,9 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
         if config.model.warm_start:
             warm = load_warm_start(config.model.warm_start, config, loaded.model)
             global_state = warm.state
-            log.info("starting from the adapter in %s (sha256 %s)", warm.folder, warm.sha256[:16])
+            warm.scores = central.evaluate(global_state) if central.has_test_set else {}  # where it starts
+            log.info("starting from the adapter in %s (sha256 %s)%s", warm.folder, warm.sha256[:16],
+                     "".join(f", {k} {v:.4g}" for k, v in warm.scores.items()))
         if rundir.metrics_path.exists():
             rundir.metrics_path.unlink()  # a fresh run in an old directory starts a fresh log
     log.info("run directory %s", rundir.path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft.utils import set_peft_model_state_dict
@@ -36,9 +36,10 @@ class WarmStart:
     state: dict          # the trainable tensors, as the coordinator's model names them
     folder: Path
     sha256: str          # of the weights file: which adapter this run descends from
+    scores: dict = field(default_factory=dict)  # the adapter on the central test set, before round 1
 
     def summary(self) -> dict:
-        return {"adapter": str(self.folder), "sha256": self.sha256}
+        return {"adapter": str(self.folder), "sha256": self.sha256, **self.scores}
 
 
 def adapter_folder(path: str | Path) -> Path:
