@@ -24,6 +24,7 @@ EVAL_CORRECT = "eval-correct"
 EVAL_TP = "eval-tp"                    # per-class counts, for an exact pooled macro-F1
 EVAL_FP = "eval-fp"
 EVAL_FN = "eval-fn"
+EVAL_CONFUSION = "eval-confusion"      # classification: k x k counts, row-major, row = true label
 
 # LoRA-aware strategies (fedlora/strategies, docs/strategies.md).
 BASE_CORRECTION = "base-correction"    # server -> site ArrayRecord: correction folded into the frozen base

@@ -111,6 +111,7 @@ def test_every_plot_and_series_is_drawn_by_the_browser(run_dir, chromium, tmp_pa
     expected = {
         "Loss": {"eval_loss", "test_loss"},  # no train_loss under DP-SGD: it stays at the sites
         "Accuracy and macro-F1": {"eval_accuracy", "eval_macro_f1"},
+        "Accuracy at each site (its own held-out rows)": set(sites),
         "Privacy spent (ε)": {f"ε {s}" for s in sites},
         "Bytes per round": {"bytes_up", "bytes_down"},
         "Aggregation error": {"aggregation_error"},
@@ -129,7 +130,7 @@ def test_every_plot_and_series_is_drawn_by_the_browser(run_dir, chromium, tmp_pa
 
     # the per-site table: every site, with the privacy it spent
     header, table = probe["header"], {r[0]: dict(zip(probe["header"], r)) for r in probe["sites"]}
-    assert header[0] == "site" and {"last_round", "epsilon", "delta"} <= set(header)
+    assert header[0] == "site" and {"last_round", "epsilon", "delta", "eval_accuracy", "eval_count"} <= set(header)
     assert sorted(table) == sites
     for site in sites:
         assert table[site]["last_round"] == str(ROUNDS)

@@ -105,6 +105,7 @@ def evaluate(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         wire.EVAL_TP: counts.get("tp", []),
         wire.EVAL_FP: counts.get("fp", []),
         wire.EVAL_FN: counts.get("fn", []),
+        wire.EVAL_CONFUSION: counts.get("confusion", []),
     })
     return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)
 

@@ -124,18 +124,28 @@ class Coordinator:
                     for node in nodes]
         replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, traffic,
                                          MessageType.EVALUATE, server_round)
+        task = self.central.task
         counts: dict[str, Any] = {}
+        per_site: dict[str, dict[str, Any]] = {}
         for reply in replies:
             m = reply.content[wire.METRICS]
             if int(m[wire.EVAL_COUNT]) == 0:
                 continue
             part = {"count": int(m[wire.EVAL_COUNT]), "loss_sum": float(m[wire.EVAL_LOSS_SUM]),
                     "tokens": int(m[wire.EVAL_TOKENS]), "correct": int(m[wire.EVAL_CORRECT])}
-            for key, name in ((wire.EVAL_TP, "tp"), (wire.EVAL_FP, "fp"), (wire.EVAL_FN, "fn")):
-                if len(m[key]):
+            for key, name in ((wire.EVAL_TP, "tp"), (wire.EVAL_FP, "fp"), (wire.EVAL_FN, "fn"),
+                              (wire.EVAL_CONFUSION, "confusion")):
+                if key in m and len(m[key]):
                     part[name] = [int(v) for v in m[key]]
-            self.central.task.add_counts(counts, part)
-        row = self.central.task.metrics(counts) if counts else {}
+            task.add_counts(counts, part)
+            # each site's own figures: the coordinator holds these counts anyway, and a hospital where the
+            # model is weaker must show, not only the mean
+            site = reply.content.config_records.get(wire.SITE, {}).get(wire.SITE_NAME) \
+                or self.messenger.name(reply.metadata.src_node_id)
+            per_site[str(site)] = {**task.metrics(part), "eval_count": part["count"],
+                                   **{f"eval_{k}": v for k, v in task.details(part).items()}}
+        row = {**task.metrics(counts), **{f"eval_{k}": v for k, v in task.details(counts).items()},
+               "eval_sites": dict(sorted(per_site.items()))} if counts else {}
         return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
 
     # -- forecast ---------------------------------------------------------------

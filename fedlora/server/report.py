@@ -97,6 +97,33 @@ def _site_epsilon(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
     return {**(out or _series(rows, "epsilon")), **_series(rows, "client_epsilon")}  # + client-level DP
 
 
+def _site_accuracy(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Each site's own accuracy on its held-out rows, per round (`eval_sites`)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        for site, figures in (r.get("eval_sites") or {}).items():
+            if _number(figures.get("eval_accuracy")):
+                out.setdefault(site, []).append((r["round"], float(figures["eval_accuracy"])))
+    return out
+
+
+def _per_class(row: dict) -> str:
+    """The last round's per-class figures and confusion matrix, pooled over the sites' held-out rows."""
+    per_class = row.get("eval_per_class")
+    if not per_class:
+        return ""
+    labels = list(per_class)
+    parts = ["<h2>Per class (the sites' held-out rows, pooled; last round)</h2>",
+             _table([[name, v["precision"], v["recall"], v["f1"], v["support"]] for name, v in per_class.items()],
+                    ["class", "precision", "recall", "F1", "support"])]
+    confusion = row.get("eval_confusion")
+    if confusion:
+        matrix = _table([[t, *counts] for t, counts in zip(labels, confusion)], ["true / predicted", *labels])
+        parts += ["<p>Confusion matrix: rows are the true class, columns the predicted one.</p>",
+                  f'<div id="confusion">{matrix}</div>']
+    return "".join(parts)
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
@@ -108,12 +135,16 @@ def _fmt(v) -> str:
         return f"{v:.4g}"
     if isinstance(v, dict):
         return ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items())
-    return str(v)
+    return "–" if v is None else str(v)
 
 
-def _sites(summary: dict) -> dict[str, dict]:
-    """Per site: what the coordinator saw (last round) and, under DP-SGD, the privacy it reported."""
+def _sites(summary: dict, rows: list[dict]) -> dict[str, dict]:
+    """Per site: what the coordinator saw (last round), its own figures on its held-out rows in the last
+    round it was evaluated, and, under DP-SGD, the privacy it reported."""
     sites = {name: dict(v) for name, v in summary.get("sites", {}).items()}
+    for r in rows:
+        for name, figures in (r.get("eval_sites") or {}).items():
+            sites.setdefault(name, {}).update({k: v for k, v in figures.items() if _number(v)})
     for name, spend in ((summary.get("privacy") or {}).get("site_level", {}).get("sites") or {}).items():
         row = sites.setdefault(name, {})
         for key, value in spend.items():
@@ -142,14 +173,16 @@ def render(run_dir: str | Path) -> str:
         line_chart("Loss", _series(rows, "train_loss", "eval_loss", "test_loss"), "loss"),
         line_chart("Accuracy and macro-F1", _series(rows, "eval_accuracy", "eval_macro_f1", "test_accuracy",
                                                     "test_macro_f1"), "score"),
+        line_chart("Accuracy at each site (its own held-out rows)", _site_accuracy(rows), "accuracy"),
         line_chart("Perplexity", _series(rows, "eval_perplexity", "test_perplexity"), "perplexity"),
         line_chart("Privacy spent (ε)", _site_epsilon(rows), "ε"),
         line_chart("Bytes per round", _series(rows, "bytes_up", "bytes_down"), "bytes"),
         line_chart("Aggregation error", _series(rows, "aggregation_error"), "relative error"),
     ]
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "epsilon_per_site"))  # columns of any round
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # scalar columns of any round
+                              if k != "epsilon_per_site" and not isinstance(v, (dict, list))))
     round_table = _table([[r.get(k, "") for k in keys] for r in rows], keys)
-    sites = _sites(summary)
+    sites = _sites(summary, rows)
     site_cols = list(dict.fromkeys(k for v in sites.values() for k in v))
     site_table = _table([[name, *[v.get(k, "") for k in site_cols]] for name, v in sorted(sites.items())],
                         ["site", *site_cols]) if sites else "<p>No per-site information.</p>"
@@ -177,6 +210,7 @@ th {{ background: #f3f3f3; }}
 <div class="wide">{round_table}</div>
 <h2>Per site</h2>
 <div id="sites" class="wide">{site_table}</div>
+{_per_class(rows[-1]) if rows else ""}
 <h2>Run</h2>
 {_table(facts, ["", "value"])}
 </body></html>

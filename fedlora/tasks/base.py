@@ -40,6 +40,10 @@ class Task(ABC):
     def metrics(self, counts: dict[str, Any]) -> dict[str, float]:
         """`eval_*` figures from pooled counts."""
 
+    def details(self, counts: dict[str, Any]) -> dict[str, Any]:
+        """Figures beyond `metrics` that the counts allow (classification: per class); none by default."""
+        return {}
+
     @staticmethod
     def add_counts(total: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
         for key, value in part.items():

@@ -71,6 +71,7 @@ class ClassificationTask(Task):
             "count": int(y.numel()),
             "correct": int((pred == y).sum()),
             "tp": tp, "fp": fp, "fn": fn,
+            "confusion": torch.bincount(y * k + pred, minlength=k * k).tolist(),  # row: true label, column: predicted
         }
 
     def metrics(self, counts: dict[str, Any]) -> dict[str, float]:
@@ -80,6 +81,24 @@ class ClassificationTask(Task):
             "eval_accuracy": counts["correct"] / n,
             "eval_macro_f1": macro_f1(counts["tp"], counts["fp"], counts["fn"]),
         }
+
+
+    def details(self, counts: dict[str, Any]) -> dict[str, Any]:
+        """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true labels,
+        columns: predicted), from counts pooled exactly like the metrics."""
+        k = self.num_labels
+        per_class = {}
+        for c, name in enumerate(self.labels):
+            tp, fp, fn = counts["tp"][c], counts["fp"][c], counts["fn"][c]
+            precision = tp / (tp + fp) if tp + fp else None  # never predicted: undefined, not 0
+            recall = tp / (tp + fn) if tp + fn else None      # absent from the labels: undefined
+            f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+            per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+        out: dict[str, Any] = {"per_class": per_class}
+        if len(counts.get("confusion", [])) == k * k:
+            flat = counts["confusion"]
+            out["confusion"] = [flat[i * k:(i + 1) * k] for i in range(k)]
+        return out
 
 
 def macro_f1(tp: list[int], fp: list[int], fn: list[int]) -> float:
