@@ -14,7 +14,8 @@ from fedlora.data.labels import infer_labels
 from fedlora.tasks import build_task
 from fedlora.training import plain_train
 
-TINY = ["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=30", "train.batch-size=4"]
+TINY = ["model.name=tiny-bert", "model.max-length=32", "data.records-per-site=30", "train.batch-size=4",
+        "train.local-epochs=1"]
 
 
 @pytest.fixture(scope="module")
