@@ -71,3 +71,10 @@ def test_the_count_from_the_configuration_is_exact():
     assert (count.total, count.lora_a, count.lora_b, count.other) == (D, 36_864, 36_864, 1925)
     ffa = u.count_noised_parameters(load_config(None, ["strategy.name=ffa", "lora.rank=4", "privacy.trainable=adapter"]))
     assert ffa.total == 1925 + 36_864 // 2 and ffa.frozen_a
+
+
+def test_the_private_recipes_own_measurement_tempers_learns_partly():
+    assert u.HEAD_ALONE.nsr == pytest.approx(0.85, abs=0.005)  # 1.24 * sqrt(1,925) / 64
+    said = u.sentence(u.HEAD_ALONE.nsr, u.HEAD_ALONE.steps)
+    assert u.verdict(u.HEAD_ALONE.nsr) == u.PARTLY
+    assert f"reached {u.HEAD_ALONE.test_accuracy:.3f} against {u.HEAD_ALONE.non_private_accuracy:.3f}" in said
