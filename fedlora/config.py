@@ -559,6 +559,10 @@ class RunConfig:
                                                   f"site ({records}); such a delta allows releasing a record outright")
         p.need(c.privacy.trainable != "head" or c.task.type == "classification",
                f"privacy.trainable = head needs a task with a head (task.type = classification, not {c.task.type})")
+        if c.privacy.enabled and c.private_head_only and (c.privacy.client_dp or c.secagg.dp_noise_multiplier > 0):
+            p.need(False, "privacy.trainable: DP-SGD trains the head alone (auto, on a classification task), but "
+                          "client-level or distributed DP noises every coordinate of the update: the LoRA factors, "
+                          "which did not train, would take noise each round. Set privacy.trainable = adapter")
         if c.secagg.enabled:
             p += _secure_aggregation_problems(c)
         p += composition_problems(c)

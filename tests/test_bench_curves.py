@@ -9,7 +9,7 @@ import pytest
 from test_report_browser import PROBE, _browse, _chromium
 
 from fedlora import config as cfg
-from fedlora.bench import curves, report, runner
+from fedlora.bench import baselines, curves, report, runner
 from fedlora.bench.baselines import centralized_curve, converged
 from fedlora.bench.suite import SuiteResult
 from fedlora.cli import main as fedlora_main
@@ -23,19 +23,25 @@ def test_training_stops_after_patience_rounds_without_a_new_best():
     assert converged([0.3], patience=3) == (0, 0)
 
 
-def test_centralized_training_is_scored_every_round_of_the_federations_steps_until_it_converges(tiny_bert_dir):
+def test_centralized_training_is_scored_every_round_of_the_federations_steps_until_it_converges(tiny_bert_dir,
+                                                                                                 monkeypatch):
     config = cfg.load_config(None, [f'model.name="{tiny_bert_dir}"', "model.max-length=32", "federation.num-sites=2",
                                     "data.records-per-site=30", "train.local-steps=3",
                                     "task.labels=" + ",".join(synthetic.LABELS)])
-    curve = centralized_curve(config, max_rounds=4, patience=1)
+    validation = iter([0.5, 0.6, 0.6, 0.55, 0.9, 0.9])  # a plateau after round 2, a late rise never reached
+    score = baselines.Pooled.score
+
+    def scripted(self, examples):
+        scores = score(self, examples)  # really scored: the model is in the loop
+        return {**scores, "test_accuracy": next(validation)} if examples is self.validation else scores
+
+    monkeypatch.setattr(baselines.Pooled, "score", scripted)
+    curve = centralized_curve(config, max_rounds=6, patience=2)
     assert curve["steps_per_round"] == 2 * 3  # two sites' local steps
     points = curve["rounds"]
-    assert [p["round"] for p in points] == list(range(1, len(points) + 1)) and 1 <= len(points) <= 4
-    assert [p["steps"] for p in points] == [6 * p["round"] for p in points]
-    validation = [p["validation_accuracy"] for p in points]
-    best, stop = converged(validation, 1)
-    assert stop == len(points) - 1 and curve["best_round"] == best + 1
-    assert len(points) == 4 or validation[-1] <= validation[best]  # stopped early only without a new best
+    assert [p["round"] for p in points] == [1, 2, 3, 4]  # stopped 2 rounds after the best (a tie is no new best)
+    assert [p["steps"] for p in points] == [6, 12, 18, 24]
+    assert [p["validation_accuracy"] for p in points] == [0.5, 0.6, 0.6, 0.55] and curve["best_round"] == 2
     assert all(0 <= p["test_accuracy"] <= 1 for p in points)
 
 
@@ -66,6 +72,8 @@ def test_tables_compare_with_centralized_at_convergence_and_at_equal_compute():
     assert "| federated at convergence | 2 | 0.900 | 0.947 |" in text          # 0.9 / 0.95
     assert "| federated after the default 5 rounds | 4 | 0.930 | 0.979 |" in text  # fewer rounds ran: the last
     assert "| 3 | 0.920 | 0.960 | 0.958 |" in text and "| 4 | 0.930 | – | – |" in text
+    assert "| centralized, its best test round (chosen on the test set: an upper bound) | 3 | 0.960 | 1.011 |" in text
+    assert "| federated, its best test round (the same) | 4 | 0.930 | 0.979 |" in text
     assert "| 2 local epochs (the default) | – | 0.900 | 0.890 / 0.910 | 0.947 | 100 |" in text
     assert "| 320 | 8 / 7.900 | 0.450 | 0.400 | 0.500 |" in text and "| 320 | non-private |" in text
 

@@ -37,7 +37,7 @@ def test_full_mode_measures_what_benchmarks_md_quotes_and_quick_mode_is_small():
 def test_runs_are_the_non_private_one_then_one_per_epsilon():
     assert privacy.run_names((1.0, 8.0)) == [("non-private", None), ("eps-1", 1.0), ("eps-8", 8.0)]
     assert privacy.privacy_sets(None) == []
-    assert privacy.privacy_sets(3.0) == ["privacy.enabled=true", "privacy.epsilon=3"]
+    assert privacy.privacy_sets(3.0) == ["privacy.enabled=true", "privacy.epsilon=3", "privacy.trainable=adapter"]
 
 
 def test_a_utility_row_takes_the_largest_epsilon_spent_and_each_sigma_once():

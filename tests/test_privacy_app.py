@@ -121,3 +121,11 @@ def test_only_a_task_with_a_head_can_train_the_head_alone():
     assert not cfg.load_config(None, causal).private_head_only  # auto: a causal LM trains its adapter
     with pytest.raises(ValueError, match="privacy.trainable = head needs a task with a head"):
         cfg.load_config(None, [*causal, "privacy.trainable=head"])
+
+
+@pytest.mark.parametrize("outer", [["privacy.client-dp=true"], ["secagg.enabled=true", "secagg.dp-noise-multiplier=1",
+                                                                 "federation.min-sites=3"]])
+def test_the_head_alone_is_refused_where_outer_noise_would_reach_the_untrained_factors(outer):
+    with pytest.raises(ValueError, match="would take noise each round"):
+        cfg.load_config(None, ["privacy.enabled=true", *outer])
+    assert cfg.load_config(None, ["privacy.enabled=true", "privacy.trainable=adapter", *outer]).privacy.enabled

@@ -109,7 +109,8 @@ def test_secrets_stay_in_the_site_state_and_are_spent_after_masking(tmp_path):
 def test_dp_sgd_and_distributed_dp_compose_with_secure_aggregation(tmp_path):
     sigma, clip = 1.0, 0.05
     secure, state, grid = _coordinator(tmp_path, *SECURE, "privacy.enabled=true", "privacy.delta=1e-3", "privacy.batch-size=8",
-                                       f"secagg.dp-noise-multiplier={sigma}", f"secagg.dp-clip={clip}")
+                                       f"secagg.dp-noise-multiplier={sigma}", f"secagg.dp-clip={clip}",
+                                       "privacy.trainable=adapter")
     new_state, row = secure.train_round(sorted(grid.get_node_ids()), state, 1)
     assert row["sites"] == 4 and "train_loss" not in row  # neither DP releases a loss
     assert row["epsilon"] > 0  # each site's DP-SGD spend, reported in clear

@@ -51,9 +51,11 @@ def _tensorboard_scalars(folder) -> dict[int, dict[str, float]]:
 
 def test_scalars_are_the_numbers_of_a_row_with_maps_flattened():
     row = {"round": 3, "train_loss": 0.5, "sites": 2, "ok": True, "note": "x", "aggregation_error": None,
-           "epsilon_per_site": {"site-0": 1.5, "Hospital (A)": 2}}
+           "epsilon_per_site": {"site-0": 1.5, "Hospital (A)": 2}, "eval_confusion": [[1, 0], [0, 1]],
+           "eval_sites": {"site-0": {"eval_accuracy": 0.75, "eval_per_class": {"a": {"f1": 0.5, "precision": None}}}}}
     assert scalars(row) == {"train_loss": 0.5, "sites": 2.0, "epsilon_per_site/site-0": 1.5,
-                            "epsilon_per_site/Hospital _A_": 2.0}
+                            "epsilon_per_site/Hospital _A_": 2.0, "eval_sites/site-0/eval_accuracy": 0.75,
+                            "eval_sites/site-0/eval_per_class/a/f1": 0.5}
 
 
 def test_tensorboard_events_equal_metrics_jsonl(tiny_bert_dir, tmp_path):

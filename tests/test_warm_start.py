@@ -70,6 +70,8 @@ def test_the_round_one_global_model_is_the_previous_adapter_exactly(first, tiny_
     (["task.labels=neurology,cardiology,orthopedics,gastroenterology,pulmonology"],
      "labels ['cardiology', 'neurology'"),  # the same names in another order: the head's rows would swap
     (['lora.target-modules=["query"]'], "target modules"),
+    (["lora.alpha=32"], "LoRA alpha 16.0 (rsLoRA False), this run's is 32.0"),
+    (["strategy.name=fedsa"], "keeps B at each site"),
 ])
 def test_an_adapter_that_does_not_fit_is_refused_with_what_differs(first, tiny_bert_dir, tmp_path, change, says):
     config = cfg.load_config(None, [*_settings(tiny_bert_dir, 1), f'model.warm-start="{first}"', *change])
@@ -83,3 +85,13 @@ def test_a_missing_adapter_is_named(tiny_bert_dir, tmp_path):
     config = cfg.load_config(None, [*_settings(tiny_bert_dir, 1), f'model.warm-start="{tmp_path / "nothing"}"'])
     with pytest.raises(Exception, match="no adapter at"):
         run_inprocess(config, tmp_path / "run")
+
+
+def test_a_resumed_warm_started_run_keeps_its_lineage(first, tiny_bert_dir, tmp_path):
+    settings = [*_settings(tiny_bert_dir, 1), f'model.warm-start="{first}"']
+    run = run_inprocess(cfg.load_config(None, settings), tmp_path / "run")
+    lineage = json.loads((run / "summary.json").read_text())["warm_start"]
+    resumed = run_inprocess(cfg.load_config(None, [*settings, "federation.rounds=2", "output.resume=true"]),
+                            tmp_path / "run")
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["warm_start"] == lineage

@@ -108,16 +108,19 @@ def centralized_curve(config: cfg.RunConfig, max_rounds: int, patience: int) -> 
     loop = LocalTraining(p.model, p.task, everything, p.pad, steps=per_round * max_rounds, seed=tc.seed,
                          learning_rate=tc.learning_rate, weight_decay=tc.weight_decay, batch_size=tc.batch_size,
                          max_grad_norm=tc.max_grad_norm).start()
-    for r in range(1, max_rounds + 1):
-        p.model.train()  # scoring left it in eval mode
-        for _ in range(per_round):
-            loop.step()
-        validation = p.score(p.validation)["test_accuracy"]
-        points.append({"round": r, "steps": r * per_round, "validation_accuracy": validation, **p.score(p.test)})
-        best, stop = converged([q["validation_accuracy"] for q in points], patience)
-        if stop - best >= patience:
-            break
-    loop.finish()
+    try:
+        for r in range(1, max_rounds + 1):
+            p.model.train()  # scoring left it in eval mode
+            for _ in range(per_round):
+                loop.step()
+            validation = p.score(p.validation)["test_accuracy"]
+            points.append({"round": r, "steps": r * per_round, "validation_accuracy": validation,
+                           **p.score(p.test)})
+            best, stop = converged([q["validation_accuracy"] for q in points], patience)
+            if stop - best >= patience:
+                break
+    finally:
+        loop.finish()
     best, stop = converged([q["validation_accuracy"] for q in points], patience)
     return {"steps_per_round": per_round, "rounds": points[:stop + 1], "best_round": best + 1,
             "seconds": time.perf_counter() - started}

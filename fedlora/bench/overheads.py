@@ -204,8 +204,10 @@ def ray_round(config: cfg.RunConfig, out: Path, plain: PlainRound) -> dict:
 VARIANTS = {
     "plain": [],
     "secagg": ["secagg.enabled=true"],
-    # DP-SGD with the plain round's steps, expected batch and learning rate (0: take train.*)
-    "dp": ["privacy.enabled=true", "privacy.batch-size=0", "privacy.learning-rate=0", "privacy.local-epochs=0"],
+    # DP-SGD on the same tensors (the adapter and head) with the plain round's steps, expected batch and
+    # learning rate (0: take train.*)
+    "dp": ["privacy.enabled=true", "privacy.trainable=adapter", "privacy.batch-size=0", "privacy.learning-rate=0",
+           "privacy.local-epochs=0"],
 }
 
 
@@ -225,7 +227,8 @@ def security_costs(plan: Plan, folder: Path, progress) -> dict:
                 adapter_params = _adapter_params(folder / f"{name}-{i}")
     fig: dict = {"model": configs["plain"].model.name, "sites": 3, "repeats": plan.repeats,
                  "adapter_parameters": adapter_params,
-                 "steps_per_site": configs["plain"].train.local_steps or "1 epoch",
+                 "steps_per_site": (configs["plain"].train.local_steps
+                                    or f"{configs['plain'].train.local_epochs:g} epochs"),
                  "round_seconds": {k: median(v) for k, v in rounds.items()},
                  "train_seconds": {k: median(v) for k, v in train.items()}}
     fig["round_ratio"] = {k: ratio(v, fig["round_seconds"]["plain"]) for k, v in fig["round_seconds"].items()}

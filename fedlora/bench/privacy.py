@@ -145,7 +145,10 @@ def run_names(epsilons: tuple[float, ...]) -> list[tuple[str, float | None]]:
 
 
 def privacy_sets(epsilon: float | None) -> list[str]:
-    return [] if epsilon is None else ["privacy.enabled=true", f"privacy.epsilon={epsilon:g}"]
+    """DP-SGD on the adapter and head, as this suite has always measured it (the default private recipe,
+    the head alone, is measured by the curves suite)."""
+    return [] if epsilon is None else ["privacy.enabled=true", f"privacy.epsilon={epsilon:g}",
+                                       "privacy.trainable=adapter"]
 
 
 def utility_row(name: str, epsilon: float | None, summary: dict) -> dict:

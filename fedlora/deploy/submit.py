@@ -29,6 +29,7 @@ from fedlora.processes import stop_tree
 from fedlora.progress import echo, progress, round_line, watch_rounds
 from fedlora.server.rundir import FAILED
 from fedlora.server.tracking import require as require_tracking
+from fedlora.server.warm_start import WarmStartError, adapter_folder
 from fedlora.tasks import build_task
 
 RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
@@ -48,6 +49,11 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
     overrides = {"output.dir": str(out), "output.resume": resume}
     if not config.privacy.ledger_heads:  # one record across runs: a site's ledger is checked from run to run
         overrides["privacy.ledger-heads"] = str(home.ledger_heads)
+    if config.model.warm_start and not resume:  # the ServerApp's working directory is not this shell's
+        try:
+            overrides["model.warm-start"] = str(adapter_folder(config.model.warm_start).resolve())
+        except WarmStartError as err:
+            raise cfg.ConfigError([str(err)]) from None
     config = cfg.from_nested(config.to_nested(), overrides)
     if config.task.type == "classification" and not config.task.labels:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "

@@ -18,7 +18,7 @@ from fedlora.privacy.budget import dp_required, resolve_budget, run_share, state
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.site import BudgetExhausted, Forecast, SiteAccountant
 from fedlora.privacy.units import build_units
-from fedlora.strategies.factors import factor_of
+from fedlora.strategies.factors import is_lora
 from fedlora.training import TrainResult, local_train, planned_steps
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     head_only = config.private_head_only
     learning_rate = private_learning_rate(config)
     try:
-        with frozen(rt.loaded.model, lambda name: head_only and factor_of(name) is not None):
+        with frozen(rt.loaded.model, lambda name: head_only and is_lora(name)):
             dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
                              learning_rate=learning_rate, weight_decay=config.train.weight_decay,
                              extra_loss=extra_loss, steps_method=DPSGD(units, sample_rate, plan.noise_multiplier,

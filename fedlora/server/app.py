@@ -83,18 +83,22 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     central = CentralEvaluator(config, task, loaded, flower.simulated_sites(grid))  # which test set is the run's
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
 
-    global_state, start_round, warm = trainable_state(loaded.model), 1, None
+    global_state, start_round, lineage = trainable_state(loaded.model), 1, None
     checkpoint = rundir.load_checkpoint() if config.output.resume else None
     if checkpoint is not None:
         global_state, start_round = checkpoint.global_state, checkpoint.round + 1
         coordinator.load_state_dict(checkpoint.state)
         rundir.truncate_metrics(checkpoint.round)
+        lineage = rundir.read_lineage()  # a warm start is not read again: the checkpoint went on from it
         log.info("resuming %s after round %d", rundir.path, checkpoint.round)
     else:
+        rundir.lineage_path.unlink(missing_ok=True)
         if config.model.warm_start:
             warm = load_warm_start(config.model.warm_start, config, loaded.model)
             global_state = warm.state
             warm.scores = central.evaluate(global_state) if central.has_test_set else {}  # where it starts
+            lineage = warm.summary()
+            rundir.write_lineage(lineage)
             log.info("starting from the adapter in %s (sha256 %s)%s", warm.folder, warm.sha256[:16],
                      "".join(f", {k} {v:.4g}" for k, v in warm.scores.items()))
         if rundir.metrics_path.exists():
@@ -126,7 +130,7 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
         "sites": {} if strategy.needs_secret_sampling else coordinator.sites_seen,
         "privacy": privacy,
         "base_fingerprint": loaded.fingerprint,
-        "warm_start": warm.summary() if warm else None,
+        "warm_start": lineage,
         "versions": library_versions(),
     })
     write_model_card(rundir.path / "adapter", config, rundir.path / "summary.json")  # the card with the run's figures

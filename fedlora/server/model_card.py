@@ -21,6 +21,10 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)  # JSON scalars and lists are valid YAML
 
 
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -123,8 +127,9 @@ def render(directory: Path, config=None, summary: dict[str, Any] | None = None) 
     if summary:
         out += ["", "## Privacy", "", *(f"- {line}" for line in privacy_lines(summary.get("privacy")))]
         final = summary.get("final") or {}
-        site_metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
-        central = {k: v for k, v in final.items() if k.startswith("test_")}
+        # pooled figures only: each site's own (eval_sites) and the per-class counts stay in the run directory
+        site_metrics = {k: v for k, v in final.items() if k.startswith("eval_") and _scalar(v)}
+        central = {k: v for k, v in final.items() if k.startswith("test_") and _scalar(v)}
         if site_metrics or central:
             out += ["", "## Results (final round)", ""]
             if site_metrics:

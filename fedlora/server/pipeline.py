@@ -116,6 +116,13 @@ class Coordinator:
                               f"federation.min-sites = {min_sites}")
 
     # -- evaluate -----------------------------------------------------------------
+    @property
+    def keeps_site_figures(self) -> bool:
+        """Each site's own evaluation figures are recorded unless they would give away what the run hides:
+        a site's size under secure aggregation (its held-out count), or under client-level DP which sites
+        were sampled (a sampled site that missed the deadline is not asked to evaluate)."""
+        return not (self.config.secagg.enabled or self.strategy.needs_secret_sampling)
+
     def evaluate_round(self, nodes: list[int], global_state: State, server_round: int) -> dict[str, Any]:
         """Every connected site scores the global adapter on its held-out rows; the sums pool exactly."""
         traffic = Traffic()
@@ -140,12 +147,14 @@ class Coordinator:
             task.add_counts(counts, part)
             # each site's own figures: the coordinator holds these counts anyway, and a hospital where the
             # model is weaker must show, not only the mean
-            site = reply.content.config_records.get(wire.SITE, {}).get(wire.SITE_NAME) \
-                or self.messenger.name(reply.metadata.src_node_id)
-            per_site[str(site)] = {**task.metrics(part), "eval_count": part["count"],
-                                   **{f"eval_{k}": v for k, v in task.details(part).items()}}
-        row = {**task.metrics(counts), **{f"eval_{k}": v for k, v in task.details(counts).items()},
-               "eval_sites": dict(sorted(per_site.items()))} if counts else {}
+            node = reply.metadata.src_node_id
+            site = self.messenger.name(node)
+            site = f"{site} (node {node})" if site in per_site else site  # two sites may share a name
+            per_site[site] = {**task.metrics(part), "eval_count": part["count"],
+                              **{f"eval_{k}": v for k, v in task.details(part).items()}}
+        row = {**task.metrics(counts), **{f"eval_{k}": v for k, v in task.details(counts).items()}} if counts else {}
+        if counts and self.keeps_site_figures:
+            row["eval_sites"] = dict(sorted(per_site.items()))
         return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
 
     # -- forecast ---------------------------------------------------------------

@@ -183,6 +183,17 @@ class RunDirectory:
     def clear_failure(self) -> None:
         self.failure_path.unlink(missing_ok=True)
 
+    @property
+    def lineage_path(self) -> Path:
+        return self.path / "warm_start.json"
+
+    def write_lineage(self, lineage: dict[str, Any]) -> None:
+        """Which adapter the run started from, kept for a resume (which does not read it again)."""
+        _atomic_write(self.lineage_path, json.dumps(lineage, indent=2))
+
+    def read_lineage(self) -> dict[str, Any] | None:
+        return json.loads(self.lineage_path.read_text()) if self.lineage_path.exists() else None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The run's final figures; the run is over, so its tracker is closed."""
         _atomic_write(self.path / "summary.json", json.dumps(summary, indent=2))

@@ -44,15 +44,20 @@ def require(kind: str) -> None:
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a metrics row, by tracker name (`round`, the step, left out; maps flattened)."""
+    """The numbers of a metrics row, by tracker name (`round`, the step, left out; maps flattened at any
+    depth, e.g. eval_sites/site-0/eval_accuracy; lists and None left out)."""
     out: dict[str, float] = {}
+
+    def walk(name: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                walk(f"{name}/{sub}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[_name(name)] = float(value)
+
     for key, value in row.items():
-        if key == "round":
-            continue
-        items = value.items() if isinstance(value, dict) else [(None, value)]
-        for sub, v in items:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[_name(key if sub is None else f"{key}/{sub}")] = float(v)
+        if key != "round":
+            walk(key, value)
     return out
 
 

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedlora.models import LABELS_FILE, hub_base_name, trainable_state
+from fedlora.strategies import STRATEGIES
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -61,17 +62,29 @@ def mismatches(saved: dict, labels: list[str] | None, config, model) -> list[str
                         f"{hub_base_name(config.model.name)!r}")
     if saved.get("r") != ours.r:
         problems.append(f"LoRA rank {saved.get('r')}, this run's is {ours.r}")
+    if saved.get("lora_alpha") != ours.lora_alpha or bool(saved.get("use_rslora")) != bool(ours.use_rslora):
+        problems.append(f"LoRA alpha {saved.get('lora_alpha')} (rsLoRA {bool(saved.get('use_rslora'))}), this run's "
+                        f"is {ours.lora_alpha} (rsLoRA {bool(ours.use_rslora)}): the adapter would be scaled otherwise")
+    if saved.get("task_type") != ours.task_type:
+        problems.append(f"task type {saved.get('task_type')}, this run's is {ours.task_type}")
     if sorted(saved.get("target_modules") or []) != sorted(ours.target_modules or []):
         problems.append(f"target modules {sorted(saved.get('target_modules') or [])}, this run's are "
                         f"{sorted(ours.target_modules or [])}")
-    if labels is not None and getattr(config.task, "labels", None) and labels != list(config.task.labels):
-        problems.append(f"labels {labels}, this run's are {list(config.task.labels)}")
+    if config.task.type == "classification":
+        if labels is None:
+            problems.append(f"no {LABELS_FILE}: the order of its head's labels is unknown")
+        elif labels != list(config.task.labels):
+            problems.append(f"labels {labels}, this run's are {list(config.task.labels)}")
     return problems
 
 
 def load_warm_start(path: str | Path, config, model) -> WarmStart:
     """The adapter at `path` loaded into `model` (the coordinator's PEFT model); its trainable state."""
-    folder = adapter_folder(path)
+    if getattr(STRATEGIES.get(config.strategy.name), "local_b", False):
+        raise WarmStartError(f"model.warm-start: an adapter does not fit this run: strategy {config.strategy.name} "
+                             "keeps B at each site, which starts from zero, so the adapter's B would stay at the "
+                             "coordinator, untrained")
+    folder = adapter_folder(path).resolve()
     try:
         saved = json.loads((folder / CONFIG).read_text())
         labels_path = folder / LABELS_FILE

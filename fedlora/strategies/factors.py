@@ -26,6 +26,12 @@ def factor_of(key: str) -> tuple[str, str] | None:
     return (match["layer"], match["which"]) if match else None
 
 
+def is_lora(key: str) -> bool:
+    """Any tensor of a LoRA module (factors of linear or embedding layers, DoRA magnitudes), as opposed to
+    a dense tensor that trains whole (a task head)."""
+    return ".lora_" in key
+
+
 def is_factor(key: str, which: str) -> bool:
     found = factor_of(key)
     return found is not None and found[1] == which

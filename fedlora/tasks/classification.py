@@ -82,7 +82,6 @@ class ClassificationTask(Task):
             "eval_macro_f1": macro_f1(counts["tp"], counts["fp"], counts["fn"]),
         }
 
-
     def details(self, counts: dict[str, Any]) -> dict[str, Any]:
         """Per-class precision, recall, F1 and support, and the confusion matrix (rows: true labels,
         columns: predicted), from counts pooled exactly like the metrics."""
