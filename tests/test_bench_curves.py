@@ -113,7 +113,7 @@ def test_the_runner_writes_every_suites_plots_into_the_bench_report_drawn_by_a_b
     found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
     assert found, f"the probe did not run; Chromium returned: {dom[:500]!r}"
     plots = {p["title"]: p for p in json.loads(html.unescape(found.group(1)))["plots"]}
-    assert set(plots) == {"Test accuracy by round: federated and centralized at equal compute",
+    assert set(plots) == {"Test accuracy by round, at equal compute",
                           "Test accuracy against epsilon per site (DP-SGD)"}
     for plot in plots.values():
         assert plot["width"] > 0 and all(s["length"] > 0 for s in plot["series"]) and len(plot["series"]) == 2

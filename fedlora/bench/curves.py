@@ -96,8 +96,8 @@ def by_round(ctx: BenchContext, scale: Scale, sets: list[str]) -> dict:
     fed = federated_rounds(root / "federated", [*sets, f"federation.rounds={scale.max_rounds}"])
     path = root / "centralized.json"
     if not path.exists():
-        path.write_text(json.dumps(centralized_curve(cfg.load_config(None, [*sets, f"federation.rounds={scale.rounds}"]),
-                                                     scale.max_rounds, scale.patience)))
+        config = cfg.load_config(None, [*sets, f"federation.rounds={scale.rounds}"])
+        path.write_text(json.dumps(centralized_curve(config, scale.max_rounds, scale.patience)))
     central = json.loads(path.read_text())
     return {"federated": fed["rounds"], "centralized": central["rounds"],
             "steps_per_round": central["steps_per_round"],
@@ -150,7 +150,7 @@ def run(ctx: BenchContext) -> SuiteResult:
 
 def plots(curve: dict, eps_rows: list[dict]) -> list[dict]:
     """Line charts for the bench report (fedlora/bench/report.py): series of [x, y] points."""
-    by_round = {"title": "Test accuracy by round: federated and centralized at equal compute",
+    by_round = {"title": "Test accuracy by round, at equal compute",
                 "x_label": "round (centralized: the federation's steps of that many rounds)",
                 "y_label": "test accuracy",
                 "series": {"federated": [[p["round"], p["test_accuracy"]] for p in curve["federated"]],
