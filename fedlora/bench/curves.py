@@ -21,16 +21,15 @@ Grid (fedlora/simulations/inprocess.py), the baselines the same training code
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
 from fedlora import config as cfg
 from fedlora.bench.baselines import centralized_curve, converged
+from fedlora.bench.engines import finished_run
 from fedlora.bench.quality import classification_test_sets
 from fedlora.bench.suite import BenchContext, SuiteResult, cell, markdown_table
-from fedlora.simulations.inprocess import run_inprocess
 
 NAME = "curves"
 TITLE = "Curves: federated against centralized by round, the recipe, and accuracy against epsilon"
@@ -74,9 +73,7 @@ FULL = Scale(base=(), rounds=5, max_rounds=12, patience=3, recipes=RECIPES, seed
 
 def federated_rounds(folder: Path, sets: list[str]) -> dict:
     """A federated run's metrics per round and its summary; a finished run directory is reused."""
-    if not (folder / "summary.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over
-        run_inprocess(cfg.load_config(None, sets), folder)
+    finished_run("in-process", sets, folder)
     rounds = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((folder / "summary.json").read_text())
     epsilon = summary.get("privacy", {}).get("site_level", {}).get("epsilon")

@@ -21,16 +21,15 @@ Scenarios:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 
 from fedlora import config as cfg
 from fedlora.bench.baselines import run_baselines
+from fedlora.bench.engines import finished_run
 from fedlora.bench.suite import BenchContext, SuiteResult, cell, markdown_table
 from fedlora.data import synthetic
-from fedlora.simulations.inprocess import run_inprocess
 
 NAME = "quality"
 TITLE = "Quality: federated vs centralized vs local-only"
@@ -112,9 +111,7 @@ def classification_test_sets(folder: Path, test_notes: int | None) -> list[str]:
 
 def federated(folder: Path, sets: list[str]) -> dict:
     """A federated run's final central test metrics; a finished run directory is reused."""
-    if not (folder / "summary.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)  # an interrupted run starts over
-        run_inprocess(cfg.load_config(None, sets), folder)
+    finished_run("in-process", sets, folder)
     summary = json.loads((folder / "summary.json").read_text())
     final = summary["final"]
     site_level = summary.get("privacy", {}).get("site_level", {})
