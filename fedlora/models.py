@@ -191,6 +191,15 @@ def label_mapping(labels: list[str]) -> dict[str, dict]:
             "label2id": {name: i for i, name in enumerate(labels)}}
 
 
+def read_labels(directory: str | Path) -> list[str] | None:
+    """The label names of an exported adapter in id order (its labels.json), None when it has none."""
+    path = Path(directory) / LABELS_FILE
+    if not path.exists():
+        return None
+    id2label = json.loads(path.read_text()).get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
 def export_adapter(model, directory: str | Path, base_name: str, labels: list[str] | None = None) -> Path:
     """Save in PEFT's own format: loadable with PeftModel.from_pretrained(base, directory).
 

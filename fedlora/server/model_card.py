@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedlora.models import LABELS_FILE
+from fedlora.models import LABELS_FILE, read_labels
 
 CARD = "README.md"
 
@@ -82,9 +82,7 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))
 def render(directory: Path, config=None, summary: dict[str, Any] | None = None) -> str:
     directory = Path(directory)
     adapter = json.loads((directory / "adapter_config.json").read_text())
-    labels_path = directory / LABELS_FILE
-    mapping = json.loads(labels_path.read_text()) if labels_path.exists() else {}
-    labels = [mapping["id2label"][k] for k in sorted(mapping.get("id2label", {}), key=int)]
+    labels = read_labels(directory) or []
     summary = summary or {}
     base, task_type = adapter.get("base_model_name_or_path"), adapter.get("task_type")
     classification = task_type == "SEQ_CLS"

@@ -22,7 +22,7 @@ from peft.utils import set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fedlora.models import LABELS_FILE, hub_base_name, trainable_state
+from fedlora.models import LABELS_FILE, hub_base_name, read_labels, trainable_state
 from fedlora.strategies import STRATEGIES
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -87,11 +87,7 @@ def load_warm_start(path: str | Path, config, model) -> WarmStart:
     folder = adapter_folder(path).resolve()
     try:
         saved = json.loads((folder / CONFIG).read_text())
-        labels_path = folder / LABELS_FILE
-        labels = None
-        if labels_path.exists():
-            id2label = json.loads(labels_path.read_text())["id2label"]
-            labels = [id2label[str(i)] for i in range(len(id2label))]
+        labels = read_labels(folder)
     except (OSError, ValueError, KeyError) as err:
         raise WarmStartError(f"model.warm-start: cannot read {folder / CONFIG} or {LABELS_FILE}: {err}") from None
     problems = mismatches(saved, labels, config, model)
