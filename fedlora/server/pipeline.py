@@ -132,6 +132,10 @@ class Coordinator:
         replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, traffic,
                                          MessageType.EVALUATE, server_round)
         task = self.central.task
+
+        def figures(part: dict[str, Any]) -> dict[str, Any]:
+            return {**task.metrics(part), **{f"eval_{k}": v for k, v in task.details(part).items()}}
+
         counts: dict[str, Any] = {}
         per_site: dict[str, dict[str, Any]] = {}
         for reply in replies:
@@ -145,15 +149,15 @@ class Coordinator:
                 if key in m and len(m[key]):
                     part[name] = [int(v) for v in m[key]]
             task.add_counts(counts, part)
-            # each site's own figures: the coordinator holds these counts anyway, and a hospital where the
-            # model is weaker must show, not only the mean
-            node = reply.metadata.src_node_id
-            site = self.messenger.name(node)
-            site = f"{site} (node {node})" if site in per_site else site  # two sites may share a name
-            per_site[site] = {**task.metrics(part), "eval_count": part["count"],
-                              **{f"eval_{k}": v for k, v in task.details(part).items()}}
-        row = {**task.metrics(counts), **{f"eval_{k}": v for k, v in task.details(counts).items()}} if counts else {}
-        if counts and self.keeps_site_figures:
+            if self.keeps_site_figures:
+                # each site's own figures: the coordinator holds these counts anyway, and a hospital where
+                # the model is weaker must show, not only the mean
+                node = reply.metadata.src_node_id
+                site = self.messenger.name(node)
+                site = f"{site} (node {node})" if site in per_site else site  # two sites may share a name
+                per_site[site] = {**figures(part), "eval_count": part["count"]}
+        row = figures(counts) if counts else {}
+        if per_site:
             row["eval_sites"] = dict(sorted(per_site.items()))
         return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
 
