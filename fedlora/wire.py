@@ -25,6 +25,13 @@ EVAL_TP = "eval-tp"                    # per-class counts, for an exact pooled m
 EVAL_FP = "eval-fp"
 EVAL_FN = "eval-fn"
 EVAL_CONFUSION = "eval-confusion"      # classification: k x k counts, row-major, row = true label
+# A task's evaluation counts (Task.eval_counts) as they travel: wire key -> count name, and whether the count is
+# an integer. Every count is a sum (or a list of sums) over held-out rows, so the coordinator pools sites exactly.
+EVAL_COUNTS: dict[str, tuple[str, type]] = {
+    EVAL_COUNT: ("count", int), EVAL_LOSS_SUM: ("loss_sum", float), EVAL_TOKENS: ("tokens", int),
+    EVAL_CORRECT: ("correct", int), EVAL_TP: ("tp", int), EVAL_FP: ("fp", int), EVAL_FN: ("fn", int),
+    EVAL_CONFUSION: ("confusion", int),
+}
 
 # LoRA-aware strategies (fedlora/strategies, docs/strategies.md).
 BASE_CORRECTION = "base-correction"    # server -> site ArrayRecord: correction folded into the frozen base

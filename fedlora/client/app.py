@@ -97,17 +97,15 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
 def evaluate(rt: SiteRuntime, msg: Message, context: Context) -> Message:
     _set_global(rt, msg, SitePlan.for_message(rt, msg, context))
     counts = evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id) if rt.eval_examples else {}
-    metrics = MetricRecord({
-        wire.EVAL_COUNT: int(counts.get("count", 0)),
-        wire.EVAL_LOSS_SUM: float(counts.get("loss_sum", 0.0)),
-        wire.EVAL_TOKENS: int(counts.get("tokens", 0)),
-        wire.EVAL_CORRECT: int(counts.get("correct", 0)),
-        wire.EVAL_TP: counts.get("tp", []),
-        wire.EVAL_FP: counts.get("fp", []),
-        wire.EVAL_FN: counts.get("fn", []),
-        wire.EVAL_CONFUSION: counts.get("confusion", []),
-    })
+    metrics = MetricRecord({key: _eval_value(counts.get(name), kind) for key, (name, kind) in wire.EVAL_COUNTS.items()})
     return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)
+
+
+def _eval_value(value, kind: type):
+    """A count as a MetricRecord holds it: a number (0 when the task has no such count) or a list."""
+    if isinstance(value, list):
+        return [kind(v) for v in value]
+    return kind(value or 0)
 
 
 def query(rt_of: Runtime, msg: Message, context: Context) -> Message:

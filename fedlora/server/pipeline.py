@@ -142,12 +142,14 @@ class Coordinator:
             m = reply.content[wire.METRICS]
             if int(m[wire.EVAL_COUNT]) == 0:
                 continue
-            part = {"count": int(m[wire.EVAL_COUNT]), "loss_sum": float(m[wire.EVAL_LOSS_SUM]),
-                    "tokens": int(m[wire.EVAL_TOKENS]), "correct": int(m[wire.EVAL_CORRECT])}
-            for key, name in ((wire.EVAL_TP, "tp"), (wire.EVAL_FP, "fp"), (wire.EVAL_FN, "fn"),
-                              (wire.EVAL_CONFUSION, "confusion")):
-                if key in m and len(m[key]):
-                    part[name] = [int(v) for v in m[key]]
+            part = {}
+            for key, (name, kind) in wire.EVAL_COUNTS.items():
+                value = m.get(key)
+                if isinstance(value, list):
+                    if value:  # a task without this count sends an empty list
+                        part[name] = [kind(v) for v in value]
+                elif value is not None:
+                    part[name] = kind(value)
             task.add_counts(counts, part)
             if self.keeps_site_figures:
                 # each site's own figures: the coordinator holds these counts anyway, and a hospital where
