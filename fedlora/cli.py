@@ -12,6 +12,7 @@ from fedlora import config as cfg
 from fedlora.bench.runner import add_parser as add_bench_parser
 from fedlora.data.readers import DataError
 from fedlora.deploy.cli import add_commands as add_deploy_commands
+from fedlora.deploy.models_command import add_commands as add_models_commands
 from fedlora.deploy.site_home import privacy_state
 from fedlora.model_sources import ModelLoadError
 from fedlora.privacy.plan import add_parsers as add_privacy_parsers
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_privacy_parsers(sub, privacy_state)  # `fedlora privacy plan [--site DIR]`, `fedlora privacy plan-clients`
     add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
+    add_models_commands(sub, simulate)  # `fedlora models ...`: the registry; promote --simulate runs a simulation
     add_bench_parser(sub)  # `fedlora bench`
     return parser
 

@@ -83,6 +83,11 @@ class ModelSection(Section):
         "adapter folder (PEFT format). The coordinator sends it as the round-1 global model; base model, LoRA "
         "rank and target modules and labels must be this run's. Not a resume (output.resume): rounds, "
         "metrics and strategy state start anew.")
+    compare_with: str = option(
+        "", "An evaluation-only run: no site trains; every connected site scores model.warm-start (the "
+        "candidate) and this adapter (the current model, e.g. REGISTRY/current) on its held-out rows in the "
+        "same round. The run directory's comparison.json holds both, site by site, for `fedlora models "
+        "promote --evaluation`.")
 
     def problems(self) -> list[str]:
         p = Problems()
@@ -272,6 +277,9 @@ class SimulationSection(Section):
     attack_sites: list[int] = option([0], "ATTACK: the simulated site indices (partition ids) that attack.")
     attack_scale: float = option(10.0, "ATTACK scale-update: factor applied to the attackers' updates.")
     secagg_dropouts: list[str] = option(
+    registry: str = option(
+        "", "A model registry folder (`fedlora models`): the finished run's adapter is registered there as "
+        "its next version, with its lineage. Registering does not make it current; promotion does.")
         [], "FAULT INJECTION, for tests: site@stage[@round] entries (e.g. '1@masked-input'): that simulated "
         "site (partition id) fails at that secure-aggregation stage (setup, share-keys, masked-input, unmask), "
         "in every round or only the given one.")
@@ -581,6 +589,15 @@ class RunConfig:
                 if isinstance(value, dict):
                     walk(f"{prefix}{key}.", value)
                 else:
+        if c.model.compare_with:
+            p.need(bool(c.model.warm_start), "model.compare-with: an evaluation-only run compares model.warm-start "
+                                             "(the candidate) with it; set model.warm-start")
+            p.need(not (c.secagg.enabled or c.privacy.client_dp),
+                   "model.compare-with: compares the two models site by site, and per-site figures are not recorded "
+                   "under secure aggregation or client-level DP; an evaluation-only run sends no update, so turn "
+                   "them off for it")
+            p.need(not c.output.registry, "model.compare-with: an evaluation-only run trains no adapter to register; "
+                                          "leave output.registry empty")
                     flat[f"{prefix}{key}"] = ",".join(str(v) for v in value) if isinstance(value, list) else value
 
         walk("", self.to_nested())

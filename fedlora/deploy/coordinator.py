@@ -84,7 +84,7 @@ def start(home: CoordinatorHome) -> int:
     if port_open("127.0.0.1", home.superlink_port):
         raise CoordinatorError(f"127.0.0.1:{home.superlink_port} is already in use (another coordinator?); "
                                "set superlink-port in coordinator.toml")
-    make_private(home.path / "state", home.database.parent, home.logs, home.runs, home.flwr_home)
+    make_private(home.path / "state", home.database.parent, home.logs, home.runs, home.models, home.flwr_home)
     home.logs.mkdir(parents=True, exist_ok=True)
     nginx_command = nginx.prepare(home) if home.proxy == "nginx" else None  # fails here, before anything runs
     home.database.parent.mkdir(parents=True, exist_ok=True)

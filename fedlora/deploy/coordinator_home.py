@@ -12,6 +12,7 @@
     flwr-home/         Flower CLI connection to the loopback SuperLink
     systemd/           fedlora-coordinator.service, to run the coordinator as a service
     logs/, runs/       SuperLink and proxy logs (proxy.log or nginx-*.log); run directories
+    models/            the model registry: every finished run's adapter as a version (`fedlora models`)
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class CoordinatorHome:
     def ledger_heads(self) -> Path:
         """The last privacy-ledger head each site reported, kept across runs (privacy.ledger-heads)."""
         return self.path / "state" / "ledger-heads.json"
+
+    @property
+    def models(self) -> Path:
+        """The model registry every finished run is registered in (`fedlora models --registry`)."""
+        return self.path / "models"
 
     @property
     def superlink_address(self) -> str:
@@ -194,7 +200,7 @@ def init_coordinator(path: str | Path, hosts: list[str], listen: str = DEFAULT_L
         create_tls(path, hosts)
     else:
         import_tls(path, own_tls, hosts)
-    for folder in (home.sites, home.database.parent, home.logs, home.runs):
+    for folder in (home.sites, home.database.parent, home.logs, home.runs, home.models):
         folder.mkdir(parents=True, exist_ok=True)
     write_connection(home.flwr_home, superlink_port, home.tls.ca_cert)
     coordinator_unit(home, service_user)

@@ -49,11 +49,18 @@ def resolve(home: CoordinatorHome, config: cfg.RunConfig, out: Path | None, resu
     overrides = {"output.dir": str(out), "output.resume": resume}
     if not config.privacy.ledger_heads:  # one record across runs: a site's ledger is checked from run to run
         overrides["privacy.ledger-heads"] = str(home.ledger_heads)
-    if config.model.warm_start and not resume:  # the ServerApp's working directory is not this shell's
-        try:
-            overrides["model.warm-start"] = str(adapter_folder(config.model.warm_start).resolve())
-        except WarmStartError as err:
-            raise cfg.ConfigError([str(err)]) from None
+    # The ServerApp's working directory is not this shell's: its paths are made absolute here.
+    adapters = {"model.warm-start": config.model.warm_start, "model.compare-with": config.model.compare_with}
+    for key, path in adapters.items():
+        if path and not resume:
+            try:
+                overrides[key] = str(adapter_folder(path, key).resolve())  # a registry's `current` is pinned
+            except WarmStartError as err:
+                raise cfg.ConfigError([str(err)]) from None
+    if config.output.registry:
+        overrides["output.registry"] = str(Path(config.output.registry).expanduser().resolve())
+    elif not config.model.compare_with:  # every finished training run becomes a version (not current)
+        overrides["output.registry"] = str(home.models)
     config = cfg.from_nested(config.to_nested(), overrides)
     if config.task.type == "classification" and not config.task.labels:
         raise cfg.ConfigError(["task.labels: required for a deployed classification run (the coordinator "

@@ -225,7 +225,7 @@ def coordinator_unit(home, user: str | None = None, executable: Path | None = No
     port = int(home.listen.rpartition(":")[2])  # HOST:PORT, checked when the home was loaded
     command = [str(executable or fedlora_executable()), "coordinator", "start", "--dir", str(home.path)]
     text = unit_text("fedlora coordinator (Flower SuperLink and Fleet-only proxy)", command, home.path, user,
-                     group, writable=[home.database.parent, home.runs], readable=_model_cache(),
+                     group, writable=[home.database.parent, home.runs, home.models], readable=_model_cache(),
                      bind_low_port=port < 1024, environment=_cache_env())
     return write_unit(home.path, "fedlora-coordinator.service", text, user, group)
 

@@ -27,6 +27,7 @@ from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
 from fedlora.server.model_card import write_model_card
+from fedlora.server.model_registry import COMPARISON, ModelRegistry
 from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory, RunDirectoryError
@@ -82,6 +83,9 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     loaded = load_model(config, task)
     central = CentralEvaluator(config, task, loaded, flower.simulated_sites(grid))  # which test set is the run's
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
+    if config.model.compare_with:
+        compare_models(coordinator, config, loaded, rundir)
+        return
 
     global_state, start_round, lineage = trainable_state(loaded.model), 1, None
     checkpoint = rundir.load_checkpoint() if config.output.resume else None
@@ -135,4 +139,23 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     })
     write_model_card(rundir.path / "adapter", config, rundir.path / "summary.json")  # the card with the run's figures
     write_report(rundir.path)
+    if config.output.registry:
+        version = ModelRegistry(config.output.registry).register(rundir.path)
+        log.info("registered as %s in %s (not current until promoted)", version, config.output.registry)
     log.info("done: adapter in %s, report %s", rundir.path / "adapter", rundir.path / "report.html")
+
+
+def compare_models(coordinator: Coordinator, config: cfg.RunConfig, loaded, rundir: RunDirectory) -> None:
+    """An evaluation-only run (model.compare-with): the candidate (model.warm-start) and the current model,
+    each scored at every site in the same round; comparison.json and summary.json hold both, site by site."""
+    current = load_warm_start(config.model.compare_with, config, loaded.model, key="model.compare-with")
+    candidate = load_warm_start(config.model.warm_start, config, loaded.model)
+    scores = coordinator.compare({"candidate": candidate.state, "current": current.state})
+    comparison = {"models": {name: {"adapter": str(adapter.folder), "sha256": adapter.sha256, **scores[name]}
+                             for name, adapter in (("candidate", candidate), ("current", current))}}
+    rundir.metrics_path.unlink(missing_ok=True)
+    rundir.write_json(COMPARISON, comparison)
+    rundir.write_summary({"rounds": 0, "comparison": comparison, "base_fingerprint": loaded.fingerprint,
+                          "versions": library_versions()})
+    log.info("comparison written to %s", rundir.path / COMPARISON)
+

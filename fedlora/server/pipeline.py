@@ -226,6 +226,20 @@ class Coordinator:
                                if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))
         return global_state
 
+    def compare(self, states: dict[str, State]) -> dict[str, dict[str, Any]]:
+        """An evaluation-only round: every connected site scores each of `states` on its held-out rows,
+        one after the other in the same round (the promotion gate's evidence); no site trains."""
+        nodes = self.wait_for_sites()
+        log.info("%d sites connected; evaluating %s, no training", len(nodes), " and ".join(states))
+        scores = {}
+        for name, state in states.items():
+            row = self.evaluate_round(nodes, state, 0)
+            scores[name] = {"sites": row.pop("eval_sites", {}),
+                            "pooled": {k: v for k, v in row.items() if not k.startswith("bytes_")}}
+            if self.central.has_test_set:
+                scores[name]["central"] = self.central.evaluate(state)
+        return scores
+
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything a restarted coordinator needs to continue exactly."""

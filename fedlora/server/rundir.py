@@ -8,6 +8,7 @@
     checkpoints/    what a restarted server needs to resume
     predictions.jsonl  the final adapter's predictions on the central test set
     failed.json     why the run stopped early, when it did (removed when it is resumed)
+    comparison.json an evaluation-only run (model.compare-with): two adapters scored at every site
 """
 
 from __future__ import annotations
@@ -193,6 +194,9 @@ class RunDirectory:
 
     def read_lineage(self) -> dict[str, Any] | None:
         return json.loads(self.lineage_path.read_text()) if self.lineage_path.exists() else None
+
+    def write_json(self, name: str, content: dict[str, Any]) -> None:
+        _atomic_write(self.path / name, json.dumps(content, indent=2))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """The run's final figures; the run is over, so its tracker is closed."""

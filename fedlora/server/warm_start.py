@@ -43,13 +43,13 @@ class WarmStart:
         return {"adapter": str(self.folder), "sha256": self.sha256, **self.scores}
 
 
-def adapter_folder(path: str | Path) -> Path:
+def adapter_folder(path: str | Path, key: str = "model.warm-start") -> Path:
     """A run directory's adapter/, or the folder itself when it holds an adapter."""
     path = Path(path).expanduser()
     for folder in (path / "adapter", path):
         if (folder / WEIGHTS).is_file():
             return folder
-    raise WarmStartError(f"model.warm-start: no adapter at {path} (neither {path / 'adapter' / WEIGHTS} "
+    raise WarmStartError(f"{key}: no adapter at {path} (neither {path / 'adapter' / WEIGHTS} "
                          f"nor {path / WEIGHTS})")
 
 
@@ -78,36 +78,37 @@ def mismatches(saved: dict, labels: list[str] | None, config, model) -> list[str
     return problems
 
 
-def load_warm_start(path: str | Path, config, model) -> WarmStart:
-    """The adapter at `path` loaded into `model` (the coordinator's PEFT model); its trainable state."""
+def load_warm_start(path: str | Path, config, model, key: str = "model.warm-start") -> WarmStart:
+    """The adapter at `path` loaded into `model` (the coordinator's PEFT model); its trainable state.
+    `key` names the setting in errors (model.compare-with reads its adapter the same way)."""
     if getattr(STRATEGIES.get(config.strategy.name), "local_b", False):
-        raise WarmStartError(f"model.warm-start: an adapter does not fit this run: strategy {config.strategy.name} "
+        raise WarmStartError(f"{key}: an adapter does not fit this run: strategy {config.strategy.name} "
                              "keeps B at each site, which starts from zero, so the adapter's B would stay at the "
                              "coordinator, untrained")
-    folder = adapter_folder(path).resolve()
+    folder = adapter_folder(path, key).resolve()
     try:
         saved = json.loads((folder / CONFIG).read_text())
         labels = read_labels(folder)
     except (OSError, ValueError, KeyError) as err:
-        raise WarmStartError(f"model.warm-start: cannot read {folder / CONFIG} or {LABELS_FILE}: {err}") from None
+        raise WarmStartError(f"{key}: cannot read {folder / CONFIG} or {LABELS_FILE}: {err}") from None
     problems = mismatches(saved, labels, config, model)
     if problems:
-        raise WarmStartError(f"model.warm-start: the adapter in {folder} does not fit this run: "
+        raise WarmStartError(f"{key}: the adapter in {folder} does not fit this run: "
                              + "; ".join(problems))
     weights = folder / WEIGHTS
     try:
         tensors = load_file(str(weights))
     except (OSError, SafetensorError) as err:
-        raise WarmStartError(f"model.warm-start: cannot read {weights}: {err}") from None
+        raise WarmStartError(f"{key}: cannot read {weights}: {err}") from None
     before = trainable_state(model)
     try:
         result = set_peft_model_state_dict(model, tensors)
     except RuntimeError as err:  # a tensor of another shape
-        raise WarmStartError(f"model.warm-start: {weights} does not fit this run's model: {err}") from None
+        raise WarmStartError(f"{key}: {weights} does not fit this run's model: {err}") from None
     missing_keys = set(result.missing_keys)
     loaded = {k for k in before if k not in missing_keys}
     if loaded != set(before) or result.unexpected_keys:
         missing = sorted(set(before) - loaded)
-        raise WarmStartError(f"model.warm-start: {weights} lacks {len(missing)} of this run's tensors "
+        raise WarmStartError(f"{key}: {weights} lacks {len(missing)} of this run's tensors "
                              f"(first: {missing[:2]}) or holds others ({sorted(result.unexpected_keys)[:2]})")
     return WarmStart(trainable_state(model), folder, hashlib.sha256(weights.read_bytes()).hexdigest())
