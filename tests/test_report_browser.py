@@ -3,7 +3,8 @@
 The run is a tiny one (in-process ServerApp and ClientApp, DP-SGD on, so the rows carry
 ε per site). A copy of the report gets a probe script that measures each plot and each
 series as laid out by the browser and writes the figures into the page, which
-`--dump-dom` returns; a screenshot shows that pixels were painted. The report itself
+`--dump-dom` returns; a screenshot shows that pixels were painted. The summary in words is
+the first thing on the page, above every plot and table, within the first screen. The report itself
 carries no script. Without Chromium the tests skip, unless FEDLORA_REQUIRE_BROWSER=1 (CI).
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from fedlora import config as cfg
+from fedlora.server import report_summary as rs
 from fedlora.server.report import COLOURS, HEIGHT, WIDTH
 from fedlora.simulations.inprocess import run_inprocess
 
@@ -39,9 +41,17 @@ const plots = [...document.querySelectorAll("svg.plot")].map(svg => {
 });
 const sites = [...document.querySelectorAll("#sites tbody tr")].map(tr => [...tr.cells].map(td => td.textContent));
 const header = [...document.querySelectorAll("#sites thead th")].map(th => th.textContent);
+const summary = document.querySelector("#summary");
+const topOf = el => el ? el.getBoundingClientRect().top : null;
+const first = summary && {
+  top: topOf(summary), height: summary.getBoundingClientRect().height, viewport: window.innerHeight,
+  after: document.querySelector("h1").nextElementSibling.id,
+  plot: topOf(document.querySelector("svg.plot")), table: topOf(document.querySelector("table")),
+  visibility: getComputedStyle(summary).visibility,
+  paragraphs: Object.fromEntries([...summary.querySelectorAll("p")].map(p => [p.id, p.innerText]))};
 const out = document.createElement("pre");
 out.id = "probe";
-out.textContent = JSON.stringify({plots, sites, header});
+out.textContent = JSON.stringify({plots, sites, header, summary: first});
 document.body.appendChild(out);
 </script>"""
 
@@ -74,7 +84,7 @@ def run_dir(chromium, tiny_bert_dir, tmp_path_factory):
 def _browse(chromium: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"  # a fresh profile per call
     done = subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     if done.returncode != 0:
         # Chromium logs dozens of harmless D-Bus errors here (no system bus); show what else it said
         said = [line for line in done.stderr.splitlines() if "dbus" not in line]
@@ -95,15 +105,21 @@ def test_the_report_is_plain_html_without_script(run_dir):
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing fetched
 
 
-def test_every_plot_and_series_is_drawn_by_the_browser(run_dir, chromium, tmp_path):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+@pytest.fixture(scope="module")
+def probe(run_dir, chromium, tmp_path_factory) -> dict:
+    """The report as the browser laid it out (one Chromium run for the tests that read it)."""
+    tmp_path = tmp_path_factory.mktemp("probe")
     probe_page = tmp_path / "probe.html"
     probe_page.write_text((run_dir / "report.html").read_text() + PROBE)
-    dom = _browse(chromium, tmp_path, "--dump-dom", probe_page.as_uri()).stdout
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    dom = _browse(chromium, tmp_path, "--window-size=1200,1000", "--dump-dom", probe_page.as_uri()).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.DOTALL)
     assert found, f"the probe did not run; Chromium returned: {dom[:500]!r}"
-    probe = json.loads(html.unescape(found.group(1)))
+    return json.loads(html.unescape(found.group(1)))
+
+
+def test_every_plot_and_series_is_drawn_by_the_browser(run_dir, probe):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     plots = {p["title"]: p for p in probe["plots"]}
 
     sites = sorted(rows[-1]["epsilon_per_site"])
@@ -135,6 +151,27 @@ def test_every_plot_and_series_is_drawn_by_the_browser(run_dir, chromium, tmp_pa
     for site in sites:
         assert table[site]["last_round"] == str(ROUNDS)
         assert float(table[site]["epsilon"]) == pytest.approx(rows[-1]["epsilon_per_site"][site], rel=1e-3)
+
+
+def test_the_summary_in_words_is_seen_first(run_dir, probe):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = probe["summary"]
+    assert summary, "no #summary on the page"
+    assert summary["after"] == "summary"  # right under the title
+    assert 0 <= summary["top"] < summary["viewport"] and summary["height"] > 0 and summary["visibility"] == "visible"
+    assert summary["top"] + summary["height"] <= min(summary["plot"], summary["table"])  # above every plot and table
+    text = summary["paragraphs"]
+    assert set(text) == {"summary-trained", "summary-quality", "summary-weaker", "summary-privacy", "summary-traffic"}
+    final = rows[-1]
+    assert f"{100 * final['eval_accuracy']:.1f}%" in text["summary-quality"]  # the pooled figure, in words
+    weak = rs.weaker_sites(rows)[3]  # the sites clearly below the pooled accuracy, from the rows themselves
+    for site in weak:
+        assert f"{site} {100 * final['eval_sites'][site]['eval_accuracy']:.1f}%" in text["summary-weaker"]
+    assert bool(weak) != text["summary-weaker"].startswith("No site is clearly weaker")
+    for site, eps in final["epsilon_per_site"].items():  # the privacy each site spent
+        assert f"{site} {eps:.2f}" in text["summary-privacy"]
+    totals = json.loads((run_dir / "summary.json").read_text())["totals"]
+    assert rs.human_bytes(totals["bytes_up"]) in text["summary-traffic"]
 
 
 def test_a_screenshot_of_the_report_shows_the_plots(run_dir, chromium, tmp_path):

@@ -1,7 +1,9 @@
 """report.html: a run directory a person can read offline.
 
-Plots are inline SVG drawn here (no JavaScript, no network, no plotting
-library), so the file opens the same on an air-gapped hospital workstation.
+It opens with a summary in words (report_summary.py): what was trained, how good it
+is, at which sites it is weaker, the privacy each site spent and the traffic. Plots are
+inline SVG drawn here (no JavaScript, no network, no plotting library), so the file opens
+the same on an air-gapped hospital workstation.
 
     python -m fedlora.server.report RUN_DIR
 """
@@ -12,7 +14,11 @@ import html
 import json
 import math
 import sys
+import tomllib
+from collections.abc import Callable
 from pathlib import Path
+
+from fedlora.server.report_summary import human_bytes, summary_sections
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 WIDTH, HEIGHT, PAD, LEGEND = 540, 260, 56, 16
@@ -20,8 +26,10 @@ MAX_X_TICKS = 10  # round labels on the x axis, at most
 
 
 def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label: str = "",
-               x_label: str = "round") -> str:
-    """An SVG line chart of named (x, y) series; empty series are left out."""
+               x_label: str = "round", tick: Callable[[float], str] | None = None) -> str:
+    """An SVG line chart of named (x, y) series; empty series are left out. `tick` labels the
+    y axis (default: 2.46M rather than 2.46e+06)."""
+    tick = tick or _tick
     series = {name: pts for name, pts in series.items() if pts}
     if not series:
         return ""
@@ -39,14 +47,14 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], y_label
         return HEIGHT - PAD + (y0 - y) / (y1 - y0) * (HEIGHT - 2 * PAD)
 
     total_height = HEIGHT + LEGEND * len(series)
-    parts = [f'<svg class="plot" role="img" aria-label="{html.escape(title)}" width="{WIDTH}" '
-             f'height="{total_height}" viewBox="0 0 {WIDTH} {total_height}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [(f'<svg class="plot" role="img" aria-label="{html.escape(title)}" width="{WIDTH}" '
+              f'height="{total_height}" viewBox="0 0 {WIDTH} {total_height}" xmlns="http://www.w3.org/2000/svg">'),
              f'<text x="{WIDTH / 2}" y="16" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
              f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - PAD}" y2="{HEIGHT - PAD}" stroke="#444"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#444"/>']
     for frac in (0.0, 0.5, 1.0):
         y = y0 + frac * (y1 - y0)
-        parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="10">{_tick(y)}</text>')
+        parts.append(f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="10">{html.escape(tick(y))}</text>')
     ticks = sorted(set(xs))
     for x in ticks[::math.ceil(len(ticks) / MAX_X_TICKS)]:
         parts.append(f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD + 14}" text-anchor="middle" font-size="10">{x:g}</text>')
@@ -124,9 +132,23 @@ def _per_class(row: dict) -> str:
     return "".join(parts)
 
 
+class Bytes(int):
+    """A byte count a table shows in KB/MB/GB (the exact count in the cell's tooltip)."""
+
+
+def _bytes_columns(row: dict) -> dict:
+    return {k: Bytes(v) if k.startswith("bytes_") and _number(v) else v for k, v in row.items()}
+
+
+def _cell(v) -> str:
+    if isinstance(v, Bytes):
+        return f'<td title="{int(v)} bytes">{html.escape(human_bytes(v))}</td>'
+    return f"<td>{html.escape(_fmt(v))}</td>"
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -163,12 +185,30 @@ def _central_test(summary: dict) -> str:
     return f'<p id="central-test"><b>Central test set:</b> {html.escape(about)}.</p>'
 
 
+def summary_html(summary: dict, rows: list[dict], config: dict | None = None, adapter: dict | None = None) -> str:
+    """The summary in words, first on the page: one paragraph per question a reader asks."""
+    paragraphs = "".join(f'<p id="{key}"><b>{html.escape(heading)}.</b> {html.escape(text)}</p>'
+                         for key, heading, text in summary_sections(summary, rows, config, adapter))
+    return f'<section id="summary"><h2>Summary</h2>{paragraphs}</section>'
+
+
+def _read(path: Path, parse) -> dict:
+    """A file the summary in words draws on, as a dict; {} when it is absent or unreadable (an older
+    run directory, an adapter folder not written yet): the summary then says less."""
+    try:
+        return parse(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError):
+        return {}
+
+
 def render(run_dir: str | Path) -> str:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"  # absent when the run ended before its first round (all sites refused)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    config = _read(run_dir / "config.toml", tomllib.loads)
+    adapter = _read(run_dir / "adapter" / "adapter_config.json", json.loads)
     charts = [
         line_chart("Loss", _series(rows, "train_loss", "eval_loss", "test_loss"), "loss"),
         line_chart("Accuracy and macro-F1", _series(rows, "eval_accuracy", "eval_macro_f1", "test_accuracy",
@@ -176,12 +216,12 @@ def render(run_dir: str | Path) -> str:
         line_chart("Accuracy at each site (its own held-out rows)", _site_accuracy(rows), "accuracy"),
         line_chart("Perplexity", _series(rows, "eval_perplexity", "test_perplexity"), "perplexity"),
         line_chart("Privacy spent (ε)", _site_epsilon(rows), "ε"),
-        line_chart("Bytes per round", _series(rows, "bytes_up", "bytes_down"), "bytes"),
+        line_chart("Bytes per round", _series(rows, "bytes_up", "bytes_down"), "bytes", tick=human_bytes),
         line_chart("Aggregation error", _series(rows, "aggregation_error"), "relative error"),
     ]
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # scalar columns of any round
                               if k != "epsilon_per_site" and not isinstance(v, (dict, list))))
-    round_table = _table([[r.get(k, "") for k in keys] for r in rows], keys)
+    round_table = _table([[r.get(k, "") for k in keys] for r in map(_bytes_columns, rows)], keys)
     sites = _sites(summary, rows)
     site_cols = list(dict.fromkeys(k for v in sites.values() for k in v))
     site_table = _table([[name, *[v.get(k, "") for k in site_cols]] for name, v in sorted(sites.items())],
@@ -189,7 +229,9 @@ def render(run_dir: str | Path) -> str:
     params = summary.get("parameters", {})
     facts = [["strategy", summary.get("strategy", "")], ["rounds", summary.get("rounds", len(rows))],
              ["adapter parameters", params.get("adapter", "")], ["base parameters", params.get("base", "")],
-             *[[f"total {k}", v] for k, v in summary.get("totals", {}).items()],
+             ["adapter size (float32)", Bytes(summary["adapter_bytes_float32"])
+              if _number(summary.get("adapter_bytes_float32")) else ""],
+             *[[f"total {k}", v] for k, v in _bytes_columns(summary.get("totals", {})).items()],
              *[[f"privacy {k}", v] for k, v in summary.get("privacy", {}).get("site_level", {}).items()
                if k in ("unit", "epsilon", "delta", "accountant")],
              *[[k, v] for k, v in summary.get("versions", {}).items()]]
@@ -202,8 +244,10 @@ table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }}
 .wide {{ overflow-x: auto; }}
+#summary {{ max-width: 60em; line-height: 1.45; background: #f7f9fc; border: 1px solid #d8e0ea; padding: 0 1em; }}
 </style></head><body>
 <h1>fedlora run: {html.escape(str(run_dir))}</h1>
+{summary_html(summary, rows, config, adapter)}
 {_central_test(summary)}
 <h2>Per round</h2>
 <div class="plots">{''.join(c for c in charts if c)}</div>
