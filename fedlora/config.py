@@ -88,11 +88,16 @@ class ModelSection(Section):
         "candidate) and this adapter (the current model, e.g. REGISTRY/current) on its held-out rows in the "
         "same round. The run directory's comparison.json holds both, site by site, for `fedlora models "
         "promote --evaluation`.")
+    review_rows: int = option(
+        20, "With model.compare-with: each site keeps both models' outputs on this many of its held-out rows, at "
+        "the site, for its expert's blind review (`fedlora site review`); only the counts of verdicts leave the "
+        "site, in a later evaluation-only run of the same two models. 0: none.")
 
     def problems(self) -> list[str]:
         p = Problems()
         p.need(self.name.strip() != "", "model.name: must not be empty")
         p.need(8 <= self.max_length <= 8192, f"model.max-length: {self.max_length} not in [8, 8192]")
+        p.need(self.review_rows >= 0, f"model.review-rows: {self.review_rows} must be >= 0")
         return p
 
 
@@ -259,6 +264,9 @@ class OutputSection(Section):
         "tensorboard (event files in DIR/tensorboard) or mlflow (a local store in DIR/mlruns). "
         "Needs `pip install 'fedlora[tracking]'` at the coordinator; sites need nothing.",
         ("none", "tensorboard", "mlflow"))
+    registry: str = option(
+        "", "A model registry folder (`fedlora models`): the finished run's adapter is registered there as "
+        "its next version, with its lineage. Registering does not make it current; promotion does.")
 
 
 @dataclass
@@ -277,9 +285,6 @@ class SimulationSection(Section):
     attack_sites: list[int] = option([0], "ATTACK: the simulated site indices (partition ids) that attack.")
     attack_scale: float = option(10.0, "ATTACK scale-update: factor applied to the attackers' updates.")
     secagg_dropouts: list[str] = option(
-    registry: str = option(
-        "", "A model registry folder (`fedlora models`): the finished run's adapter is registered there as "
-        "its next version, with its lineage. Registering does not make it current; promotion does.")
         [], "FAULT INJECTION, for tests: site@stage[@round] entries (e.g. '1@masked-input'): that simulated "
         "site (partition id) fails at that secure-aggregation stage (setup, share-keys, masked-input, unmask), "
         "in every round or only the given one.")
@@ -571,6 +576,15 @@ class RunConfig:
             p.need(False, "privacy.trainable: DP-SGD trains the head alone (auto, on a classification task), but "
                           "client-level or distributed DP noises every coordinate of the update: the LoRA factors, "
                           "which did not train, would take noise each round. Set privacy.trainable = adapter")
+        if c.model.compare_with:
+            p.need(bool(c.model.warm_start), "model.compare-with: an evaluation-only run compares model.warm-start "
+                                             "(the candidate) with it; set model.warm-start")
+            p.need(not (c.secagg.enabled or c.privacy.client_dp),
+                   "model.compare-with: compares the two models site by site, and per-site figures are not recorded "
+                   "under secure aggregation or client-level DP; an evaluation-only run sends no update, so turn "
+                   "them off for it")
+            p.need(not c.output.registry, "model.compare-with: an evaluation-only run trains no adapter to register; "
+                                          "leave output.registry empty")
         if c.secagg.enabled:
             p += _secure_aggregation_problems(c)
         p += composition_problems(c)
@@ -589,15 +603,6 @@ class RunConfig:
                 if isinstance(value, dict):
                     walk(f"{prefix}{key}.", value)
                 else:
-        if c.model.compare_with:
-            p.need(bool(c.model.warm_start), "model.compare-with: an evaluation-only run compares model.warm-start "
-                                             "(the candidate) with it; set model.warm-start")
-            p.need(not (c.secagg.enabled or c.privacy.client_dp),
-                   "model.compare-with: compares the two models site by site, and per-site figures are not recorded "
-                   "under secure aggregation or client-level DP; an evaluation-only run sends no update, so turn "
-                   "them off for it")
-            p.need(not c.output.registry, "model.compare-with: an evaluation-only run trains no adapter to register; "
-                                          "leave output.registry empty")
                     flat[f"{prefix}{key}"] = ",".join(str(v) for v in value) if isinstance(value, list) else value
 
         walk("", self.to_nested())
