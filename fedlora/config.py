@@ -126,10 +126,20 @@ class TaskSection(Section):
     labels: list[str] = option(
         [], "Classification: the label names (every site uses this list, in this order); empty: taken from "
         "the data when the run starts (all of data.path's labels, sorted; the synthetic corpus' departments).")
+    generate_max_tokens: int = option(
+        64, "Causal LM: at most this many new tokens generated (greedy) per held-out prompt, scored against the "
+        "row's completion as eval_rougeL, eval_bleu and eval_chrf (test_* on a central test set); 0: no "
+        "generation, perplexity only.")
+    generate_prompts: int = option(
+        16, "Causal LM: how many held-out prompts a completion is generated for, per evaluation, at each site "
+        "(and on a central test set): the first ones of its held-out rows. Generation is slow on CPU.")
 
     def problems(self) -> list[str]:
         p = Problems()
         p.need(len(self.labels) == len(set(self.labels)), f"task.labels: duplicate names in {self.labels}")
+        p.need(0 <= self.generate_max_tokens <= 4096,
+               f"task.generate-max-tokens: {self.generate_max_tokens} not in [0, 4096] (0: no generation)")
+        p.need(self.generate_prompts >= 0, f"task.generate-prompts: {self.generate_prompts} must be >= 0")
         if self.type == "classification" and self.labels:
             p.need(len(self.labels) >= 2, "task.labels: classification needs at least 2 labels")
         return p

@@ -199,11 +199,16 @@ def plain_train(model, task: Task, examples: list[Example], train_cfg, pad_id: i
 
 
 @torch.no_grad()
-def evaluate_counts(model, task: Task, examples: list[Example], pad_id: int, batch_size: int = 64) -> dict[str, Any]:
+def evaluate_counts(model, task: Task, examples: list[Example], pad_id: int, batch_size: int = 64,
+                    tokenizer=None) -> dict[str, Any]:
+    """The task's evaluation counts over `examples`; with the tokenizer, also those of what the model
+    generates (Task.generation_counts: a causal LM's ROUGE-L, BLEU and chrF)."""
     model.eval()
     counts: dict[str, Any] = {}
     for i in range(0, len(examples), batch_size):
         task.add_counts(counts, task.eval_counts(model, task.collate(examples[i:i + batch_size], pad_id)))
+    if tokenizer is not None and examples:
+        task.add_counts(counts, task.generation_counts(model, examples, tokenizer))
     return counts
 
 

@@ -25,12 +25,18 @@ EVAL_TP = "eval-tp"                    # per-class counts, for an exact pooled m
 EVAL_FP = "eval-fp"
 EVAL_FN = "eval-fn"
 EVAL_CONFUSION = "eval-confusion"      # classification: k x k counts, row-major, row = true label
+EVAL_GENERATED = "eval-generated"      # causal LM: held-out prompts a completion was generated for
+EVAL_ROUGE_L_SUM = "eval-rouge-l-sum"  # sum of those completions' ROUGE-L F-measures
+EVAL_BLEU_STATS = "eval-bleu-stats"    # BLEU sufficient statistics (lengths, n-gram matches and totals), summed
+EVAL_CHRF_STATS = "eval-chrf-stats"    # chrF sufficient statistics (character n-gram counts), summed
 # A task's evaluation counts (Task.eval_counts) as they travel: wire key -> count name, and whether the count is
 # an integer. Every count is a sum (or a list of sums) over held-out rows, so the coordinator pools sites exactly.
 EVAL_COUNTS: dict[str, tuple[str, type]] = {
     EVAL_COUNT: ("count", int), EVAL_LOSS_SUM: ("loss_sum", float), EVAL_TOKENS: ("tokens", int),
     EVAL_CORRECT: ("correct", int), EVAL_TP: ("tp", int), EVAL_FP: ("fp", int), EVAL_FN: ("fn", int),
     EVAL_CONFUSION: ("confusion", int),
+    EVAL_GENERATED: ("generated", int), EVAL_ROUGE_L_SUM: ("rougeL_sum", float), EVAL_BLEU_STATS: ("bleu_stats", int),
+    EVAL_CHRF_STATS: ("chrf_stats", int),
 }
 
 # LoRA-aware strategies (fedlora/strategies, docs/strategies.md).

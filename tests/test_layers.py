@@ -46,6 +46,7 @@ LATE_IMPORTS_ALLOWED = {
     ("deploy/relay.py", "fedlora.client.app"),         # torch only when the site worker is down
     ("deploy/relay.py", "fedlora.client.runtime"),
     ("deploy/cli.py", "fedlora.deploy.data_check"),    # transformers only for check-data
+    ("tasks/generation.py", "rouge_score.rouge_scorer"),  # nltk and scipy (1 s) only when a run generates
 }
 
 

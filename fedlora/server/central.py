@@ -37,7 +37,8 @@ class CentralEvaluator:
     def evaluate(self, state: State) -> dict[str, float]:
         """`test_*` figures of an adapter on the central test set."""
         set_trainable_state(self.loaded.model, state)
-        counts = evaluate_counts(self.loaded.model, self.task, self.test_examples, self.pad_id)
+        counts = evaluate_counts(self.loaded.model, self.task, self.test_examples, self.pad_id,
+                                 tokenizer=self.loaded.tokenizer)
         return {k.replace("eval_", "test_", 1): v for k, v in self.task.metrics(counts).items()}
 
     def write_predictions(self, state: State, path: Path) -> None:

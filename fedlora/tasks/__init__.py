@@ -9,7 +9,7 @@ def build_task(config) -> Task:
     """The task for a RunConfig."""
     if config.task.type == "classification":
         return ClassificationTask(config.task.text_column, config.task.label_column, config.task.labels)
-    return CausalLMTask()
+    return CausalLMTask(config.task.generate_max_tokens, config.task.generate_prompts)
 
 
 __all__ = ["CausalLMTask", "ClassificationTask", "Task", "build_task"]

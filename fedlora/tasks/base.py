@@ -40,6 +40,11 @@ class Task(ABC):
     def metrics(self, counts: dict[str, Any]) -> dict[str, float]:
         """`eval_*` figures from pooled counts."""
 
+    def generation_counts(self, model, examples: list[Example], tokenizer) -> dict[str, Any]:
+        """Sums over what the model generates for some of the examples (causal LM: ROUGE-L, BLEU, chrF),
+        pooled like `eval_counts`; none by default."""
+        return {}
+
     def details(self, counts: dict[str, Any]) -> dict[str, Any]:
         """Figures beyond `metrics` that the counts allow (classification: per class); none by default."""
         return {}

@@ -6,6 +6,11 @@ Accepted row shapes:
 - chat `messages` (list of {role, content}); the last assistant turn is the
   completion, everything before it the prompt, rendered with the tokenizer's
   chat template when it has one.
+
+Evaluation reports the loss and perplexity of the completion tokens and, when
+`task.generate-max-tokens` > 0, ROUGE-L, BLEU and chrF of completions generated
+greedily for the first `task.generate-prompts` held-out prompts
+(fedlora.tasks.generation).
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.tasks.base import Batch, Example, Task, pad_to
+from fedlora.tasks.generation import (
+    generation_metrics,
+    greedy_completions,
+    score_counts,
+)
 
 IGNORE = -100
 ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -29,6 +39,12 @@ def _is_text(value: Any) -> bool:
 
 class CausalLMTask(Task):
     peft_task_type = "CAUSAL_LM"
+
+    def __init__(self, generate_max_tokens: int = 0, generate_prompts: int = 0):
+        """`generate_max_tokens` > 0: evaluation also generates that many tokens at most for each of
+        the first `generate_prompts` rows of a set and scores them against the rows' completions."""
+        self.generate_max_tokens = generate_max_tokens
+        self.generate_prompts = generate_prompts if generate_max_tokens > 0 else 0
 
     def check_row(self, row: dict) -> str | None:
         if "messages" in row:
@@ -69,15 +85,21 @@ class CausalLMTask(Task):
         return row["prompt"], row["completion"]
 
     def encode(self, rows: list[dict], tokenizer, max_length: int) -> list[Example]:
+        """Prompt and completion tokens, the loss on the completion's. The first `generate_prompts`
+        rows also keep what generation needs: the prompt (its last `max_length` tokens) and the
+        whole reference completion."""
         eos = tokenizer.eos_token_id
         examples = []
-        for row in rows:
+        for i, row in enumerate(rows):
             prompt, completion = self.split(row, tokenizer)
             p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-            c = c[:max_length - 1]             # keep at least one prompt token to predict from
-            p = p[-(max_length - len(c)):] if p else []  # drop the oldest prompt tokens first
-            examples.append({"input_ids": p + c, "labels": [IGNORE] * len(p) + c})
+            reference = tokenizer(completion, add_special_tokens=False)["input_ids"]
+            c = (reference + ([eos] if eos is not None else []))[:max_length - 1]  # keep a prompt token to predict from
+            kept = p[-(max_length - len(c)):] if p else []  # drop the oldest prompt tokens first
+            example: Example = {"input_ids": kept + c, "labels": [IGNORE] * len(kept) + c}
+            if i < self.generate_prompts:
+                example.update(prompt_ids=p[-max_length:], reference_ids=reference)
+            examples.append(example)
         return examples
 
     def collate(self, examples: list[Example], pad_id: int) -> Batch:
@@ -106,6 +128,18 @@ class CausalLMTask(Task):
         losses, mask = self._token_losses(model, batch)
         return {"loss_sum": float(losses.sum()), "tokens": int(mask.sum()), "count": int(mask.size(0))}
 
+    def generation_counts(self, model, examples: list[Example], tokenizer) -> dict[str, Any]:
+        """ROUGE-L, BLEU and chrF sums of greedy completions of the first `generate_prompts` examples,
+        each scored against its reference (both decoded alike, special tokens left out)."""
+        chosen = [e for e in examples[:self.generate_prompts] if "prompt_ids" in e]
+        if not chosen:
+            return {}
+        prompts = [e["prompt_ids"] for e in chosen]
+        generated = greedy_completions(model, prompts, tokenizer, self.generate_max_tokens)
+        hypotheses = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated]
+        references = [tokenizer.decode(e["reference_ids"], skip_special_tokens=True).strip() for e in chosen]
+        return score_counts(hypotheses, references)
+
     def metrics(self, counts: dict[str, Any]) -> dict[str, float]:
         loss = counts["loss_sum"] / max(counts.get("tokens", 0), 1)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **generation_metrics(counts)}
