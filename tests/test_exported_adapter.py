@@ -3,15 +3,22 @@ hub id or a model name (never a path of the training machine), its label names a
 (documented in its model card), and the card describes the run."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from fedlora import config as cfg
+from fedlora.data.labels import infer_labels
 from fedlora.data.sites import central_test_rows
-from fedlora.models import DEMO_HUB_ID, hub_base_name
+from fedlora.models import DEMO_HUB_ID, hub_base_name, load_model
+from fedlora.server.warm_start import load_warm_start
 from fedlora.simulations.inprocess import run_inprocess
 from fedlora.tasks import build_task
+from fedlora.training import predict_labels
 
 TINY = ["model.max-length=16", "federation.num-sites=2", "federation.rounds=1", "data.records-per-site=12",
         "train.local-steps=1", "train.batch-size=4"]
@@ -72,3 +79,32 @@ def test_plain_peft_loads_it_and_decodes_label_names(run):
     assert all(name in labels["label2id"] for name in got)
     expected = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert got == expected[:20]  # the coordinator's own predictions, reproduced without fedlora
+
+
+def test_the_readme_script_names_labels_with_only_the_adapter_folder_and_the_base_model(run, tmp_path):
+    """The README's plain-PEFT script, run as written in a fresh interpreter without fedlora on its path:
+    the adapter folder and the base model (here a local folder, as the README says) are all it gets."""
+    out, base_dir = run
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    script = readme.split("## Use the adapter without fedlora", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'adapter = "runs/x/adapter"' in script and "fedlora" not in script
+    script = script.replace('"runs/x/adapter"', repr(str(out / "adapter")))
+    script = script.replace('json.load(open(f"{adapter}/adapter_config.json"))["base_model_name_or_path"]',
+                            repr(str(base_dir)))  # the base model's local folder, as the README allows
+    (tmp_path / "use.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", str(tmp_path / "use.py")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = cfg.load_config(out / "config.toml").task.labels
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.split(" <- ")[0] in names for line in lines)
+    # the names are the adapter's predictions: fedlora's own loader and predictor say the same for those notes
+    config = infer_labels(cfg.load_config(out / "config.toml"))
+    task = build_task(config)
+    loaded = load_model(config, task)
+    load_warm_start(out, config, loaded.model)
+    notes = [line.split(" <- ", 1)[1] for line in lines]
+    examples = task.encode([{"text": n, "label": names[0]} for n in notes], loaded.tokenizer, 64)
+    predicted = predict_labels(loaded.model, task, examples, loaded.tokenizer.pad_token_id)
+    assert [line.split(" <- ")[0] for line in lines] == [names[i] for i in predicted]
