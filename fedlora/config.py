@@ -286,6 +286,11 @@ class SimulationSection(Section):
     NAME = "simulation"
     cpus_per_site: int = option(1, "CPU cores Ray reserves per simulated site (sites run in parallel "
                                    "up to the machine's cores / this).")
+    ray_address: str = option(
+        "", "An existing Ray cluster to run the simulated sites on (HOST:PORT of its head, as `ray start --head` "
+        "prints; docs/scale.md); empty: a private Ray instance on this machine. Every node needs fedlora installed.")
+    gpus_per_site: float = option(
+        0.0, "GPU share Ray reserves per simulated site (0.25: four sites per GPU); 0: sites run on CPU.")
     site_ranks: list[int] = option([], "LoRA rank per simulated site (e.g. [8, 4, 4, 2]), each <= lora.rank; "
                                        "empty: all use lora.rank. A deployed site sets `lora-rank` in its node "
                                        "config.")
@@ -302,6 +307,9 @@ class SimulationSection(Section):
     def problems(self) -> list[str]:
         p = Problems()
         p.need(self.cpus_per_site > 0, "simulation.cpus-per-site: must be > 0")
+        p.need(self.gpus_per_site >= 0, f"simulation.gpus-per-site: {self.gpus_per_site} must be >= 0")
+        p.need(not self.ray_address or ":" in self.ray_address,
+               f"simulation.ray-address: {self.ray_address!r} is not HOST:PORT")
         p.need(self.attack_scale == self.attack_scale and abs(self.attack_scale) != float("inf"),
                f"simulation.attack-scale: {self.attack_scale} must be finite")
         if self.attack != "none":

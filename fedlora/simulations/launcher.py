@@ -55,6 +55,8 @@ def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False, clie
         insecure = true
         """))
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home)}
+    if config.simulation.ray_address:  # Flower's Ray backend calls ray.init(), which joins the cluster RAY_ADDRESS names
+        env["RAY_ADDRESS"] = config.simulation.ray_address
     log_path = out / "flower.log"
     bin_dir = Path(sys.executable).parent
     superlink_cmd = [str(bin_dir / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -74,7 +76,9 @@ def simulate(config: cfg.RunConfig, out: str | Path, verbose: bool = False, clie
             run_cmd = [str(bin_dir / "flwr"), "run", str(app_dir), "fedlora-sim", "--stream",
                        "--federation-config",
                        f"num-supernodes={fed.num_sites} "
-                       f"client-resources-num-cpus={config.simulation.cpus_per_site}"]
+                       f"client-resources-num-cpus={config.simulation.cpus_per_site}"
+                       + (f" client-resources-num-gpus={config.simulation.gpus_per_site}"
+                          if config.simulation.gpus_per_site else "")]
             runner = subprocess.Popen(run_cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                       start_new_session=True)
 
