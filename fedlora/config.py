@@ -165,11 +165,19 @@ class DataSection(Section):
         False, "Skip (and count) malformed rows instead of failing on the first one."
     )
     records_per_site: int = option(320, "Synthetic corpus: records generated per site.")
+    synthetic_variant: str = option(
+        "original", "Synthetic corpus: original, or drifted (new jargon, a telehealth service's notes, a "
+        "shifted label mix; its own central test set), to study drift and retraining (docs/drift.md).",
+        ("original", "drifted"))
     seed: int = option(0, "Seed for partitioning, splits and the synthetic corpus.")
 
     def problems(self) -> list[str]:
         p = Problems()
         p.need(self.dirichlet_alpha > 0, f"data.dirichlet-alpha: {self.dirichlet_alpha} must be > 0")
+        p.need(self.synthetic_variant == "original" or self.path == "",
+               f"data.synthetic-variant = {self.synthetic_variant!r} applies to the built-in synthetic corpus, "
+               f"but data.path is set (the sites read that instead); leave data.path empty or the variant "
+               f"'original'")
         p.need(0 <= self.eval_fraction < 1, f"data.eval-fraction: {self.eval_fraction} not in [0, 1)")
         p.need(self.records_per_site >= 10, f"data.records-per-site: {self.records_per_site} must be >= 10")
         if self.partition == "column":
@@ -194,17 +202,34 @@ class FederationSection(Section):
         f"else {DEFAULT_SITES}. A folder's files define the sites: another number is an error.")
     rounds: int = option(5, "Federated rounds.")
     fraction_train: float = option(1.0, "Share of connected sites sampled for each round.")
+    fraction_evaluate: float = option(
+        1.0, "Share of connected sites asked to evaluate the global adapter in a round (drawn from train.seed); "
+        "the last round asks every site. Below 1, a round costs in the sites sampled, not the sites connected.")
+    evaluate_every: int = option(
+        1, "Sites evaluate every this many rounds (and always in the last round); the central test set, if "
+        "any, scores every round.")
     min_sites: int = option(2, "Fewest sites a round needs; the run ends when fewer remain.")
     round_timeout: float = option(900.0, "Seconds to wait for replies in one round.")
     wait_for_sites: float = option(300.0, "Seconds to wait at start for min-sites to connect.")
+    drift_check: bool = option(
+        False, "A drift-check run: no site trains; every site whose node config says share-drift = true answers "
+        "with aggregate drift figures against the data it last trained on; drift.json in the run directory says, "
+        "per site, whether retraining is due (`fedlora run` then exits 3). For cron or a systemd timer.")
+    retrain_after_days: float = option(
+        182.0, "The consortium's schedule for a drift check: retraining is due once a site's last training is "
+        "this many days old, whatever its figures (6 months; shorter in fast-moving fields); 0: figures only.")
 
     def problems(self) -> list[str]:
         p = Problems()
         p.need(self.num_sites >= 0, f"federation.num-sites: {self.num_sites} must be >= 1 (or 0: automatic)")
         p.need(self.rounds >= 1, f"federation.rounds: {self.rounds} must be >= 1")
         p.need(0 < self.fraction_train <= 1, f"federation.fraction-train: {self.fraction_train} not in (0, 1]")
+        p.need(0 < self.fraction_evaluate <= 1,
+               f"federation.fraction-evaluate: {self.fraction_evaluate} not in (0, 1]")
+        p.need(self.evaluate_every >= 1, f"federation.evaluate-every: {self.evaluate_every} must be >= 1")
         p.need(self.min_sites >= 1, f"federation.min-sites: {self.min_sites} must be >= 1")
         p.need(self.round_timeout > 0, "federation.round-timeout: must be > 0")
+        p.need(self.retrain_after_days >= 0, f"federation.retrain-after-days: {self.retrain_after_days} must be >= 0")
         return p
 
 
@@ -594,6 +619,8 @@ class RunConfig:
             p.need(False, "privacy.trainable: DP-SGD trains the head alone (auto, on a classification task), but "
                           "client-level or distributed DP noises every coordinate of the update: the LoRA factors, "
                           "which did not train, would take noise each round. Set privacy.trainable = adapter")
+        p.need(not (c.federation.drift_check and c.model.compare_with),
+               "federation.drift-check and model.compare-with: a run is a drift check or an evaluation, not both")
         if c.model.compare_with:
             p.need(bool(c.model.warm_start), "model.compare-with: an evaluation-only run compares model.warm-start "
                                              "(the candidate) with it; set model.warm-start")

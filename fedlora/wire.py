@@ -50,6 +50,7 @@ LORA_RANK = "lora-rank"                # metric (site -> server): the rank this 
 SITE = "site"
 SITE_NAME = "name"
 SKIPPED_ROWS = "skipped-rows"
+DATA_SNAPSHOT = "data-snapshot"  # train reply: the keyed digest of the snapshot the site trained on (client/drift.py)
 
 # Differential privacy (site -> server). The site sends only its epsilon summary.
 PRIVACY = "privacy"                    # ConfigRecord: unit of privacy and the ledger head
@@ -69,3 +70,25 @@ BUDGET_EXHAUSTED = 4001       # its privacy budget would be exceeded
 CLEAR_UPLOAD_REFUSED = 4002   # the run uses secure aggregation, and the message asks for an update in clear
 # Error code of a reply whose site failed; the reason is a category and a count, never data or paths.
 SITE_FAILED = 4003
+
+# Drift (site -> server), only from a site whose node config says share-drift = true (client/drift.py).
+DRIFT_QUERY = "drift"                  # the query's action: message_type "query.drift"
+DRIFT = "drift"                        # MetricRecord of the answer: aggregate figures only, rounded
+DRIFT_SNAPSHOT = "drift-snapshot"      # ConfigRecord of the answer: which training snapshot they compare with
+DRIFT_DIGEST = "digest"                # in DRIFT_SNAPSHOT: HMAC-SHA256 of the snapshot under the site's own key
+DRIFT_HAS_SNAPSHOT = "has-snapshot"    # 1: the site has trained and kept a snapshot; 0: no figures follow
+DRIFT_LABEL_PSI = "label-psi"          # population stability index of the label mix (-1: no labelled rows)
+DRIFT_LABEL_CHI2_P = "label-chi2-p"    # chi-square homogeneity test's p-value (-1: no labelled rows)
+DRIFT_TEXT_JS = "text-js"              # Jensen-Shannon divergence (base 2) of the word distributions
+DRIFT_UNSEEN_WORDS = "unseen-word-share"  # share of word occurrences the snapshot never saw
+DRIFT_DAYS = "days-since-training"     # whole days since the snapshot's training
+DRIFT_DUE = "retraining-due"           # 1: the site's default thresholds say retraining is due
+# Error code of a drift query the site does not answer (its node config does not allow it).
+DRIFT_NOT_SHARED = 4004
+
+# Blind human review at the sites (client/review.py), in an evaluation-only run (model.compare-with).
+REVIEW_PAIR = "review-pair"            # config: which two adapters are compared (their digests)
+REVIEW_ROLE = "review-role"            # config: which of them this evaluation scores: candidate or current
+REVIEW_ROWS = "review-rows"            # config: how many held-out rows' outputs the site keeps for review
+REVIEW_QUERY = "review"                # the query's action: message_type "query.review"
+REVIEW = "review"                      # MetricRecord of the answer: the expert's verdict counts only

@@ -49,3 +49,23 @@ def test_each_sites_figures_are_recorded_every_round_and_pool_to_the_federations
             assert figures["support"] == sum(pooled[i])
     page = (run / "report.html").read_text()
     assert 'id="confusion"' in page and "Accuracy at each site" in page
+
+
+def test_sites_evaluate_a_sample_every_k_rounds_and_all_of_them_in_the_last(tiny_bert_dir, tmp_path):
+    """federation.fraction-evaluate and evaluate-every: a round's evaluation costs in the sites sampled; the
+    last round still gives every site's own figures."""
+    config = cfg.load_config(None, [f'model.name="{tiny_bert_dir}"', "model.max-length=32", "federation.num-sites=6",
+                                    "federation.rounds=3", "data.records-per-site=20", "train.local-steps=1",
+                                    "federation.fraction-evaluate=0.5", "federation.evaluate-every=2"])
+    run = run_inprocess(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    every = [f"site-{i}" for i in range(6)]
+    assert "eval_accuracy" not in rows[0] and "eval_sites" not in rows[0] and "evaluated" not in rows[0]
+    assert "test_accuracy" in rows[0]  # the coordinator's own test set still scores every round
+    assert rows[1]["evaluated"] == 3 and len(rows[1]["eval_sites"]) == 3 and set(rows[1]["eval_sites"]) < set(every)
+    assert rows[2]["evaluated"] == 6 and sorted(rows[2]["eval_sites"]) == every
+    pooled = sum(s["eval_accuracy"] * s["eval_count"] for s in rows[1]["eval_sites"].values()) / \
+        sum(s["eval_count"] for s in rows[1]["eval_sites"].values())
+    assert rows[1]["eval_accuracy"] == pytest.approx(pooled)  # the pooled figure is over the sample
+    # bytes: round 1 sent nothing to evaluate, round 2 half the sites' evaluation messages
+    assert rows[0]["bytes_down"] < rows[1]["bytes_down"] < rows[2]["bytes_down"]

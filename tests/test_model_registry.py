@@ -15,10 +15,12 @@ from safetensors.numpy import load_file, save_file
 
 from fedlora import config as cfg
 from fedlora.cli import main as fedlora_main
+from fedlora.client import review
+from fedlora.client.drift import snapshot_digest
 from fedlora.data.labels import infer_labels
 from fedlora.data.sites import simulated_site_data
 from fedlora.deploy.models_command import add_commands
-from fedlora.server.model_registry import ModelRegistry, RegistryError, decide
+from fedlora.server.model_registry import ModelRegistry, RegistryError, decide, pair_id
 from fedlora.simulations.inprocess import run_inprocess
 from fedlora.tasks import build_task
 
@@ -138,6 +140,23 @@ def test_a_candidate_worse_at_one_site_is_refused_and_current_stays(trained, tin
     with pytest.raises(RegistryError, match="compared other adapters"):
         registry.gate("v1", json.loads((evaluation / "comparison.json").read_text()), "eval_accuracy", TOLERANCE)
 
+    # each site kept both models' outputs on its rows for its expert; what one expert rates comes back as
+    # counts only when the same two models are evaluated again (the site's state folder persists)
+    pair = pair_id(registry.read(candidate)["adapter_sha256"], registry.read(current)["adapter_sha256"])
+    state = evaluation / "sites" / weaker_site
+    kept = json.loads((state / review.FOLDER / pair / "candidate.json").read_text())
+    assert [row["output"] for row in kept] == [labels[candidate_label]] * len(kept)  # what the model said
+    for item in review.items(state, pair):
+        review.rate(state, pair, item["index"], "A" if item["A"] == labels[current_label] else "B")  # prefer current
+    assert json.loads((evaluation / "comparison.json").read_text())["review"] == {}
+    again = run_inprocess(cfg.load_config(None, _settings(
+        tiny_bert_dir, f'model.warm-start="{registry.path / candidate}"',
+        f'model.compare-with="{registry.path / "current"}"')), evaluation)
+    answered = json.loads((again / "comparison.json").read_text())["review"]
+    assert answered.pop(weaker_site) == {"wins": 0, "ties": 0, "losses": len(kept), "same": 0, "unrated": 0}
+    assert sorted(answered) == sorted(set(shares) - {weaker_site})  # the other sites: nothing rated yet
+    assert all(c["unrated"] > 0 and c["wins"] + c["ties"] + c["losses"] == 0 for c in answered.values())
+
 
 def test_promote_simulate_makes_the_evaluation_from_the_candidates_configuration(trained, tiny_bert_dir, tmp_path):
     root, registry, run = trained
@@ -150,6 +169,9 @@ def test_promote_simulate_makes_the_evaluation_from_the_candidates_configuration
     version = registry.versions()[-1]
     record = registry.read(version)
     assert record["run"] == str(warmed) and record["parent"] == current  # lineage through the adapter's sha256
+    # each site's data snapshot, as the keyed digest only that site can recompute (its state folder's key)
+    assert record["data_snapshots"] == {f"site-{k}": snapshot_digest(warmed / "sites" / f"site-{k}")
+                                        for k in range(SITES)}
 
     made = []
 

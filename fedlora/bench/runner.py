@@ -37,11 +37,13 @@ SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "quality": "fedlora.bench.quality",
     "curves": "fedlora.bench.curves",
     "strategies": "fedlora.bench.strategies",
+    "drift": "fedlora.bench.drift",
 }
 # Suites too long for a mode's default run: without --only that mode skips them (name them to run them).
 # Quick: the deployment starts real processes (minutes), curves are 6 runs, strategies 32; full: privacy
-# takes about an hour, curves and strategies about two each.
-OPT_IN = {"quick": ("deployment", "curves", "strategies"), "full": ("privacy", "curves", "strategies")}
+# takes about an hour, curves and strategies about two each, drift about 20 minutes.
+OPT_IN = {"quick": ("deployment", "curves", "strategies", "drift"),
+          "full": ("privacy", "curves", "strategies", "drift")}
 PARENT_HEADING = "## `fedlora bench`"
 
 

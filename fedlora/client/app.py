@@ -27,16 +27,25 @@ from flwr.clientapp import ClientApp
 
 from fedlora import wire
 from fedlora.arrays import to_record
+from fedlora.client.drift import TRAINED_IN_RUN, load_snapshot, record_accuracy, record_training, shares_drift
+from fedlora.client.drift import site_folder
+from fedlora.client.drift import answer as drift_answer
+from fedlora.client.drift import snapshot_digest
+from fedlora.client import review
 from fedlora.client.mods import compression_mod, site_errors_mod
 from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_config, site_runtime
 from fedlora.client.secure import durable_folder, secure_aggregation_mod
 from fedlora.client.site_strategy import SitePlan
+from fedlora.data.drift import profile
+from fedlora.data.readers import read_rows
 from fedlora.privacy import forecast
 from fedlora.privacy.distributed_site import forecast_releases, site_accounts
 from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, forecast_privately, train_privately
-from fedlora.training import evaluate_counts, plain_train, site_seed
+from fedlora.tasks.generation import greedy_completions
+from fedlora.training import evaluate_counts, plain_train, predict_labels, site_seed
 
 log = logging.getLogger(__name__)
+REVIEW_NEW_TOKENS = 64  # a language model's completion for review, when task.generate-max-tokens is 0
 
 Runtime = Callable[[Context], SiteRuntime]
 SITE_MODS = [site_errors_mod, secure_aggregation_mod, compression_mod]  # outermost first
@@ -75,6 +84,7 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         else:
             result = plain_train(rt.loaded.model, rt.task, rt.train_examples, rt.config.train, rt.pad_id, seed,
                                  extra_loss=extra_loss)
+    digest = _snapshot_training(rt, context)
     delta = plan.update(global_state)
     log.info("site %s round %d: %d steps, loss %.4f, %.1fs", rt.data.name, server_round,
              result.steps, result.mean_loss, result.seconds)
@@ -85,7 +95,10 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         wire.LOCAL_STEPS: result.steps,
         wire.LORA_RANK: rt.rank,
     })
-    content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: _site_record(rt)})
+    site = _site_record(rt)
+    if digest:
+        site[wire.DATA_SNAPSHOT] = digest
+    content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: site})
     if private is not None or rt.config.privacy.client_dp:  # data-dependent, not noised: it stays here
         del metrics[wire.TRAIN_LOSS]
     if private is not None:
@@ -96,9 +109,62 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
 
 def evaluate(rt: SiteRuntime, msg: Message, context: Context) -> Message:
     _set_global(rt, msg, SitePlan.for_message(rt, msg, context))
-    counts = evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id) if rt.eval_examples else {}
+    counts = (evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id, tokenizer=rt.loaded.tokenizer)
+              if rt.eval_examples else {})  # the tokenizer: what a causal LM generates is scored too
     metrics = MetricRecord({key: _eval_value(counts.get(name), kind) for key, (name, kind) in wire.EVAL_COUNTS.items()})
+    _record_accuracy(rt, counts, context)
+    _keep_for_review(rt, msg.content[wire.CONFIG], context)
     return Message(RecordDict({wire.METRICS: metrics, wire.SITE: _site_record(rt)}), reply_to=msg)
+
+
+def _keep_for_review(rt: SiteRuntime, config: ConfigRecord, context: Context) -> None:
+    """In an evaluation-only run, the model's outputs on the first held-out rows, kept at the site for its
+    expert's blind review (client/review.py); kept once per pair of models, so verdicts stay valid."""
+    pair, role, rows = config.get(wire.REVIEW_PAIR), config.get(wire.REVIEW_ROLE), int(config.get(wire.REVIEW_ROWS, 0))
+    folder = site_folder(rt.config, context.node_config, rt.data.name)
+    if not pair or not rows or folder is None:
+        return
+    try:
+        if review.has_outputs(folder, str(pair), str(role)):
+            return
+        chosen = rt.data.eval[:rows]
+        review.keep_outputs(folder, str(pair), str(role),
+                            *_model_outputs(rt.loaded.model, rt.task, chosen, rt.loaded.tokenizer,
+                                                  rt.config.model.max_length))
+    except (OSError, review.ReviewError) as err:
+        log.warning("site %s: could not keep outputs for review: %s", rt.data.name, err)
+
+
+def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) -> tuple[list[str], list[str]]:
+    """What the model in `model` says for each row: (the text the expert reads, the model's output). A
+    classifier's output is the label name it predicts for the row's text; a language model's, the
+    completion it generates greedily for the row's prompt."""
+    if not rows:
+        return [], []
+    pad_id = tokenizer.pad_token_id
+    if hasattr(task, "predict"):
+        predicted = predict_labels(model, task, task.encode(rows, tokenizer, max_length), pad_id)
+        return [str(row[task.text_column]) for row in rows], [task.labels[i] for i in predicted]
+    prompts = [task.split(row, tokenizer)[0] for row in rows]
+    ids = [tokenizer(p, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for p in prompts]
+    new_tokens = getattr(task, "generate_max_tokens", 0) or REVIEW_NEW_TOKENS
+    completions = greedy_completions(model, ids, tokenizer, new_tokens)
+    return prompts, [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+
+
+def review_query(rt_of: Runtime, msg: Message, context: Context) -> Message:
+    """The counts of this site's expert's verdicts on two models (client/review.py), if it holds them;
+    nothing else. (The site's runtime names its state folder; its evaluation comes next anyway.)"""
+    rt = rt_of(context)
+    folder = site_folder(rt.config, context.node_config, rt.data.name)
+    counts = None
+    if folder is not None:
+        try:
+            counts = review.counts(folder, str(msg.content[wire.CONFIG][wire.REVIEW_PAIR]))
+        except review.ReviewError:
+            counts = None
+    records = {wire.REVIEW: MetricRecord(counts)} if counts is not None else {}
+    return Message(RecordDict({**records, wire.SITE: _site_record(rt)}), reply_to=msg)
 
 
 def _eval_value(value, kind: type):
@@ -129,6 +195,60 @@ def query(rt_of: Runtime, msg: Message, context: Context) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
+def _columns(rt: SiteRuntime) -> tuple[str, str | None]:
+    return getattr(rt.task, "text_column", "text"), getattr(rt.task, "label_column", None)
+
+
+def _snapshot_training(rt: SiteRuntime, context: Context) -> str | None:
+    """Keep, at the site, aggregate statistics of the rows it trains on (client/drift.py); their keyed
+    digest, which may name the snapshot upstream (the model registry's lineage). A failure to write
+    them is logged and does not stop training."""
+    folder = site_folder(rt.config, context.node_config, rt.data.name)
+    if folder is None:
+        return None
+    try:
+        record_training(folder, [*rt.data.train, *rt.data.eval], *_columns(rt))
+        context.state[TRAINED_IN_RUN] = ConfigRecord({"trained": True})
+        return snapshot_digest(folder)
+    except OSError as err:
+        log.warning("site %s: could not write its training snapshot in %s: %s", rt.data.name, folder, err)
+        return None
+
+
+def _record_accuracy(rt: SiteRuntime, counts: dict, context: Context) -> None:
+    """The global adapter's accuracy on the held-out rows, beside the training snapshot: only in a run
+    this site trained in (an evaluation-only run, or one it sat out, scores a model it did not train)."""
+    folder = site_folder(rt.config, context.node_config, rt.data.name)
+    if folder is None or "correct" not in counts or TRAINED_IN_RUN not in context.state:
+        return
+    try:
+        record_accuracy(folder, int(counts["correct"]), int(counts.get("count", 0)))
+    except OSError as err:
+        log.warning("site %s: could not record its accuracy in %s: %s", rt.data.name, folder, err)
+
+
+def drift_query(rt_of: Runtime, msg: Message, context: Context) -> Message:
+    """The site's drift figures against its last training snapshot (client/drift.py), only when its
+    node config says share-drift = true: aggregate figures, rounded, and the snapshot's keyed digest;
+    no record count, word or label. A deployed site reads its data file afresh: it may have grown."""
+    node = context.node_config
+    if not shares_drift(node):
+        return Message(Error(code=wire.DRIFT_NOT_SHARED, reason="this site does not share drift figures "
+                                                                "(node config share-drift)"), reply_to=msg)
+    rt = rt_of(context)
+    folder = site_folder(rt.config, node, rt.data.name)
+    snapshot = load_snapshot(folder) if folder is not None else None
+    text_column, label_column = _columns(rt)
+    if "data-path" in node:
+        rows = read_rows(str(node["data-path"]), lambda row: None, skip_bad_rows=True).rows
+    else:
+        rows = [*rt.data.train, *rt.data.eval]
+    records = {wire.DRIFT: MetricRecord(drift_answer(snapshot, profile(rows, text_column, label_column)))}
+    if snapshot is not None:
+        records[wire.DRIFT_SNAPSHOT] = ConfigRecord({wire.DRIFT_DIGEST: snapshot_digest(folder)})
+    return Message(RecordDict({**records, wire.SITE: _site_record(rt)}), reply_to=msg)
+
+
 def build_client_app(runtime: Runtime = site_runtime, mods: list | None = None) -> ClientApp:
     """A ClientApp answering train and evaluate messages with the site that `runtime` builds
     from a message's Context (its model, data and configuration), through `mods`."""
@@ -145,6 +265,14 @@ def build_client_app(runtime: Runtime = site_runtime, mods: list | None = None) 
     @client.query()
     def query_handler(msg: Message, context: Context) -> Message:
         return query(runtime, msg, context)
+
+    @client.query(wire.DRIFT_QUERY)
+    def drift_handler(msg: Message, context: Context) -> Message:
+        return drift_query(runtime, msg, context)
+
+    @client.query(wire.REVIEW_QUERY)
+    def review_handler(msg: Message, context: Context) -> Message:
+        return review_query(runtime, msg, context)
 
     return client
 

@@ -39,8 +39,8 @@ def simulated_site_data(partition_id: int, num_partitions: int, config, task) ->
     d = config.data
     if not d.path:
         alpha = None if d.partition == "iid" else d.dirichlet_alpha  # the corpus honours the partition keys
-        rows = synthetic.site_records(partition_id, num_partitions, d.records_per_site, d.seed, alpha)
-        return _split(f"site-{partition_id}", rows, config, source="synthetic triage corpus")
+        rows = synthetic.records(d.synthetic_variant, partition_id, num_partitions, d.records_per_site, d.seed, alpha)
+        return _split(f"site-{partition_id}", rows, config, source=_corpus(d.synthetic_variant))
     path = Path(d.path)
     if path.is_dir():
         files = site_files(path)
@@ -54,6 +54,10 @@ def simulated_site_data(partition_id: int, num_partitions: int, config, task) ->
                               d.dirichlet_alpha, d.partition_column)
     rows = [whole.rows[i] for i in parts[partition_id]]
     return _split(f"site-{partition_id}", rows, config, whole.skipped if partition_id == 0 else [], str(path))
+
+
+def _corpus(variant: str) -> str:
+    return "synthetic triage corpus" if variant == "original" else f"synthetic triage corpus ({variant})"
 
 
 @dataclass
@@ -86,10 +90,11 @@ def central_test_set(config, task, simulated_sites: bool) -> CentralTestSet:
         return CentralTestSet("file", rows, f"the central test file {name} (data.test-path, {len(rows)} rows): "
                                             f"test_* are the coordinator's scores on it", name)
     if simulated_sites and not d.path:
-        rows = synthetic.central_test_records(seed=d.seed)
-        return CentralTestSet("synthetic", rows, f"the synthetic corpus' held-out test set ({len(rows)} notes), "
-                                                 f"the corpus the simulated sites train on: test_* are the "
-                                                 f"coordinator's scores on it")
+        rows = synthetic.variant_test_records(d.synthetic_variant, seed=d.seed)
+        which = "" if d.synthetic_variant == "original" else f"{d.synthetic_variant} "
+        return CentralTestSet("synthetic", rows, f"the {which}synthetic corpus' held-out test set ({len(rows)} "
+                                                 f"notes), the corpus the simulated sites train on: test_* are "
+                                                 f"the coordinator's scores on it")
     why = "the simulated sites train on data.path" if simulated_sites else "the sites train on their own data"
     return CentralTestSet("none", [], NO_CENTRAL_TEST.format(why=why))
 

@@ -10,6 +10,12 @@ the ways real multi-hospital data is:
   symptoms, and a share of labels is wrong (label noise).
 A site training alone therefore misses departments and styles that the
 federation covers; the central test set is balanced over both.
+
+The drifted variant (`variant="drifted"`) is the same corpus some years on:
+most symptoms are written in new jargon the original never uses, a new
+telehealth service writes half the notes in its own template, and the label
+mix moves towards neurology and pulmonology. The departments stay the same
+five, so a model trained on the original can be scored, and retrained, on it.
 """
 
 from __future__ import annotations
@@ -77,12 +83,12 @@ def _phrase(entry: tuple[str, str, str], style: str) -> str:
     return {"formal": formal, "abbreviated": abbreviated, "narrative": lay, "ehr": formal}[style]
 
 
-def _note(rng: random.Random, label: str, style: str) -> str:
+def _note(rng: random.Random, label: str, style: str, symptoms: dict = SYMPTOMS) -> str:
     age, sex = rng.randint(18, 92), rng.choice(["male", "female"])
-    main = rng.sample(SYMPTOMS[label], k=rng.choice([1, 1, 2]))
+    main = rng.sample(symptoms[label], k=rng.choice([1, 1, 2]))
     other = rng.choice([d for d in LABELS if d != label])
-    distractor = rng.choice(SYMPTOMS[other]) if rng.random() < 0.45 else None
-    negated = rng.choice(SYMPTOMS[rng.choice(LABELS)]) if rng.random() < 0.3 else None
+    distractor = rng.choice(symptoms[other]) if rng.random() < 0.45 else None
+    negated = rng.choice(symptoms[rng.choice(LABELS)]) if rng.random() < 0.3 else None
     history = rng.choice(HISTORY)
     main_text = " and ".join(_phrase(s, style) for s in main)
     if style == "formal":
@@ -155,3 +161,128 @@ def central_test_records(n: int = 500, seed: int = 0) -> list[dict]:
     rng = random.Random(f"test:{seed}")
     return [{"text": _note(rng, LABELS[i % len(LABELS)], STYLES[(i // len(LABELS)) % len(STYLES)]),
              "label": LABELS[i % len(LABELS)]} for i in range(n)]
+
+
+# -- the drifted variant -------------------------------------------------------
+VARIANTS = ("original", "drifted")
+NEW_WORDING = 0.75   # share of symptom mentions in the new jargon
+TELEHEALTH = 0.5     # share of notes the new telehealth service writes
+DRIFT_TILT = np.array([0.05, 0.4, 0.05, 0.1, 0.4])  # where the label mix moves (LABELS' order)
+DRIFT_WEIGHT = 0.7   # how far it moves: drifted mix = (1 - w) * site's mix + w * tilt
+
+# New wordings (formal, abbreviated, lay) for each department; none of their words occurs in SYMPTOMS.
+NEW_SYMPTOMS: dict[str, list[tuple[str, str, str]]] = {
+    "cardiology": [
+        ("suspected NSTEMI", "NSTEMI r/o", "crushing tightness behind the breastbone"),
+        ("tachyarrhythmia flagged by a wearable", "wearable AFL alert", "smartwatch warned about a fluttering pulse"),
+        ("orthopnea with paroxysmal nocturnal dyspnoea", "orthopnoea + PND", "needs three pillows to sleep"),
+        ("presyncope", "presyncope", "nearly blacking out"),
+        ("anasarca in known HFrEF", "HFrEF anasarca", "puffy all over with a weak pump"),
+    ],
+    "neurology": [
+        ("expressive aphasia", "aphasia", "cannot find words"),
+        ("left hemiparesis", "L hemiparesis", "weakness down one whole side"),
+        ("suspected LVO, code stroke called", "code stroke LVO", "stroke team called urgently"),
+        ("postictal confusion", "postictal", "muddled and drowsy after convulsing"),
+        ("binocular diplopia", "diplopia", "seeing double"),
+    ],
+    "orthopedics": [
+        ("anatomic snuffbox tenderness", "scaphoid tenderness", "thumb base tender after tripping"),
+        ("suspected ACL rupture", "ACL tear", "knee gave way with a pop during football"),
+        ("sciatica radiating below the knee", "sciatica", "shooting buttock pain into the calf"),
+        ("rotator cuff tear", "RC tear", "cannot lift the arm overhead"),
+        ("tense calf, compartment syndrome suspected", "compartment sx", "rock-hard calf after a crush"),
+    ],
+    "gastroenterology": [
+        ("coffee-ground emesis", "CGE", "throwing up dark grounds"),
+        ("hematochezia", "BRBPR", "bright red bleeding from behind"),
+        ("Charcot triad, cholangitis suspected", "?cholangitis", "rigors with a yellowish tinge"),
+        ("tense ascites", "ascites", "distended abdomen full of fluid"),
+        ("dyspepsia with early satiety", "dyspepsia", "bloated and full after a few bites"),
+    ],
+    "pulmonology": [
+        ("COPD exacerbation", "AECOPD", "emphysema flare"),
+        ("desaturation to 86 percent", "desat 86%", "pulse oximeter reading dropped"),
+        ("suspected pneumothorax", "?PTX", "collapsed-lung feeling after a pop"),
+        ("community-acquired pneumonia", "CAP", "chesty infection with rigors"),
+        ("post-COVID breathlessness", "long COVID SOBOE", "puffed out since COVID"),
+    ],
+}
+
+
+def drifted_label_mix(mix: np.ndarray) -> np.ndarray:
+    """A site's label mix after the drift: moved towards DRIFT_TILT."""
+    return (1 - DRIFT_WEIGHT) * np.asarray(mix) + DRIFT_WEIGHT * DRIFT_TILT
+
+
+def _symptom(rng: random.Random, label: str) -> tuple[str, str, str]:
+    return rng.choice(NEW_SYMPTOMS[label] if rng.random() < NEW_WORDING else SYMPTOMS[label])
+
+
+def _telehealth_note(rng: random.Random, label: str) -> str:
+    """The new telehealth service's template: its own words around the symptoms."""
+    age, sex = rng.randint(18, 92), rng.choice(["M", "F"])
+    style = rng.choice(("formal", "abbreviated", "narrative"))
+    main = " plus ".join(_phrase(_symptom(rng, label), style) for _ in range(rng.choice([1, 1, 2])))
+    text = f"Telehealth video consult ({age}{sex}). Chief concern: {main}."
+    if rng.random() < 0.45:
+        text += f" Incidentally: {_phrase(_symptom(rng, rng.choice([d for d in LABELS if d != label])), style)}."
+    if rng.random() < 0.3:
+        text += f" Negative for {_phrase(_symptom(rng, rng.choice(LABELS)), style)}."
+    return text + f" Background: {_phrase(rng.choice(HISTORY), style)}. Disposition: in-person referral."
+
+
+def _drifted_note(rng: random.Random, label: str, style: str) -> str:
+    """A note in the new jargon: the telehealth template, or the site's own template where each
+    department's symptoms are, for this note, mostly written in the new wordings."""
+    if style == "telehealth":
+        return _telehealth_note(rng, label)
+    reworded = {d: NEW_SYMPTOMS[d] if rng.random() < NEW_WORDING else SYMPTOMS[d] for d in LABELS}
+    return _note(rng, label, style, reworded)
+
+
+def drifted_site_records(site: int, num_sites: int, n: int, seed: int = 0,
+                         alpha: float | None = 0.5) -> list[dict]:
+    """Rows of site `site` after the drift: its label mix moved (drifted_label_mix), half its notes from
+    the telehealth service, most symptoms in new jargon. Deterministic from `seed`, like site_records."""
+    if not 0 <= site < num_sites:
+        raise ValueError(f"site {site} not in [0, {num_sites})")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (or None for IID), got {alpha}")
+    rng = random.Random(f"drifted:{seed}:{site}")
+    mix = np.full(len(LABELS), 1 / len(LABELS)) if alpha is None else site_label_mix(num_sites, seed, alpha)[site]
+    mix = drifted_label_mix(mix)
+    own = site_style(site)
+    rows = []
+    for _ in range(n):
+        label = rng.choices(LABELS, weights=mix)[0]
+        if rng.random() < TELEHEALTH:
+            style = "telehealth"
+        else:
+            style = own if alpha is not None and rng.random() < 0.9 else rng.choice(STYLES)
+        rows.append({"text": _drifted_note(rng, label, style), "label": _noisy(rng, label)})
+    return rows
+
+
+def drifted_test_records(n: int = 500, seed: int = 0) -> list[dict]:
+    """A clean central test set of the drifted corpus, balanced over departments and over the four
+    original templates and the telehealth one."""
+    rng = random.Random(f"drifted-test:{seed}")
+    styles = (*STYLES, "telehealth")
+    return [{"text": _drifted_note(rng, LABELS[i % len(LABELS)], styles[(i // len(LABELS)) % len(styles)]),
+             "label": LABELS[i % len(LABELS)]} for i in range(n)]
+
+
+def records(variant: str, site: int, num_sites: int, n: int, seed: int = 0, alpha: float | None = 0.5) -> list[dict]:
+    """Site `site`'s rows of the `variant` corpus ("original" or "drifted")."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown corpus variant {variant!r}; one of {', '.join(VARIANTS)}")
+    make = drifted_site_records if variant == "drifted" else site_records
+    return make(site, num_sites, n, seed, alpha)
+
+
+def variant_test_records(variant: str, n: int = 500, seed: int = 0) -> list[dict]:
+    """The central test set of the `variant` corpus."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown corpus variant {variant!r}; one of {', '.join(VARIANTS)}")
+    return drifted_test_records(n, seed) if variant == "drifted" else central_test_records(n, seed)

@@ -14,18 +14,21 @@ from pathlib import Path
 
 from fedlora import config as cfg
 from fedlora import logs
-from fedlora.data import synthetic
+from fedlora.data import drift, synthetic
 from fedlora.data.readers import DataError
-from fedlora.deploy import coordinator, nginx, site
+from fedlora.deploy import coordinator, nginx, review_page, site
 from fedlora.deploy.certificates import certificate_names, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.flwr_cli import FlowerCommandFailed
 from fedlora.deploy.pki import OwnTls, own_pki
 from fedlora.deploy.registry import add_site, remove_site
+from fedlora.deploy.site_drift import DUE, DriftCheckError
+from fedlora.deploy.site_drift import check as drift_check_site
 from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_line
 from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
 from fedlora.deploy.systemd import UnitError, install_hint, site_unit_name
 from fedlora.model_sources import ModelLoadError
+from fedlora.server import drift_check
 from fedlora.processes import stop_supervisor
 
 RAW = argparse.RawDescriptionHelpFormatter
@@ -127,8 +130,8 @@ def _site_init(args: argparse.Namespace) -> int:
 def _site_sample_data(args: argparse.Namespace) -> int:
     """`fedlora site sample-data OUT`: one site's share of the synthetic corpus, to try a deployment."""
     try:
-        rows = synthetic.site_records(args.site, args.sites, args.records, seed=args.seed,
-                                      alpha=None if args.iid else args.alpha)
+        rows = synthetic.records("drifted" if args.drifted else "original", args.site, args.sites, args.records,
+                                 seed=args.seed, alpha=None if args.iid else args.alpha)
     except ValueError as err:
         return _fail("site sample-data", err)
     out = Path(args.out)
@@ -136,7 +139,8 @@ def _site_sample_data(args: argparse.Namespace) -> int:
         return _fail("site sample-data", FileExistsError(f"{out} exists (--force overwrites it)"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"wrote {len(rows)} synthetic notes (site {args.site} of {args.sites}) to {out}\n"
+    print(f"wrote {len(rows)} {'drifted ' if args.drifted else ''}synthetic notes (site {args.site} of "
+          f"{args.sites}) to {out}\n"
           f"labels: {','.join(synthetic.LABELS)}")
     return 0
 
@@ -157,6 +161,25 @@ def _site_check_data(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(report_json(report))
     return 1 if report.schema_errors or (args.strict and report.problems) else 0
+
+
+def _site_drift(args: argparse.Namespace) -> int:
+    """`fedlora site drift`: the site's data now against its last training snapshot; exit 3 when
+    retraining is due (for cron or a systemd timer), 1 when the check cannot run."""
+    limits = drift.Thresholds(psi=args.psi, chi2_p=args.chi2_p, js=args.js, unseen=args.unseen,
+                              accuracy_drop=args.accuracy_drop, max_age_days=args.max_age_days)
+    try:
+        home = None if args.data and args.state else SiteHome.load(args.dir)
+        report = drift_check_site(args.data or home.data_path, args.state or home.state, limits,
+                                  adapter=args.adapter, config_file=args.config, model=args.model,
+                                  labelled=args.labelled, text_column=args.text_column,
+                                  label_column=args.label_column, baseline_accuracy=args.baseline_accuracy)
+    except (SiteError, DriftCheckError, ModelLoadError, OSError, ValueError) as err:
+        return _fail("site drift", err)
+    print(report.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.upstream(), indent=2) + "\n")
+    return DUE if report.verdict.due else 0
 
 
 # -- start / stop (coordinator and site alike) ------------------------------------
@@ -189,6 +212,18 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _site_review(args: argparse.Namespace) -> int:
+    """Serve the blind review page of the site's held-out rows on this machine until Ctrl-C."""
+    try:
+        state = Path(args.state) if args.state else _home("site", args.dir).state
+    except SiteError as err:
+        return _fail("site review", err)
+    if not state.is_dir():
+        return _fail("site review", FileNotFoundError(f"{state}: no such state folder"))
+    review_page.serve(state, args.port)
+    return 0
+
+
 # -- run ----------------------------------------------------------------------
 def run_command(args: argparse.Namespace, clientapp: str = RELAY_CLIENTAPP) -> int:
     """`fedlora run`: submit a run with `clientapp` as the sites' ClientApp."""
@@ -206,11 +241,15 @@ def run_command(args: argparse.Namespace, clientapp: str = RELAY_CLIENTAPP) -> i
         config_file = out / "config.toml"  # continue with the configuration the run started with
     config = cfg.load_config(config_file, list(args.set or []))
     try:
-        submit(home, config, out, args.resume, clientapp)
+        out = submit(home, config, out, args.resume, clientapp)
     except (RunFailed, DataError, ModelLoadError) as err:
         return _fail("run", err)
     except KeyboardInterrupt:
         return 130
+    if config.federation.drift_check:  # for cron and systemd timers: the verdict, and 3 when retraining is due
+        report = json.loads((out / drift_check.DRIFT_FILE).read_text())
+        print("\n".join(drift_check.lines(report)))
+        return drift_check.DUE_EXIT if report["retraining_due"] else 0
     return 0
 
 
@@ -302,7 +341,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                               "      --superlink fl.example.org:9092 --ca ca.crt\n"
                               "  fedlora site sample-data notes.jsonl --site 0 --sites 3   (trial data)\n"
                               "  fedlora site check-data notes.jsonl\n"
-                              "  fedlora site start --dir DIR\n\n"
+                              "  fedlora site start --dir DIR\n"
+                              "  fedlora site drift --dir DIR   (has the data moved since training?)\n\n"
                               "Step by step: docs/deployment.md."))
     ssub = site.add_subparsers(dest="site_command", required=True)
     p = ssub.add_parser("init", help="create the site folder: key pair, node configuration",
@@ -368,8 +408,52 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.5,
                    help="Dirichlet label skew across sites (smaller: more skew) (default: %(default)s)")
     p.add_argument("--iid", action="store_true", help="every site the same label and style mix")
+    p.add_argument("--drifted", action="store_true",
+                   help="the drifted corpus: new jargon, a telehealth service's notes, a shifted label mix "
+                        "(to try `fedlora site drift`; docs/drift.md)")
     p.add_argument("--force", action="store_true", help="overwrite OUT")
     p.set_defaults(func=_site_sample_data)
+
+    defaults = drift.Thresholds()
+    p = ssub.add_parser("drift", help="has the site's data moved since it last trained? (nothing leaves the site)",
+                        formatter_class=RAW, description=(
+                            "Compare the records the site has now (its data file) with the snapshot it kept when it "
+                            "last trained: label mix (PSI, chi-square), wording (Jensen-Shannon divergence, share "
+                            "of words never seen in training) and, with --adapter, the model's accuracy on newly "
+                            "labelled records against its accuracy at training. Prints the figures and a verdict; "
+                            "exit code 3 when retraining is due, 0 when not, 1 when the check cannot run.\n\n"
+                            "  fedlora site drift --dir DIR --adapter RUN_DIR/adapter --json drift.json\n\n"
+                            "Thresholds, schedule, cron and systemd timer examples: docs/drift.md."))
+    p.add_argument("--dir", default=".", help="the site folder: its data file and state folder (default: .)")
+    p.add_argument("--data", metavar="FILE", help="compare this file instead of the site's data file")
+    p.add_argument("--state", metavar="DIR", help="the folder holding the training snapshot (default: the site's "
+                                                  "state folder)")
+    p.add_argument("--adapter", metavar="PATH", help="the model in use: a run directory or an adapter folder; "
+                                                     "scores it on the labelled records")
+    p.add_argument("--config", metavar="FILE", help="the run's configuration (default: the run directory's "
+                                                    "config.toml, else the adapter's own settings)")
+    p.add_argument("--model", metavar="NAME", help="the base model where this site keeps it (a local folder, or "
+                                                   "minilm)")
+    p.add_argument("--labelled", metavar="FILE", help="newly labelled records to score (default: the data file)")
+    p.add_argument("--baseline-accuracy", type=float, metavar="A",
+                   help="accuracy to compare with (default: the one recorded at training)")
+    p.add_argument("--psi", type=float, default=defaults.psi, help="label mix: PSI at which retraining is due "
+                                                                   "(default: %(default)s)")
+    p.add_argument("--chi2-p", type=float, default=defaults.chi2_p,
+                   help="... and the chi-square p-value it must be below (default: %(default)s)")
+    p.add_argument("--js", type=float, default=defaults.js,
+                   help="wording: Jensen-Shannon divergence (default: %(default)s)")
+    p.add_argument("--unseen", type=float, default=defaults.unseen,
+                   help="share of words never seen in training (default: %(default)s)")
+    p.add_argument("--accuracy-drop", type=float, default=defaults.accuracy_drop,
+                   help="accuracy below the one at training by this much (default: %(default)s)")
+    p.add_argument("--max-age-days", type=float, default=defaults.max_age_days,
+                   help="retrain at least this often, in days; 0: never for age alone (default: %(default)s)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--json", metavar="FILE", help="also write the aggregate figures and the verdict as JSON (no "
+                                                  "word, label, record or path: fit to pass on)")
+    p.set_defaults(func=_site_drift)
 
     p = ssub.add_parser("start", help="run the SuperNode and the site worker (foreground)",
                         description="Start the site worker (keeps the base model loaded) and Flower's SuperNode, "
@@ -381,6 +465,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = ssub.add_parser("stop", help="stop a running site")
     p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
     p.set_defaults(func=_stop, what="site")
+
+    p = ssub.add_parser("review", help="rate two models' outputs blind, on this machine (only counts leave)",
+                        description="Serve, on 127.0.0.1 only, the outputs the candidate and the current model "
+                                    "gave for this site's held-out rows in an evaluation-only run "
+                                    "(model.compare-with), side by side and blind, for a domain expert to rate. "
+                                    "Verdicts stay in the site's state folder; the coordinator gets the counts of "
+                                    "wins, ties and losses when it runs the same evaluation again "
+                                    "(docs/registry.md).")
+    p.add_argument("--dir", default=".", help="the site folder (default: the current folder)")
+    p.add_argument("--state", metavar="DIR", help="a state folder instead (a simulated site's: RUN/sites/NAME)")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    p.set_defaults(func=_site_review)
 
     run = sub.add_parser("run", help="submit a training run to the coordinator and follow it",
                          formatter_class=RAW, description=(

@@ -19,6 +19,7 @@ from pathlib import Path
 from collections.abc import Callable
 
 from fedlora import config as cfg
+from fedlora.client.review import win_rate
 from fedlora.server.model_registry import COMPARISON, ModelRegistry, RegistryError
 
 DEFAULT_TOLERANCE = 0.02
@@ -84,6 +85,10 @@ def _show(registry: ModelRegistry, args) -> int:
     for gate in record.get("gates", []):
         print(f"  gate         {gate['decided_at']} against {gate['current'] or '-'}: "
               f"{'passed' if gate['passed'] else 'refused'}: {gate['reason']}")
+        for site, counts in sorted((gate.get("review") or {}).items()):
+            rate = win_rate(counts)
+            print(f"    {site:<24} expert review win rate {'-' if rate is None else f'{rate:.2f}'} "
+                  f"({counts.get('wins', 0)}/{counts.get('ties', 0)}/{counts.get('losses', 0)} wins/ties/losses)")
     return 0
 
 
@@ -152,6 +157,11 @@ def _promote(registry: ModelRegistry, args, simulate: Simulate | None) -> int:
     for site, row in result.sites.items():
         print(f"  {site:<24} candidate {_fmt(row['candidate'])}  current {_fmt(row['current'])}  "
               f"change {_fmt(row['change'])}{'  WORSE' if site in result.worse_at else ''}")
+    for site, counts in sorted(result.review.items()):
+        rate = win_rate(counts)
+        print(f"  {site:<24} expert review: {counts.get('wins', 0)} wins, {counts.get('ties', 0)} ties, "
+              f"{counts.get('losses', 0)} losses for {candidate}"
+              + (f" (win rate {rate:.2f})" if rate is not None else "") + f", {counts.get('unrated', 0)} not rated")
     if result.passed:
         print(f"promoted {candidate}: {result.reason}")
         return 0

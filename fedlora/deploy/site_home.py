@@ -5,7 +5,7 @@
     keys/site.key    the site's private key (never leaves the site)
     keys/site.key.pub  the public key: send it to the coordinator
     ca.crt           the consortium CA certificate (from the coordinator)
-    state/           the privacy ledger, the worker socket, per-message timings
+    state/           the privacy ledger, the training snapshot (drift), the worker socket, per-message timings
     logs/            SuperNode and worker logs
     systemd/         fedlora-site-NAME.service, to run the site as a service
     flwr-home/       Flower's own files when run as that service (FLWR_HOME)
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlora.client.drift import NODE_SHARE_DRIFT
 from fedlora.deploy.keys import fingerprint, generate_key_pair
 from fedlora.deploy.pki import PkiError, check_site_key, install_site_key
 from fedlora.deploy.relay import NODE_STATE_DIR, NODE_WORKER_SOCKET
@@ -141,6 +142,9 @@ worker = true
 # what is spent and what remains.
 {share}# The column naming the unit of privacy (e.g. a patient id); empty: each record.
 # {NODE_UNIT_COLUMN} = "patient-id"
+# Answer the coordinator's drift query with aggregate figures (no record, word or label;
+# docs/drift.md). Off unless set.
+# {NODE_SHARE_DRIFT} = true
 """
 
 

@@ -23,11 +23,12 @@ from fedlora.data.labels import infer_labels
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import count_parameters, load_model, trainable_state
 from fedlora.privacy.server import ServerPrivacy, finite
+from fedlora.server import drift_check
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
 from fedlora.server.model_card import write_model_card
-from fedlora.server.model_registry import COMPARISON, ModelRegistry
+from fedlora.server.model_registry import COMPARISON, ModelRegistry, pair_id
 from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory, RunDirectoryError
@@ -85,6 +86,9 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
     if config.model.compare_with:
         compare_models(coordinator, config, loaded, rundir)
+        return
+    if config.federation.drift_check:
+        check_drift(coordinator, config, rundir)
         return
 
     global_state, start_round, lineage = trainable_state(loaded.model), 1, None
@@ -150,12 +154,25 @@ def compare_models(coordinator: Coordinator, config: cfg.RunConfig, loaded, rund
     each scored at every site in the same round; comparison.json and summary.json hold both, site by site."""
     current = load_warm_start(config.model.compare_with, config, loaded.model, key="model.compare-with")
     candidate = load_warm_start(config.model.warm_start, config, loaded.model)
-    scores = coordinator.compare({"candidate": candidate.state, "current": current.state})
+    scores = coordinator.compare({"candidate": candidate.state, "current": current.state},
+                                 pair_id(candidate.sha256, current.sha256), config.model.review_rows)
     comparison = {"models": {name: {"adapter": str(adapter.folder), "sha256": adapter.sha256, **scores[name]}
-                             for name, adapter in (("candidate", candidate), ("current", current))}}
+                             for name, adapter in (("candidate", candidate), ("current", current))},
+                  "review": scores["review"]}  # each site's expert's verdicts so far: counts only
     rundir.metrics_path.unlink(missing_ok=True)
     rundir.write_json(COMPARISON, comparison)
     rundir.write_summary({"rounds": 0, "comparison": comparison, "base_fingerprint": loaded.fingerprint,
                           "versions": library_versions()})
     log.info("comparison written to %s", rundir.path / COMPARISON)
+
+
+def check_drift(coordinator: Coordinator, config: cfg.RunConfig, rundir: RunDirectory) -> None:
+    """A drift-check run (federation.drift-check): each site's drift figures, and whether retraining is due."""
+    answers = coordinator.drift(coordinator.wait_for_sites())
+    report = drift_check.assess(answers, config.federation.retrain_after_days)
+    rundir.metrics_path.unlink(missing_ok=True)
+    rundir.write_json(drift_check.DRIFT_FILE, report)
+    rundir.write_summary({"rounds": 0, "drift": report, "versions": library_versions()})
+    for line in drift_check.lines(report):
+        log.info("%s", line)
 

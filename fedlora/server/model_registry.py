@@ -47,6 +47,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def pair_id(candidate_sha256: str, current_sha256: str) -> str:
+    """Which two adapters an evaluation-only run compares, by their weights' digests: the name under
+    which each site keeps the two models' outputs for its expert's review (fedlora.client.review)."""
+    return f"{candidate_sha256[:16]}-vs-{current_sha256[:16]}"
+
+
 def lower_is_better(metric: str) -> bool:
     return metric.endswith(("loss", "perplexity"))
 
@@ -65,6 +71,7 @@ class GateResult:
     worse_at: list[str] = field(default_factory=list)
     decided_at: str = ""
     evaluation: str = ""  # the evaluation-only run the figures come from
+    review: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its expert's verdict counts
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,4 +251,5 @@ class ModelRegistry:
                                 f"(candidate) and {current} (current)")
         passed, reason, sites, worse = decide(models["candidate"].get("sites", {}), models["current"].get("sites", {}),
                                               metric, tolerance)
-        return GateResult(candidate, current, metric, tolerance, passed, reason, sites, worse, now, evaluation)
+        return GateResult(candidate, current, metric, tolerance, passed, reason, sites, worse, now, evaluation,
+                          comparison.get("review", {}))

@@ -28,6 +28,7 @@ from fedlora import wire
 from fedlora.arrays import State, to_record
 from fedlora.frozen_base import set_base_correction
 from fedlora.privacy import forecast
+from fedlora.server import drift_check
 from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Collected, Messenger, Traffic
 from fedlora.server.rundir import Checkpoint, RunDirectory
@@ -79,11 +80,11 @@ class Coordinator:
         return sorted(random.Random(f"{self.config.train.seed}:{server_round}").sample(nodes, k))
 
     # -- configure --------------------------------------------------------------
-    def round_records(self, global_state: State, server_round: int) -> dict[str, Any]:
+    def round_records(self, global_state: State, server_round: int, extra: dict | None = None) -> dict[str, Any]:
         """The records of a round's train and evaluate messages: the adapter (and any base
-        correction) the strategy sends down, and the round's instructions."""
+        correction) the strategy sends down, and the round's instructions (plus `extra` ones)."""
         config = ConfigRecord({wire.SERVER_ROUND: server_round, wire.BASE_FINGERPRINT: self.fingerprint,
-                               **self.strategy.client_config(server_round)})
+                               **self.strategy.client_config(server_round), **(extra or {})})
         down = self.strategy.downlink(global_state)
         return {**{name: to_record(arrays) for name, arrays in down.items()}, wire.CONFIG: config}
 
@@ -95,8 +96,12 @@ class Coordinator:
                                             self.config.federation.fraction_train))
         collected = self.collector.collect(nodes, self.round_records(global_state, server_round), global_state,
                                            server_round, self.strategy.accept)
-        for reply in collected.reports:  # the clear part of every train reply: epsilon reports
-            self.privacy.observe(self.messenger.name(reply.metadata.src_node_id), reply, server_round)
+        snapshots = {}
+        for reply in collected.reports:  # the clear part of every train reply: epsilon reports, data digest
+            site = self.messenger.name(reply.metadata.src_node_id)
+            self.privacy.observe(site, reply, server_round)
+            if wire.DATA_SNAPSHOT in reply.content.config_records.get(wire.SITE, {}):
+                snapshots[site] = str(reply.content[wire.SITE][wire.DATA_SNAPSHOT])
         row = {**collected.row, "bytes_up": collected.traffic.bytes_up, "bytes_down": collected.traffic.bytes_down}
         if collected.failed:  # e.g. secure aggregation below its threshold: the adapter stays
             return global_state, {**row, **self.privacy.row()}
@@ -104,6 +109,8 @@ class Coordinator:
         new_state = self.strategy.aggregate(global_state, collected.updates)
         for site in collected.contributors:
             self.sites_seen.setdefault(site, {})["last_round"] = server_round
+            if site in snapshots:  # which data it last trained on, as a digest only it can check
+                self.sites_seen[site]["data_digest"] = snapshots[site]
         metrics = self.strategy.round_metrics()  # aggregation_error and the strategy's own figures
         if not collected.individual:
             metrics["aggregation_error"] = None  # it compares with each site's own update: nobody saw one
@@ -123,10 +130,26 @@ class Coordinator:
         were sampled (a sampled site that missed the deadline is not asked to evaluate)."""
         return not (self.config.secagg.enabled or self.strategy.needs_secret_sampling)
 
-    def evaluate_round(self, nodes: list[int], global_state: State, server_round: int) -> dict[str, Any]:
+    def evaluation_sample(self, nodes: list[int], server_round: int) -> list[int]:
+        """The sites asked to evaluate this round: every federation.evaluate-every rounds a share
+        (federation.fraction-evaluate) drawn reproducibly from the run's seed, and in the last round every
+        site, so the run ends with each site's own figures. A round's cost then grows with the sites
+        sampled, not with the sites connected."""
+        fed = self.config.federation
+        if server_round >= fed.rounds:
+            return nodes
+        if server_round % fed.evaluate_every:
+            return []
+        if fed.fraction_evaluate >= 1:
+            return nodes
+        k = max(1, math.ceil(fed.fraction_evaluate * len(nodes)))
+        return sorted(random.Random(f"{self.config.train.seed}:evaluate:{server_round}").sample(nodes, min(k, len(nodes))))
+
+    def evaluate_round(self, nodes: list[int], global_state: State, server_round: int,
+                       extra: dict | None = None) -> dict[str, Any]:
         """Every connected site scores the global adapter on its held-out rows; the sums pool exactly."""
         traffic = Traffic()
-        records = self.round_records(global_state, server_round)
+        records = self.round_records(global_state, server_round, extra)
         messages = [Message(RecordDict(dict(records)), dst_node_id=node, message_type=MessageType.EVALUATE)
                     for node in nodes]
         replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, traffic,
@@ -159,6 +182,8 @@ class Coordinator:
                 site = f"{site} (node {node})" if site in per_site else site  # two sites may share a name
                 per_site[site] = {**figures(part), "eval_count": part["count"]}
         row = figures(counts) if counts else {}
+        if self.keeps_site_figures:  # how many sites the pooled figures cover (hidden as eval_sites is)
+            row["evaluated"] = len(per_site)
         if per_site:
             row["eval_sites"] = dict(sorted(per_site.items()))
         return {**row, "bytes_up": traffic.bytes_up, "bytes_down": traffic.bytes_down}
@@ -211,10 +236,12 @@ class Coordinator:
                 raise
             # A site that let this round's deadline pass (crashed, cut off) is not waited for twice.
             answering = [n for n in nodes if n not in self.messenger.silent]
-            evaluation = self.evaluate_round(answering, global_state, server_round)
-            row["bytes_up"] += evaluation.pop("bytes_up")
-            row["bytes_down"] += evaluation.pop("bytes_down")
-            row.update(evaluation)
+            evaluating = self.evaluation_sample(answering, server_round)
+            if evaluating:
+                evaluation = self.evaluate_round(evaluating, global_state, server_round)
+                row["bytes_up"] += evaluation.pop("bytes_up")
+                row["bytes_down"] += evaluation.pop("bytes_down")
+                row.update(evaluation)
             if self.central.has_test_set:
                 set_base_correction(self.central.loaded.model, self.strategy.base_correction())
                 row.update(self.central.evaluate(global_state))
@@ -226,19 +253,47 @@ class Coordinator:
                                if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))
         return global_state
 
-    def compare(self, states: dict[str, State]) -> dict[str, dict[str, Any]]:
+    def compare(self, states: dict[str, State], review: str, review_rows: int) -> dict[str, dict[str, Any]]:
         """An evaluation-only round: every connected site scores each of `states` on its held-out rows,
-        one after the other in the same round (the promotion gate's evidence); no site trains."""
+        one after the other in the same round (the promotion gate's evidence); no site trains. Each site
+        also keeps both models' outputs on `review_rows` of its rows for its expert's blind review, and
+        first answers with the counts of any review of the same two models (`review`) it already holds."""
         nodes = self.wait_for_sites()
         log.info("%d sites connected; evaluating %s, no training", len(nodes), " and ".join(states))
-        scores = {}
+        scores: dict[str, dict[str, Any]] = {"review": self.review_counts(nodes, review)}
         for name, state in states.items():
-            row = self.evaluate_round(nodes, state, 0)
+            row = self.evaluate_round(nodes, state, 0, {wire.REVIEW_PAIR: review, wire.REVIEW_ROLE: name,
+                                                        wire.REVIEW_ROWS: review_rows})
             scores[name] = {"sites": row.pop("eval_sites", {}),
                             "pooled": {k: v for k, v in row.items() if not k.startswith("bytes_")}}
             if self.central.has_test_set:
                 scores[name]["central"] = self.central.evaluate(state)
         return scores
+
+    def drift(self, nodes: list[int]) -> dict[str, dict[str, Any]]:
+        """Each site's drift figures against what it last trained on (fedlora.server.drift_check); a site
+        that does not share them (node config share-drift) or does not answer is listed as not sharing."""
+        messages = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 0})}), dst_node_id=node,
+                            message_type=f"{MessageType.QUERY}.{wire.DRIFT_QUERY}") for node in nodes]
+        replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, Traffic(),
+                                         MessageType.QUERY, 0)
+        answers = {node: drift_check.site_answer(None, None) for node in nodes}
+        for reply in replies:
+            if wire.DRIFT in reply.content.metric_records:
+                snapshot = reply.content.config_records.get(wire.DRIFT_SNAPSHOT)
+                answers[reply.metadata.src_node_id] = drift_check.site_answer(
+                    dict(reply.content[wire.DRIFT]), str(snapshot[wire.DRIFT_DIGEST]) if snapshot else None)
+        return {self.messenger.name(node): answer for node, answer in answers.items()}
+
+    def review_counts(self, nodes: list[int], review: str) -> dict[str, dict[str, int]]:
+        """Each site's counts of its expert's verdicts on the two models (fedlora.client.review), if any."""
+        config = ConfigRecord({wire.REVIEW_PAIR: review})
+        messages = [Message(RecordDict({wire.CONFIG: config}), dst_node_id=node,
+                            message_type=f"{MessageType.QUERY}.{wire.REVIEW_QUERY}") for node in nodes]
+        replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, Traffic(),
+                                         MessageType.QUERY, 0)
+        return {self.messenger.name(reply.metadata.src_node_id): {k: int(v) for k, v in reply.content[wire.REVIEW].items()}
+                for reply in replies if wire.REVIEW in reply.content.metric_records}
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
