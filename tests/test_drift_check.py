@@ -68,6 +68,8 @@ def test_a_drift_check_flags_the_site_whose_data_drifted_and_only_sites_that_sha
     assert site["snapshot"] == shared["snapshot"]  # the same training snapshot, compared with other data
     summary = json.loads((drifted / "summary.json").read_text())
     assert summary["rounds"] == 0 and summary["drift"] == report
+    page = (drifted / "report.html").read_text()  # the coordinator reads it as it reads a run's report
+    assert '<p id="drift-verdict">Retraining is due at site-0.</p>' in page and "does not share drift figures" in page
 
 
 def test_a_drift_check_is_not_an_evaluation_too(tiny_bert_dir):

@@ -7,6 +7,7 @@ sites' own data, so what the gate must decide is known independently of the prod
 
 import argparse
 import json
+import re
 import shutil
 
 import numpy as np
@@ -156,6 +157,9 @@ def test_a_candidate_worse_at_one_site_is_refused_and_current_stays(trained, tin
     assert answered.pop(weaker_site) == {"wins": 0, "ties": 0, "losses": len(kept), "same": 0, "unrated": 0}
     assert sorted(answered) == sorted(set(shares) - {weaker_site})  # the other sites: nothing rated yet
     assert all(c["unrated"] > 0 and c["wins"] + c["ties"] + c["losses"] == 0 for c in answered.values())
+    row = re.search(rf"<tr><td[^>]*>{weaker_site}</td>(.*?)</tr>", (again / "report.html").read_text()).group(1)
+    assert [re.sub("<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>.*?</td>", row)][-4:] == \
+        ["0", "0", str(len(kept)), "0"]  # the report shows the site's review: wins, ties, losses, not rated
 
 
 def test_promote_simulate_makes_the_evaluation_from_the_candidates_configuration(trained, tiny_bert_dir, tmp_path):

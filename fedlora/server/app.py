@@ -163,6 +163,7 @@ def compare_models(coordinator: Coordinator, config: cfg.RunConfig, loaded, rund
     rundir.write_json(COMPARISON, comparison)
     rundir.write_summary({"rounds": 0, "comparison": comparison, "base_fingerprint": loaded.fingerprint,
                           "versions": library_versions()})
+    write_report(rundir.path)
     log.info("comparison written to %s", rundir.path / COMPARISON)
 
 
@@ -173,6 +174,7 @@ def check_drift(coordinator: Coordinator, config: cfg.RunConfig, rundir: RunDire
     rundir.metrics_path.unlink(missing_ok=True)
     rundir.write_json(drift_check.DRIFT_FILE, report)
     rundir.write_summary({"rounds": 0, "drift": report, "versions": library_versions()})
+    write_report(rundir.path)
     for line in drift_check.lines(report):
         log.info("%s", line)
 

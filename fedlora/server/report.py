@@ -192,6 +192,43 @@ def summary_html(summary: dict, rows: list[dict], config: dict | None = None, ad
     return f'<section id="summary"><h2>Summary</h2>{paragraphs}</section>'
 
 
+def _drift(summary: dict) -> str:
+    """A drift-check run's answers (fedlora.server.drift_check): each site's figures and whether
+    retraining is due there, and why."""
+    report = summary.get("drift")
+    if not report:
+        return ""
+    cols = ["label_psi", "label_chi2_p", "text_js", "unseen_word_share", "days_since_training"]
+    table = []
+    for site, s in report.get("sites", {}).items():
+        if not s.get("shared"):
+            table.append([site, "does not share drift figures", "", "", "", "", ""])
+        elif not s.get("trained"):
+            table.append([site, "has not trained yet", "", "", "", "", ""])
+        else:
+            table.append([site, *[s.get(k) for k in cols], "yes: " + "; ".join(s["why"]) if s["due"] else "no"])
+    verdict = (f"Retraining is due at {', '.join(report['due_at'])}." if report.get("retraining_due")
+               else "Retraining is not due at any site.")
+    return (f'<h2>Drift at the sites</h2><p id="drift-verdict">{html.escape(verdict)}</p>'
+            f'<div id="drift" class="wide">{_table(table, ["site", *cols, "retraining due"])}</div>')
+
+
+def _comparison(summary: dict) -> str:
+    """An evaluation-only run's two models, site by site, and the sites' expert review counts."""
+    models = (summary.get("comparison") or {}).get("models")
+    if not models:
+        return ""
+    review = summary["comparison"].get("review", {})
+    sites = sorted(set(models["candidate"].get("sites", {})) | set(models["current"].get("sites", {})))
+    table = [[site, models["candidate"].get("sites", {}).get(site, {}).get("eval_accuracy"),
+              models["current"].get("sites", {}).get(site, {}).get("eval_accuracy"),
+              *[review.get(site, {}).get(k) for k in ("wins", "ties", "losses", "unrated")]] for site in sites]
+    head = ["site", "candidate eval_accuracy", "current eval_accuracy", "review wins", "ties", "losses", "not rated"]
+    return (f"<h2>Candidate against current, at every site</h2><p>Candidate {html.escape(str(models['candidate']['adapter']))}; "
+            f"current {html.escape(str(models['current']['adapter']))}. Review counts are the candidate's, from "
+            f'each site\'s expert (fedlora site review).</p><div id="comparison" class="wide">{_table(table, head)}</div>')
+
+
 def _read(path: Path, parse) -> dict:
     """A file the summary in words draws on, as a dict; {} when it is absent or unreadable (an older
     run directory, an adapter folder not written yet): the summary then says less."""
@@ -249,6 +286,8 @@ th {{ background: #f3f3f3; }}
 <h1>fedlora run: {html.escape(str(run_dir))}</h1>
 {summary_html(summary, rows, config, adapter)}
 {_central_test(summary)}
+{_drift(summary)}
+{_comparison(summary)}
 <h2>Per round</h2>
 <div class="plots">{''.join(c for c in charts if c)}</div>
 <div class="wide">{round_table}</div>
