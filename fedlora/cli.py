@@ -16,6 +16,7 @@ from fedlora.deploy.models_command import add_commands as add_models_commands
 from fedlora.deploy.site_home import privacy_state
 from fedlora.model_sources import ModelLoadError
 from fedlora.privacy.plan import add_parsers as add_privacy_parsers
+from fedlora.server.model_registry import RegistryError
 from fedlora.simulations.launcher import SimulationFailed, simulate
 
 
@@ -40,6 +41,15 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"fedlora simulate: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _gate_simulation(config: cfg.RunConfig, out) -> object:
+    """`fedlora models promote --simulate`: the evaluation-only run in a simulated federation; what goes
+    wrong there is the promotion's error, in one line."""
+    try:
+        return simulate(config, out)
+    except (DataError, ModelLoadError, SimulationFailed) as err:
+        raise RegistryError(f"the evaluation-only simulation failed: {err}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_privacy_parsers(sub, privacy_state)  # `fedlora privacy plan [--site DIR]`, `fedlora privacy plan-clients`
     add_deploy_commands(sub)  # `fedlora coordinator ...`, `fedlora site ...`, `fedlora run`
-    add_models_commands(sub, simulate)  # `fedlora models ...`: the registry; promote --simulate runs a simulation
+    add_models_commands(sub, _gate_simulation)  # `fedlora models ...`: the registry; promote --simulate runs a simulation
     add_bench_parser(sub)  # `fedlora bench`
     return parser
 

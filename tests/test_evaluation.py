@@ -69,3 +69,19 @@ def test_sites_evaluate_a_sample_every_k_rounds_and_all_of_them_in_the_last(tiny
     assert rows[1]["eval_accuracy"] == pytest.approx(pooled)  # the pooled figure is over the sample
     # bytes: round 1 sent nothing to evaluate, round 2 half the sites' evaluation messages
     assert rows[0]["bytes_down"] < rows[1]["bytes_down"] < rows[2]["bytes_down"]
+
+
+def test_a_run_that_stops_early_still_ends_with_every_sites_figures(tiny_bert_dir, tmp_path):
+    """Sites out of DP-SGD budget end the run before its last round: the last row kept is re-evaluated at
+    every site, so the run's final figures (summary, registry, model card) cover every site, not a sample."""
+    config = cfg.load_config(None, [f'model.name="{tiny_bert_dir}"', "model.max-length=32", "federation.num-sites=4",
+                                    "federation.rounds=4", "data.records-per-site=30", "train.local-steps=2",
+                                    "federation.fraction-evaluate=0.5", "privacy.enabled=true",
+                                    "privacy.noise-multiplier=1.5", "privacy.epsilon=3", "privacy.batch-size=8",
+                                    "privacy.delta=1e-3"])
+    run = run_inprocess(config, tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) < 4 and json.loads((run / "summary.json").read_text())["privacy"]["stopped"]  # it stopped
+    assert all(r["evaluated"] == 2 for r in rows[:-1])  # a sample while it ran
+    assert rows[-1]["evaluated"] == 4 and sorted(rows[-1]["eval_sites"]) == [f"site-{i}" for i in range(4)]
+    assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))  # the last row replaced, not repeated

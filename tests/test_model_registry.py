@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from fedlora.client.drift import snapshot_digest
 from fedlora.data.labels import infer_labels
 from fedlora.data.sites import simulated_site_data
 from fedlora.deploy.models_command import add_commands
-from fedlora.server.model_registry import ModelRegistry, RegistryError, decide, pair_id
+from fedlora.server.model_registry import ModelRegistry, RegistryError, decide, pair_id, sha256_of
 from fedlora.simulations.inprocess import run_inprocess
 from fedlora.tasks import build_task
 
@@ -167,13 +168,16 @@ def test_promote_simulate_makes_the_evaluation_from_the_candidates_configuration
     if registry.current() is None:
         registry.record_gate(registry.gate("v1", None, "eval_accuracy", TOLERANCE))
     current = registry.current()
+    sharing = [{"partition-id": k, "num-partitions": SITES, "share-drift": True} for k in range(SITES)]
     warmed = run_inprocess(cfg.load_config(None, _settings(
         tiny_bert_dir, f'model.warm-start="{registry.path / "current"}"', f'output.registry="{registry.path}"')),
-        tmp_path / "warm")
+        tmp_path / "warm", node_configs=sharing)
     version = registry.versions()[-1]
     record = registry.read(version)
     assert record["run"] == str(warmed) and record["parent"] == current  # lineage through the adapter's sha256
-    # each site's data snapshot, as the keyed digest only that site can recompute (its state folder's key)
+    # each site that shares drift figures names its data snapshot, as the keyed digest only it can recompute
+    # (its state folder's key); a site that does not share them sends none (v1's sites)
+    assert registry.read("v1")["data_snapshots"] == {}
     assert record["data_snapshots"] == {f"site-{k}": snapshot_digest(warmed / "sites" / f"site-{k}")
                                         for k in range(SITES)}
 
@@ -194,8 +198,10 @@ def test_promote_simulate_makes_the_evaluation_from_the_candidates_configuration
 
 def test_registering_refuses_what_is_not_a_finished_run_or_is_registered_already(trained, tmp_path):
     _, registry, run = trained
-    with pytest.raises(RegistryError, match="already registered"):
-        registry.register(run)
+    assert registry.register(run) == "v1"  # the same run again (a resumed run that ended): the same version
+    shutil.copytree(run, tmp_path / "copy")
+    with pytest.raises(RegistryError, match="already registered as v1"):
+        registry.register(tmp_path / "copy")  # the same adapter from another run directory
     with pytest.raises(RegistryError, match="not a finished run"):
         registry.register(tmp_path)
     with pytest.raises(RegistryError, match="no version 'v99'"):
@@ -208,3 +214,35 @@ def test_an_evaluation_only_run_needs_a_candidate_and_no_secure_aggregation(tiny
     with pytest.raises(cfg.ConfigError, match="per-site figures are not recorded"):
         cfg.load_config(None, _settings(tiny_bert_dir, 'model.compare-with="x"', 'model.warm-start="y"',
                                         "secagg.enabled=true", "federation.num-sites=3"))
+
+
+def test_a_diverged_candidate_or_a_site_missing_from_both_models_does_not_pass():
+    current = {"a": {"eval_perplexity": 10.0}, "b": {"eval_perplexity": 10.0}}
+    nan = {"a": {"eval_perplexity": float("nan")}, "b": {"eval_perplexity": 9.0}}
+    assert not decide(nan, current, "eval_perplexity", 1.0)[0]  # NaN is not "not worse"
+    better = {"a": {"eval_perplexity": 9.0}, "b": {"eval_perplexity": 9.0}}
+    passed, reason, _, _ = decide(better, current, "eval_perplexity", 1.0, expected=["a", "b", "c"])
+    assert not passed and "c" in reason  # asked, but no figure for either model (crashed, no held-out rows)
+    with pytest.raises(RegistryError, match="tolerance"):
+        decide(better, current, "eval_perplexity", float("nan"))
+
+
+def test_registering_at_once_gives_each_run_its_own_version(trained, tmp_path):
+    """Two runs ending together: each adapter lands whole, under its own version."""
+    _, registry, run = trained
+    copies = []
+    for k in range(4):  # four adapters of their own: the run's, each nudged differently
+        copy = tmp_path / f"run-{k}"
+        shutil.copytree(run, copy)
+        weights = copy / "adapter" / "adapter_model.safetensors"
+        tensors = load_file(str(weights))
+        tensors = {name: t + np.asarray(1e-3 * (k + 1), dtype=t.dtype) for name, t in tensors.items()}
+        save_file(tensors, str(weights))
+        copies.append(copy)
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(pool.map(registry.register, copies))
+    assert len(set(versions)) == 4
+    for version, copy in zip(versions, copies):
+        record = registry.read(version)
+        assert record["run"] == str(copy)
+        assert record["adapter_sha256"] == sha256_of(registry.folder(version) / "adapter" / "adapter_model.safetensors")

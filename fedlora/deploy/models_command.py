@@ -127,11 +127,14 @@ def _simulated_evaluation(registry: ModelRegistry, candidate: str, simulate: Sim
     current = registry.resolve("current")
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(registry.read(candidate)["config"])
+    folders = {name: json.dumps(str(registry.folder(v))) for name, v in (("candidate", candidate), ("current", current))}
     try:
         config = cfg.load_config(f.name, [
-            f'model.warm-start="{registry.folder(candidate)}"', f'model.compare-with="{registry.folder(current)}"',
-            'output.registry=""', "secagg.enabled=false", "privacy.client-dp=false", "output.resume=false",
-            'output.dir=""'])
+            f"model.warm-start={folders['candidate']}", f"model.compare-with={folders['current']}",  # quoted for TOML
+            # evaluation only: no update is sent, so nothing that protects or attacks one applies
+            'output.registry=""', "secagg.enabled=false", "secagg.dp-noise-multiplier=0", "privacy.client-dp=false",
+            "simulation.secagg-dropouts=[]", 'simulation.attack="none"', "federation.drift-check=false",
+            "output.resume=false", 'output.dir=""'])
     finally:
         os.unlink(f.name)
     out = registry.path / "evaluations" / f"{candidate}-vs-{current}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"

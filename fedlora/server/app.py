@@ -28,7 +28,7 @@ from fedlora.server.central import CentralEvaluator
 from fedlora.server.collect import Messenger, PlainCollector
 from fedlora.server.export_correction import fold_into_exported_adapter
 from fedlora.server.model_card import write_model_card
-from fedlora.server.model_registry import COMPARISON, ModelRegistry, pair_id
+from fedlora.server.model_registry import COMPARISON, ModelRegistry, RegistryError, pair_id
 from fedlora.server.pipeline import Coordinator
 from fedlora.server.report import write_report
 from fedlora.server.rundir import RunDirectory, RunDirectoryError
@@ -144,8 +144,11 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     write_model_card(rundir.path / "adapter", config, rundir.path / "summary.json")  # the card with the run's figures
     write_report(rundir.path)
     if config.output.registry:
-        version = ModelRegistry(config.output.registry).register(rundir.path)
-        log.info("registered as %s in %s (not current until promoted)", version, config.output.registry)
+        try:
+            version = ModelRegistry(config.output.registry).register(rundir.path)
+            log.info("registered as %s in %s (not current until promoted)", version, config.output.registry)
+        except (RegistryError, OSError) as err:  # the run itself succeeded: its adapter is in its directory
+            log.warning("the run's adapter was not registered: %s", err)
     log.info("done: adapter in %s, report %s", rundir.path / "adapter", rundir.path / "report.html")
 
 
@@ -158,7 +161,8 @@ def compare_models(coordinator: Coordinator, config: cfg.RunConfig, loaded, rund
                                  pair_id(candidate.sha256, current.sha256), config.model.review_rows)
     comparison = {"models": {name: {"adapter": str(adapter.folder), "sha256": adapter.sha256, **scores[name]}
                              for name, adapter in (("candidate", candidate), ("current", current))},
-                  "review": scores["review"]}  # each site's expert's verdicts so far: counts only
+                  "review": scores["review"],  # each site's expert's verdicts so far: counts only
+                  "asked": scores["asked"]}
     rundir.metrics_path.unlink(missing_ok=True)
     rundir.write_json(COMPARISON, comparison)
     rundir.write_summary({"rounds": 0, "comparison": comparison, "base_fingerprint": loaded.fingerprint,

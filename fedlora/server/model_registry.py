@@ -17,11 +17,16 @@ the tolerance, or if any site did not score both.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,12 +82,15 @@ class GateResult:
         return asdict(self)
 
 
-def decide(candidate_sites: dict[str, dict], current_sites: dict[str, dict], metric: str,
-           tolerance: float) -> tuple[bool, str, dict[str, dict[str, float | None]], list[str]]:
+def decide(candidate_sites: dict[str, dict], current_sites: dict[str, dict], metric: str, tolerance: float,
+           expected: Iterable[str] = ()) -> tuple[bool, str, dict[str, dict[str, float | None]], list[str]]:
     """The gate's rule over two models' per-site figures from the same evaluation round: passed only if
-    every site scored both and none is worse for the candidate by more than `tolerance` (in the metric's
-    own units; for a loss or perplexity, higher is worse)."""
-    sites = sorted(set(candidate_sites) | set(current_sites))
+    every site (those with figures, and every `expected` one: asked, or known from the current version)
+    scored both, with finite figures, and none is worse for the candidate by more than `tolerance` (in
+    the metric's own units; for a loss or perplexity, higher is worse)."""
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise RegistryError(f"tolerance {tolerance}: must be a finite number >= 0")
+    sites = sorted(set(candidate_sites) | set(current_sites) | set(expected))
     if not sites:
         return False, "no site reported per-site figures for either model", {}, []
     table: dict[str, dict[str, float | None]] = {}
@@ -90,7 +98,7 @@ def decide(candidate_sites: dict[str, dict], current_sites: dict[str, dict], met
     sign = -1.0 if lower_is_better(metric) else 1.0
     for site in sites:
         new, old = candidate_sites.get(site, {}).get(metric), current_sites.get(site, {}).get(metric)
-        if new is None or old is None:
+        if new is None or old is None or not (math.isfinite(new) and math.isfinite(old)):  # NaN: a diverged model
             missing.append(site)
             table[site] = {"candidate": new, "current": old, "change": None}
             continue
@@ -99,7 +107,8 @@ def decide(candidate_sites: dict[str, dict], current_sites: dict[str, dict], met
         if sign * change < -tolerance:
             worse.append(site)
     if missing:
-        return False, f"not every site scored both models on {metric}: {', '.join(missing)}", table, worse
+        return False, (f"not every site scored both models on {metric} with a finite figure: "
+                       f"{', '.join(missing)}"), table, worse
     if worse:
         detail = "; ".join(f"{s}: {table[s]['candidate']:.4g} against {table[s]['current']:.4g}" for s in worse)
         return False, (f"worse than the current version by more than {tolerance:g} {metric} at "
@@ -161,9 +170,24 @@ class ModelRegistry:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # -- writing ------------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two runs ending together, a promotion during a registration)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def register(self, run: str | Path) -> str:
-        """A finished run's adapter as the next version; its lineage from the run's summary and config."""
-        run = Path(run).expanduser().resolve()
+        """A finished run's adapter as the next version; its lineage from the run's summary and config.
+        The same run registered again is the version it already is."""
+        with self._locked():
+            return self._register(Path(run).expanduser().resolve())
+
+    def _register(self, run: Path) -> str:
         summary_path, weights = run / "summary.json", run / "adapter" / WEIGHTS
         if not summary_path.is_file() or not weights.is_file():
             raise RegistryError(f"{run}: not a finished run directory (needs summary.json and adapter/{WEIGHTS})")
@@ -172,6 +196,8 @@ class ModelRegistry:
             raise RegistryError(f"{run}: an evaluation-only run trains no adapter of its own")
         sha = sha256_of(weights)
         if (known := self.by_sha256(sha)) is not None:
+            if self.read(known)["run"] == str(run):
+                return known
             raise RegistryError(f"{run}: its adapter is already registered as {known}")
         versions = self.versions()
         version = f"v{int(versions[-1][1:]) + 1 if versions else 1}"
@@ -197,12 +223,13 @@ class ModelRegistry:
             "config": (run / "config.toml").read_text() if (run / "config.toml").is_file() else "",
             "gates": [],
         }
-        self.path.mkdir(parents=True, exist_ok=True)
-        staging = self.path / f".{version}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(run / "adapter", staging / "adapter")
-        (staging / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(staging, self.path / version)  # a version appears whole or not at all
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.path))
+        try:
+            shutil.copytree(run / "adapter", staging / "adapter")
+            (staging / VERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            os.rename(staging, self.path / version)  # a version appears whole or not at all
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         return version
 
     def _write_record(self, version: str, record: dict[str, Any]) -> None:
@@ -218,7 +245,15 @@ class ModelRegistry:
         os.replace(tmp, link)
 
     def record_gate(self, result: GateResult) -> None:
-        """The gate's decision in the candidate's lineage and in the history; `current` moves if it passed."""
+        """The gate's decision in the candidate's lineage and in the history; `current` moves if it passed,
+        and only if it is still the version the candidate was compared with."""
+        with self._locked():
+            if result.passed and self.current() != result.current:
+                raise RegistryError(f"{self.current()} became current while {result.candidate} was compared with "
+                                    f"{result.current}; compare it with {self.current()}")
+            self._record_gate(result)
+
+    def _record_gate(self, result: GateResult) -> None:
         record = self.read(result.candidate)
         record.setdefault("gates", []).append(result.to_dict())
         self._write_record(result.candidate, record)
@@ -249,7 +284,10 @@ class ModelRegistry:
         if shas != expected:
             raise RegistryError(f"the evaluation {evaluation or ''} compared other adapters than {candidate} "
                                 f"(candidate) and {current} (current)")
+        # every site asked in the evaluation, and every site that scored the current version in its own run,
+        # must have scored both: a site that crashed, timed out or has no held-out rows is not a pass
+        expected = set(comparison.get("asked", [])) | set(self.read(current).get("sites_evaluation") or {})
         passed, reason, sites, worse = decide(models["candidate"].get("sites", {}), models["current"].get("sites", {}),
-                                              metric, tolerance)
+                                              metric, tolerance, expected)
         return GateResult(candidate, current, metric, tolerance, passed, reason, sites, worse, now, evaluation,
                           comparison.get("review", {}))

@@ -161,7 +161,7 @@ class Coordinator:
 
         counts: dict[str, Any] = {}
         per_site: dict[str, dict[str, Any]] = {}
-        for reply in replies:
+        for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):  # the same order every time
             m = reply.content[wire.METRICS]
             if int(m[wire.EVAL_COUNT]) == 0:
                 continue
@@ -209,6 +209,7 @@ class Coordinator:
                  self.strategy.name)
         if start_round <= fed.rounds:
             self.forecast(nodes, start_round)
+        sampled_evaluation = None  # the last round's row, while its sites' evaluation was a sample
         for server_round in range(start_round, fed.rounds + 1):
             started = time.perf_counter()
             nodes = sorted(self.grid.get_node_ids())
@@ -248,17 +249,32 @@ class Coordinator:
             row = {"round": server_round, **row, "round_seconds": time.perf_counter() - started}
             self.rundir.append_metrics(row)
             self.rundir.save_checkpoint(Checkpoint(server_round, global_state, self.state_dict()))
+            sampled_evaluation = row if len(evaluating) < len(answering) else None
             log.info("round %d/%d done in %.1fs: %s", server_round, fed.rounds, row["round_seconds"],
                      ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                if k.startswith(("train_loss", "eval_", "test_")) and isinstance(v, float)))
+        if sampled_evaluation is not None:  # the run stopped early: its last figures still cover every site
+            self.evaluate_everywhere(sampled_evaluation, global_state)
         return global_state
+
+    def evaluate_everywhere(self, row: dict[str, Any], global_state: State) -> None:
+        """Replace the last row's sampled site evaluation with one at every answering site."""
+        nodes = [n for n in sorted(self.grid.get_node_ids()) if n not in self.messenger.silent]
+        evaluation = self.evaluate_round(nodes, global_state, row["round"])
+        kept = {k: v for k, v in row.items() if not k.startswith("eval_") and k != "evaluated"}
+        kept["bytes_up"] += evaluation.pop("bytes_up")
+        kept["bytes_down"] += evaluation.pop("bytes_down")
+        self.rundir.truncate_metrics(row["round"] - 1)
+        self.rundir.append_metrics({**kept, **evaluation})
+        log.info("round %d: evaluated at all %d answering sites, as the run's last round", row["round"], len(nodes))
 
     def compare(self, states: dict[str, State], review: str, review_rows: int) -> dict[str, dict[str, Any]]:
         """An evaluation-only round: every connected site scores each of `states` on its held-out rows,
         one after the other in the same round (the promotion gate's evidence); no site trains. Each site
         also keeps both models' outputs on `review_rows` of its rows for its expert's blind review, and
         first answers with the counts of any review of the same two models (`review`) it already holds."""
-        nodes = self.wait_for_sites()
+        self.wait_for_sites()
+        nodes = sorted(self.grid.get_node_ids())  # every site connected now, not only the first min-sites
         log.info("%d sites connected; evaluating %s, no training", len(nodes), " and ".join(states))
         scores: dict[str, dict[str, Any]] = {"review": self.review_counts(nodes, review)}
         for name, state in states.items():
@@ -268,6 +284,7 @@ class Coordinator:
                             "pooled": {k: v for k, v in row.items() if not k.startswith("bytes_")}}
             if self.central.has_test_set:
                 scores[name]["central"] = self.central.evaluate(state)
+        scores["asked"] = sorted(self.messenger.name(node) for node in nodes)  # each must score both
         return scores
 
     def drift(self, nodes: list[int]) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,11 @@ def prepare(config: cfg.RunConfig, out: Path) -> cfg.RunConfig:
     """The run's configuration with its output directory and label names filled in, after
     checking the data (every row), the model and the tracker. Raises ConfigError, DataError
     or ModelLoadError."""
-    config = infer_labels(cfg.from_nested(config.to_nested(), {"output.dir": str(out)}))
+    # Paths as the user typed them, relative to this shell: the ServerApp's process may start elsewhere.
+    paths = {"model.warm-start": config.model.warm_start, "model.compare-with": config.model.compare_with,
+             "output.registry": config.output.registry}
+    absolute = {key: str(Path(path).expanduser().absolute()) for key, path in paths.items() if path}
+    config = infer_labels(cfg.from_nested(config.to_nested(), {"output.dir": str(out), **absolute}))
     check_site_data(config, build_task(config))
     check_available(config.model.name, config.model.allow_download)
     require_tracking(config.output.tracking)
