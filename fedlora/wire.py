@@ -50,7 +50,7 @@ LORA_RANK = "lora-rank"                # metric (site -> server): the rank this 
 SITE = "site"
 SITE_NAME = "name"
 SKIPPED_ROWS = "skipped-rows"
-DATA_SNAPSHOT = "data-snapshot"  # train reply: the keyed digest of the snapshot the site trained on (client/drift.py)
+DATA_SNAPSHOT = "data-snapshot"  # train reply, with share-drift only: keyed digest of what the site trained on
 
 # Differential privacy (site -> server). The site sends only its epsilon summary.
 PRIVACY = "privacy"                    # ConfigRecord: unit of privacy and the ledger head

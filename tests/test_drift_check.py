@@ -34,6 +34,17 @@ def test_due_when_a_site_says_so_or_its_training_is_older_than_the_schedule():
     assert text.endswith("retraining due: yes, at drifted, old")
 
 
+def test_a_site_that_did_not_answer_is_not_counted_as_fine():
+    calm = {"calm": _answer(), "silent": dict(drift_check.FAILED)}
+    report = drift_check.assess(calm, retrain_after_days=182)
+    assert not report["retraining_due"] and report["not_checked"] == ["silent"]
+    assert drift_check.exit_code(report) == 1  # the check could not cover every site
+    assert "silent" in drift_check.lines(report)[-1] and "did not answer" in "\n".join(drift_check.lines(report))
+    due = drift_check.assess({**calm, "drifted": _answer(**{wire.DRIFT_DUE: 1.0})}, retrain_after_days=182)
+    assert drift_check.exit_code(due) == 3  # what is due comes first
+    assert drift_check.exit_code(drift_check.assess({"calm": _answer()}, 182)) == 0
+
+
 def test_a_figure_the_site_could_not_measure_is_none_not_minus_one():
     assert _answer(**{wire.DRIFT_LABEL_PSI: -1.0})["label_psi"] is None
 

@@ -96,7 +96,7 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
         wire.LORA_RANK: rt.rank,
     })
     site = _site_record(rt)
-    if digest:
+    if digest and shares_drift(context.node_config):  # it tells when the site's data changed: opt-in only
         site[wire.DATA_SNAPSHOT] = digest
     content = RecordDict({wire.ARRAYS: to_record(delta), wire.METRICS: metrics, wire.SITE: site})
     if private is not None or rt.config.privacy.client_dp:  # data-dependent, not noised: it stays here
@@ -210,7 +210,7 @@ def _snapshot_training(rt: SiteRuntime, context: Context) -> str | None:
         record_training(folder, [*rt.data.train, *rt.data.eval], *_columns(rt))
         context.state[TRAINED_IN_RUN] = ConfigRecord({"trained": True})
         return snapshot_digest(folder)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # a disk error, an unreadable snapshot or key: training goes on
         log.warning("site %s: could not write its training snapshot in %s: %s", rt.data.name, folder, err)
         return None
 

@@ -132,6 +132,9 @@ def compare(then: Mapping, now: Mapping) -> Figures:
         records_then=int(then["records"]), records_now=int(now["records"]))
 
 
+DUE_EXIT = 3  # a drift check's exit code when retraining is due: not an error, something for an operator to act on
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """When retraining is due (docs/drift.md explains the defaults)."""

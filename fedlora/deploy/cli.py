@@ -249,7 +249,7 @@ def run_command(args: argparse.Namespace, clientapp: str = RELAY_CLIENTAPP) -> i
     if config.federation.drift_check:  # for cron and systemd timers: the verdict, and 3 when retraining is due
         report = json.loads((out / drift_check.DRIFT_FILE).read_text())
         print("\n".join(drift_check.lines(report)))
-        return drift_check.DUE_EXIT if report["retraining_due"] else 0
+        return drift_check.exit_code(report)
     return 0
 
 

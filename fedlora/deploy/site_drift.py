@@ -27,7 +27,7 @@ from fedlora.server import warm_start
 from fedlora.tasks import build_task
 from fedlora.training import evaluate_counts
 
-DUE = 3  # exit code when retraining is due: not an error, something for the operator to act on
+DUE = drift.DUE_EXIT
 
 
 class DriftCheckError(RuntimeError):

@@ -80,10 +80,10 @@ class Messenger:
                 self.names.setdefault(int(info.node_id), str(info.name))
 
     def send(self, messages: list[Message], timeout: float, traffic: Traffic, what: str,
-             server_round: int) -> tuple[list[Message], list[str]]:
-        """The usable replies to `messages`, and one line per site that failed, refused or did not reply.
-        Waiting ends at `timeout`, a reply's data included: a site that dies mid-upload is a site that
-        did not reply, and the round goes on with the others."""
+             server_round: int, errors: dict[int, int] | None = None) -> tuple[list[Message], list[str]]:
+        """The usable replies to `messages`, and one line per site that failed, refused or did not reply
+        (and, into `errors`, each error reply's code by node). Waiting ends at `timeout`, a reply's data
+        included: a site that dies mid-upload is a site that did not reply, and the round goes on."""
         for message in messages:
             self._add_anchor(message)
         traffic.bytes_down += sum(payload_bytes(m.content) for m in messages)
@@ -100,6 +100,8 @@ class Messenger:
                 self.silent.add(node)  # offline: not asked again this round
             answered.add(node)
             if reply.has_error():
+                if errors is not None:
+                    errors[node] = reply.error.code
                 if is_budget_refusal(reply):
                     self.privacy.refused(node, reply.error.reason)
                 failures.append(f"{self.name(node)}: {reply.error.reason}")

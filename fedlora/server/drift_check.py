@@ -13,12 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from fedlora import wire
+from fedlora.data import drift
 
 DRIFT_FILE = "drift.json"  # in a run directory: the sites' answers and the verdict
-DUE_EXIT = 3                # `fedlora run` of a drift check: retraining is due (cron, systemd timers)
 
 FIGURES = {wire.DRIFT_LABEL_PSI: "label_psi", wire.DRIFT_LABEL_CHI2_P: "label_chi2_p", wire.DRIFT_TEXT_JS: "text_js",
            wire.DRIFT_UNSEEN_WORDS: "unseen_word_share", wire.DRIFT_DAYS: "days_since_training"}
+
+
+FAILED = {"shared": None, "failed": True}  # a site that did not answer (offline, or its check failed)
 
 
 def site_answer(metrics: dict[str, float] | None, digest: str | None) -> dict[str, Any]:
@@ -48,7 +51,9 @@ def assess(answers: dict[str, dict[str, Any]], retrain_after_days: float) -> dic
             reasons.append(f"its last training was {days:.0f} days ago (schedule: every {retrain_after_days:.0f})")
         sites[site] = {**answer, "due": bool(reasons), "why": reasons}
     due = [site for site, s in sites.items() if s["due"]]
-    return {"retraining_due": bool(due), "due_at": due, "retrain_after_days": retrain_after_days, "sites": sites}
+    failed = [site for site, s in sites.items() if s.get("failed")]
+    return {"retraining_due": bool(due), "due_at": due, "not_checked": failed,
+            "retrain_after_days": retrain_after_days, "sites": sites}
 
 
 def _fmt(value) -> str:
@@ -59,7 +64,9 @@ def lines(report: dict[str, Any]) -> list[str]:
     """The report for a terminal: one line per site, then the verdict."""
     out = [f"{'site':<24} {'label PSI':>9} {'chi2 p':>8} {'words JS':>9} {'new words':>10} {'days':>6}  due"]
     for site, s in report["sites"].items():
-        if not s.get("shared"):
+        if s.get("failed"):
+            out.append(f"{site:<24} did not answer (offline, or its check failed: see the site's log)")
+        elif not s.get("shared"):
             out.append(f"{site:<24} does not share drift figures (node config share-drift)")
         elif not s.get("trained"):
             out.append(f"{site:<24} has not trained yet: nothing to compare with")
@@ -67,5 +74,13 @@ def lines(report: dict[str, Any]) -> list[str]:
             out.append(f"{site:<24} {_fmt(s['label_psi']):>9} {_fmt(s['label_chi2_p']):>8} {_fmt(s['text_js']):>9} "
                        f"{_fmt(s['unseen_word_share']):>10} {_fmt(s['days_since_training']):>6}  "
                        f"{'yes: ' + '; '.join(s['why']) if s['due'] else 'no'}")
-    out.append(f"retraining due: {'yes, at ' + ', '.join(report['due_at']) if report['retraining_due'] else 'no'}")
+    out.append(f"retraining due: {'yes, at ' + ', '.join(report['due_at']) if report['retraining_due'] else 'no'}"
+               + (f"; not checked: {', '.join(report['not_checked'])}" if report.get("not_checked") else ""))
     return out
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """For cron and systemd timers: 3 when retraining is due, 1 when a site could not be checked, else 0."""
+    if report["retraining_due"]:
+        return drift.DUE_EXIT
+    return 1 if report.get("not_checked") else 0

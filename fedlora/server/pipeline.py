@@ -292,9 +292,12 @@ class Coordinator:
         that does not share them (node config share-drift) or does not answer is listed as not sharing."""
         messages = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 0})}), dst_node_id=node,
                             message_type=f"{MessageType.QUERY}.{wire.DRIFT_QUERY}") for node in nodes]
+        errors: dict[int, int] = {}
         replies, _ = self.messenger.send(messages, self.config.federation.round_timeout, Traffic(),
-                                         MessageType.QUERY, 0)
-        answers = {node: drift_check.site_answer(None, None) for node in nodes}
+                                         MessageType.QUERY, 0, errors)
+        # no reply, or an error other than "not shared": the site could not be checked, which is not a "no"
+        answers = {node: drift_check.site_answer(None, None) if errors.get(node) == wire.DRIFT_NOT_SHARED
+                   else drift_check.FAILED for node in nodes}
         for reply in replies:
             if wire.DRIFT in reply.content.metric_records:
                 snapshot = reply.content.config_records.get(wire.DRIFT_SNAPSHOT)

@@ -201,7 +201,9 @@ def _drift(summary: dict) -> str:
     cols = ["label_psi", "label_chi2_p", "text_js", "unseen_word_share", "days_since_training"]
     table = []
     for site, s in report.get("sites", {}).items():
-        if not s.get("shared"):
+        if s.get("failed"):
+            table.append([site, "did not answer", "", "", "", "", ""])
+        elif not s.get("shared"):
             table.append([site, "does not share drift figures", "", "", "", "", ""])
         elif not s.get("trained"):
             table.append([site, "has not trained yet", "", "", "", "", ""])
