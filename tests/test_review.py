@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -137,3 +138,17 @@ def test_an_expert_rates_in_the_browser_and_only_counts_change(server, tmp_path)
     counts = review.counts(server.state, PAIR)
     assert counts["unrated"] == 3
     assert counts["wins" if _side(server.state, 2) == "candidate" else "losses"] == 1
+
+
+def test_verdicts_given_at_once_are_all_kept(state):
+    """The page may get several clicks at once (two tabs, two reviewers): none is lost, the file stays whole."""
+    rows = [item["index"] for item in review.items(state, PAIR)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: review.rate(state, PAIR, i, "tie"), rows * 10))
+    assert review.counts(state, PAIR)["ties"] == len(rows)
+    assert json.loads((state / review.FOLDER / PAIR / review.RATINGS).read_text()) == {str(i): "tie" for i in rows}
+
+
+def test_a_pair_name_with_a_trailing_newline_is_not_a_review(state):
+    with pytest.raises(review.ReviewError, match="not a review"):
+        review.counts(state, PAIR + "\n")

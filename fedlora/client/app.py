@@ -131,8 +131,8 @@ def _keep_for_review(rt: SiteRuntime, config: ConfigRecord, context: Context) ->
         review.keep_outputs(folder, str(pair), str(role),
                             *_model_outputs(rt.loaded.model, rt.task, chosen, rt.loaded.tokenizer,
                                                   rt.config.model.max_length))
-    except (OSError, review.ReviewError) as err:
-        log.warning("site %s: could not keep outputs for review: %s", rt.data.name, err)
+    except Exception as err:  # the review is extra: the evaluation reply must still go
+        log.warning("site %s: could not keep outputs for review (%s)", rt.data.name, type(err).__name__)
 
 
 def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) -> tuple[list[str], list[str]]:
@@ -146,8 +146,9 @@ def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) ->
         predicted = predict_labels(model, task, task.encode(rows, tokenizer, max_length), pad_id)
         return [str(row[task.text_column]) for row in rows], [task.labels[i] for i in predicted]
     prompts = [task.split(row, tokenizer)[0] for row in rows]
-    ids = [tokenizer(p, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] for p in prompts]
     new_tokens = getattr(task, "generate_max_tokens", 0) or REVIEW_NEW_TOKENS
+    room = max(1, max_length - new_tokens)  # the prompt's newest tokens, as evaluation generates from them
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
     completions = greedy_completions(model, ids, tokenizer, new_tokens)
     return prompts, [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
 

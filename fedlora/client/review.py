@@ -11,10 +11,14 @@ for them in a later evaluation-only run of the same two models (wire.REVIEW_PAIR
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import secrets
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +35,27 @@ class ReviewError(ValueError):
 
 
 def _write_private(path: Path, content: Any) -> None:
+    """Write atomically, readable by the site's account only (a temporary file of its own, then a rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 600
     with os.fdopen(fd, "w") as fh:
         json.dump(content, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One writer of a review at a time: the page's requests, a second page, the ClientApp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _read(path: Path, default: Any) -> Any:
@@ -45,7 +63,7 @@ def _read(path: Path, default: Any) -> Any:
 
 
 def _folder(state: Path, pair: str) -> Path:
-    if not _PAIR.match(pair):
+    if not _PAIR.fullmatch(pair):
         raise ReviewError(f"not a review: {pair!r}")
     return Path(state) / FOLDER / pair
 
@@ -54,8 +72,9 @@ def keep_outputs(state: Path, pair: str, role: str, prompts: list[str], outputs:
     """What one model output for the site's review rows, kept at the site (an evaluation message)."""
     if role not in ROLES:
         raise ReviewError(f"review role {role!r} is not one of {ROLES}")
-    _write_private(_folder(state, pair) / f"{role}.json",
-                   [{"prompt": p, "output": o} for p, o in zip(prompts, outputs)])
+    folder = _folder(state, pair)
+    with _locked(folder):
+        _write_private(folder / f"{role}.json", [{"prompt": p, "output": o} for p, o in zip(prompts, outputs)])
 
 
 def has_outputs(state: Path, pair: str, role: str) -> bool:
@@ -67,13 +86,18 @@ def pending(state: Path) -> list[str]:
     root = Path(state) / FOLDER
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _PAIR.match(p.name) and all((p / f"{r}.json").is_file() for r in ROLES)]
+    found = [p for p in root.iterdir() if _PAIR.fullmatch(p.name) and all((p / f"{r}.json").is_file() for r in ROLES)]
     return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
 def items(state: Path, pair: str) -> list[dict[str, Any]]:
     """The rows to rate, blind: each row's prompt and outputs A and B (which is which is drawn once per
     row and kept here); rows where both models output the same are left out (nothing to choose)."""
+    with _locked(_folder(state, pair)):
+        return _items(state, pair)
+
+
+def _items(state: Path, pair: str) -> list[dict[str, Any]]:
     folder = _folder(state, pair)
     candidate, current = (_read(folder / f"{role}.json", []) for role in ROLES)
     if len(candidate) != len(current) or [r["prompt"] for r in candidate] != [r["prompt"] for r in current]:
@@ -97,12 +121,13 @@ def rate(state: Path, pair: str, index: int, verdict: str) -> None:
     """The expert's verdict on row `index`: output A better, B better, or a tie."""
     if verdict not in VERDICTS:
         raise ReviewError(f"verdict {verdict!r} is not one of {VERDICTS}")
-    if index not in {item["index"] for item in items(state, pair)}:
-        raise ReviewError(f"review {pair} has no row {index} to rate")
     folder = _folder(state, pair)
-    ratings = _read(folder / RATINGS, {})
-    ratings[str(index)] = verdict
-    _write_private(folder / RATINGS, ratings)
+    with _locked(folder):
+        if index not in {item["index"] for item in _items(state, pair)}:
+            raise ReviewError(f"review {pair} has no row {index} to rate")
+        ratings = _read(folder / RATINGS, {})
+        ratings[str(index)] = verdict
+        _write_private(folder / RATINGS, ratings)
 
 
 def counts(state: Path, pair: str) -> dict[str, int] | None:

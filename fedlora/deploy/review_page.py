@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 import secrets
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,7 +35,7 @@ def _page(title: str, body: str) -> bytes:
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>").encode()
 
 
-class ReviewServer(ThreadingHTTPServer):
+class ReviewServer(HTTPServer):  # one request at a time: verdicts are written in the order they come
     def __init__(self, state: Path, port: int = 0):
         self.state = Path(state)
         self.token = secrets.token_urlsafe(16)
@@ -56,6 +57,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Referrer-Policy", "no-referrer")  # the token stays on this page
         if location:
             self.send_header("Location", location)
         self.send_header("Content-Length", str(len(body)))
@@ -66,7 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         host = (self.headers.get("Host") or "").rsplit(":", 1)[0]
-        if host not in (LOOPBACK, "localhost") or query.get("token") != [self.server.token]:
+        token = (query.get("token") or [""])[-1]
+        if host not in (LOOPBACK, "localhost") or not secrets.compare_digest(token, self.server.token):
             self._send(HTTPStatus.FORBIDDEN, _page("Not allowed", "<p>Open the address the command printed.</p>"))
             return
         parts = [p for p in url.path.split("/") if p]
@@ -75,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, self._index())
             elif parts[0] == "review" and len(parts) == 2:
                 self._send(HTTPStatus.OK, self._review(parts[1]))
-            elif parts[0] == "rate" and len(parts) == 4 and parts[2].isdigit():
+            elif parts[0] == "rate" and len(parts) == 4 and re.fullmatch(r"[0-9]{1,6}", parts[2]):
                 review.rate(self.server.state, parts[1], int(parts[2]), parts[3])
                 self._send(HTTPStatus.SEE_OTHER, location=f"/review/{parts[1]}?token={self.server.token}#row-{parts[2]}")
             else:

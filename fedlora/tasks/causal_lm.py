@@ -98,7 +98,8 @@ class CausalLMTask(Task):
             kept = p[-(max_length - len(c)):] if p else []  # drop the oldest prompt tokens first
             example: Example = {"input_ids": kept + c, "labels": [IGNORE] * len(kept) + c}
             if i < self.generate_prompts:
-                example.update(prompt_ids=p[-max_length:], reference_ids=reference)
+                # the prompt's newest tokens, leaving room for what is generated within max-length
+                example.update(prompt_ids=p[-max(1, max_length - self.generate_max_tokens):], reference_ids=reference)
             examples.append(example)
         return examples
 
