@@ -201,3 +201,45 @@ def test_the_summary_comes_first_and_bytes_read_in_units(tmp_path):
 def test_a_run_directory_without_rounds_still_renders(tmp_path):
     page = write_report(tmp_path).read_text()
     assert "The run recorded no round" in page
+
+
+def _comparison(metric, candidate, current, asked):
+    return {"models": {"candidate": {"adapter": "/reg/v2/adapter", "sites": {s: {metric: v} for s, v in candidate.items()},
+                                     "pooled": {metric: 0.5}},
+                       "current": {"adapter": "/reg/v1/adapter", "sites": {s: {metric: v} for s, v in current.items()},
+                                   "pooled": {metric: 0.4}}},
+            "review": {"a": {"wins": 3, "ties": 1, "losses": 2, "unrated": 4}}, "asked": asked}
+
+
+def test_an_evaluation_only_run_is_summarised_as_a_comparison_not_as_training(tmp_path):
+    comparison = _comparison("eval_accuracy", {"a": 0.9, "b": 0.5}, {"a": 0.8, "b": 0.6}, ["a", "b", "c"])
+    sections = dict((key, text) for key, _, text in rs.summary_sections({"rounds": 0, "comparison": comparison}, []))
+    assert "no site trained" in sections["summary-trained"] and "fine-tuned" not in sections["summary-trained"]
+    assert "/reg/v2/adapter" in sections["summary-trained"] and "3 sites (a, b, c)" in sections["summary-trained"]
+    quality = sections["summary-quality"]
+    assert "better at 1 site on eval_accuracy: a (90.0% against 80.0%)" in quality
+    assert "worse at 1 site on eval_accuracy: b (50.0% against 60.0%)" in quality
+    assert "not scored with both at 1 site on eval_accuracy: c" in quality  # asked, never answered
+    assert "won 3, tied 1 and lost 2; 4 are not rated yet" in sections["summary-review"]
+    assert "summary-traffic" not in sections  # an evaluation round's bytes are not a training run's
+
+
+def test_a_causal_lm_comparison_is_judged_by_perplexity_where_lower_is_better(tmp_path):
+    comparison = _comparison("eval_perplexity", {"a": 12.0}, {"a": 15.0}, ["a"])
+    quality = dict((k, t) for k, _, t in rs.comparison_sections(comparison))["summary-quality"]
+    assert "better at 1 site on eval_perplexity: a (12 against 15)" in quality
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": 0, "comparison": comparison}))
+    page = write_report(tmp_path).read_text()
+    assert "candidate eval_perplexity" in page and "candidate eval_accuracy" not in page
+
+
+def test_a_drift_check_run_gives_the_verdict_and_the_sites_not_checked():
+    report = {"retraining_due": True, "due_at": ["a"], "not_checked": ["c"], "sites": {
+        "a": {"shared": True, "trained": True, "due": True, "why": ["label PSI 0.4 > 0.2"]},
+        "b": {"shared": None, "trained": None, "due": False, "why": []},
+        "c": {"shared": None, "failed": True, "due": False, "why": []}}}
+    sections = dict((key, text) for key, _, text in rs.summary_sections({"rounds": 0, "drift": report}, []))
+    assert "A drift check: no site trained" in sections["summary-trained"]
+    verdict = sections["summary-drift"]
+    assert "Retraining is due at a (label PSI 0.4 > 0.2)." in verdict
+    assert "no answer (offline, or its check failed): c." in verdict and "Not shared (node config share-drift): b." in verdict

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from fedlora import config as cfg
 from fedlora.client.review import win_rate
-from fedlora.server.model_registry import COMPARISON, ModelRegistry, RegistryError
+from fedlora.server.model_registry import COMPARISON, ModelRegistry, RegistryError, lower_is_better, site_metric
 
 DEFAULT_TOLERANCE = 0.02
 # (configuration, run directory) -> the run directory: the evaluation-only run in a simulated federation
@@ -54,11 +54,12 @@ def _list(registry: ModelRegistry, args) -> int:
 
 
 def _weakest_site(sites: dict) -> str:
-    scored = {site: f.get("eval_accuracy") for site, f in sites.items() if f.get("eval_accuracy") is not None}
+    metric = site_metric(*sites.values())
+    scored = {site: f[metric] for site, f in sites.items() if f.get(metric) is not None}
     if not scored:
         return ""
-    site = min(scored, key=scored.get)
-    return f"{site} {scored[site]:.3f}"
+    site = (max if lower_is_better(metric) else min)(scored, key=scored.get)
+    return f"{site} {metric} {scored[site]:.4g}"
 
 
 def _show(registry: ModelRegistry, args) -> int:
@@ -100,9 +101,10 @@ def _compare(registry: ModelRegistry, args) -> int:
     for key in keys:
         print(f"{key:<26}{_fmt(ra['metrics'].get(key)):>12}{_fmt(rb['metrics'].get(key)):>12}")
     sa, sb = ra.get("sites_evaluation") or {}, rb.get("sites_evaluation") or {}
+    metric = site_metric(*sa.values(), *sb.values())
     for site in sorted(set(sa) | set(sb)):
-        print(f"{site + ' eval_accuracy':<26}{_fmt(sa.get(site, {}).get('eval_accuracy')):>12}"
-              f"{_fmt(sb.get(site, {}).get('eval_accuracy')):>12}")
+        print(f"{site + ' ' + metric:<26}{_fmt(sa.get(site, {}).get(metric)):>12}"
+              f"{_fmt(sb.get(site, {}).get(metric)):>12}")
     print("Each column is its own run's last round (the data of that time); only a promotion gate scores both "
           "on the same rows.")
     return 0
@@ -173,8 +175,7 @@ def _promote(registry: ModelRegistry, args, simulate: Simulate | None) -> int:
 
 
 def _default_metric(comparison: dict | None) -> str:
-    pooled = ((comparison or {}).get("models", {}).get("candidate", {}) or {}).get("pooled", {})
-    return "eval_accuracy" if "eval_accuracy" in pooled or not pooled else "eval_perplexity"
+    return site_metric(((comparison or {}).get("models", {}).get("candidate", {}) or {}).get("pooled", {}))
 
 
 def add_commands(sub: argparse._SubParsersAction, simulate: Simulate | None = None) -> None:

@@ -62,6 +62,13 @@ def lower_is_better(metric: str) -> bool:
     return metric.endswith(("loss", "perplexity"))
 
 
+def site_metric(*figures: dict) -> str:
+    """The figure models are compared on, site by site: accuracy for a classifier, perplexity for a
+    causal LM (whose figures have no accuracy). `figures`: per-site or pooled figure dicts."""
+    keys = {key for f in figures if isinstance(f, dict) for key in f}
+    return "eval_perplexity" if "eval_perplexity" in keys and "eval_accuracy" not in keys else "eval_accuracy"
+
+
 @dataclass
 class GateResult:
     """Whether a candidate may replace the current version, site by site."""

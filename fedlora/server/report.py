@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from fedlora.server.model_registry import site_metric
 from fedlora.server.report_summary import human_bytes, summary_sections
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -221,11 +222,12 @@ def _comparison(summary: dict) -> str:
     if not models:
         return ""
     review = summary["comparison"].get("review", {})
-    sites = sorted(set(models["candidate"].get("sites", {})) | set(models["current"].get("sites", {})))
-    table = [[site, models["candidate"].get("sites", {}).get(site, {}).get("eval_accuracy"),
-              models["current"].get("sites", {}).get(site, {}).get("eval_accuracy"),
-              *[review.get(site, {}).get(k) for k in ("wins", "ties", "losses", "unrated")]] for site in sites]
-    head = ["site", "candidate eval_accuracy", "current eval_accuracy", "review wins", "ties", "losses", "not rated"]
+    candidate, current = models["candidate"].get("sites", {}), models["current"].get("sites", {})
+    metric = site_metric(*candidate.values(), *current.values())
+    table = [[site, candidate.get(site, {}).get(metric), current.get(site, {}).get(metric),
+              *[review.get(site, {}).get(k) for k in ("wins", "ties", "losses", "unrated")]]
+             for site in sorted(set(candidate) | set(current))]
+    head = ["site", f"candidate {metric}", f"current {metric}", "review wins", "ties", "losses", "not rated"]
     return (f"<h2>Candidate against current, at every site</h2><p>Candidate {html.escape(str(models['candidate']['adapter']))}; "
             f"current {html.escape(str(models['current']['adapter']))}. Review counts are the candidate's, from "
             f'each site\'s expert (fedlora site review).</p><div id="comparison" class="wide">{_table(table, head)}</div>')

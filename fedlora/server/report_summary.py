@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedlora.server.model_registry import lower_is_better, site_metric
+
 # A site is "clearly weaker" when its own accuracy on its held-out rows is more than this many
 # points below the pooled figure, or (causal LM) its perplexity more than this factor above it.
 WEAKER_BY_POINTS = 0.05
@@ -333,9 +335,72 @@ def traffic(summary: dict, rows: list[dict]) -> str:
     return out + "."
 
 
+# -- runs that train nothing ---------------------------------------------------------------------
+
+def comparison_sections(comparison: dict) -> list[tuple[str, str, str]]:
+    """An evaluation-only run (model.compare-with): which two adapters, where each is better, the review."""
+    models = comparison.get("models") or {}
+    candidate, current = models.get("candidate") or {}, models.get("current") or {}
+    new, old = candidate.get("sites") or {}, current.get("sites") or {}
+    asked = comparison.get("asked") or sorted(set(new) | set(old))
+    what = (f"An evaluation-only run: no site trained. {_plural(len(asked), 'site')} ({', '.join(asked) or 'none'}) "
+            f"each scored two adapters on its own held-out rows in the same round: the candidate "
+            f"{candidate.get('adapter', 'not recorded')} and the current version {current.get('adapter', 'not recorded')}.")
+    metric = site_metric(*new.values(), *old.values())
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    better, worse, same, missing = [], [], [], []
+    for site in asked:
+        a, b = (new.get(site) or {}).get(metric), (old.get(site) or {}).get(metric)
+        if not (_number(a) and _number(b)):
+            missing.append(site)
+            continue
+        change = sign * (a - b)
+        (better if change > 0 else worse if change < 0 else same).append(
+            f"{site} ({_figure(metric, a)} against {_figure(metric, b)})")
+    pooled = [f"the {name} {figures}" for name, model in (("candidate", candidate), ("current version", current))
+              if (figures := _figures(model.get("pooled") or {}, "eval_"))]
+    quality = [f"Pooled over the sites' held-out rows: {'; '.join(pooled)}." if pooled else
+               "No site reported figures for either adapter."]
+    for words, sites in (("better at", better), ("worse at", worse), ("the same at", same),
+                         ("not scored with both at", missing)):
+        if sites:
+            quality.append(f"The candidate is {words} {_plural(len(sites), 'site')} on {metric}: {', '.join(sites)}.")
+    quality.append("Whether it may become current is the promotion gate's decision (fedlora models promote), "
+                   "with its tolerance.")
+    review = comparison.get("review") or {}
+    totals = {k: sum(int(r.get(k) or 0) for r in review.values()) for k in ("wins", "ties", "losses", "unrated")}
+    rated = totals["wins"] + totals["ties"] + totals["losses"]
+    verdicts = (f"The sites' experts, blind to which model wrote which output, have rated {_plural(rated, 'pair')} "
+                f"so far: the candidate won {totals['wins']}, tied {totals['ties']} and lost {totals['losses']}; "
+                f"{totals['unrated']} are not rated yet." if rated or totals["unrated"] else
+                "No site's expert has rated the two models' outputs yet (fedlora site review).")
+    return [("summary-trained", "What this run was", what), ("summary-quality", "How the two compare", " ".join(quality)),
+            ("summary-review", "Expert review", verdicts)]
+
+
+def drift_sections(report: dict) -> list[tuple[str, str, str]]:
+    """A drift-check run (federation.drift-check): whether retraining is due, where and why."""
+    sites = report.get("sites") or {}
+    what = (f"A drift check: no site trained. Each of {_plural(len(sites), 'site')} compared the data it holds now "
+            f"with what it last trained on; only the figures left the site, never a row or a word.")
+    due = [f"{site} ({'; '.join(s.get('why') or [])})" for site, s in sites.items() if s.get("due")]
+    out = [f"Retraining is due at {', '.join(due)}." if due else "Retraining is not due at any site that was checked."]
+    for words, test in (("Not checked, no answer (offline, or its check failed)", lambda s: s.get("failed")),
+                        ("Not shared (node config share-drift)", lambda s: not s.get("failed") and not s.get("shared")),
+                        ("Not trained yet, nothing to compare with", lambda s: s.get("shared") and not s.get("trained"))):
+        named = [site for site, s in sites.items() if test(s)]
+        if named:
+            out.append(f"{words}: {', '.join(named)}.")
+    return [("summary-trained", "What this run was", what), ("summary-drift", "Verdict", " ".join(out))]
+
+
 def summary_sections(summary: dict, rows: list[dict], config: dict | None = None,
                      adapter: dict | None = None) -> list[tuple[str, str, str]]:
     """(id, heading, text) of each paragraph of the summary, in reading order."""
+    if summary.get("comparison"):
+        return comparison_sections(summary["comparison"])
+    if summary.get("drift"):
+        return drift_sections(summary["drift"])
     return [("summary-trained", "What was trained", what_was_trained(summary, rows, config, adapter)),
             ("summary-quality", "How good it is", how_good(summary, rows)),
             ("summary-weaker", "Where it is weaker", where_weaker(summary, rows, config)),
