@@ -21,14 +21,13 @@ import hmac
 import json
 import logging
 import math
-import os
-import secrets
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedlora import wire
+from fedlora.client.private_files import secret, write_private
 from fedlora.data import drift
 from fedlora.privacy.budget import PrivacyStateError, state_dir
 
@@ -49,18 +48,6 @@ def site_folder(config, node: Mapping[str, Any], site: str) -> Path | None:
         return state_dir(node, config.output.dir, site, simulated="data-path" not in node)
     except PrivacyStateError:
         return None
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically, readable by the site's account only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def now_utc() -> datetime:
@@ -86,7 +73,7 @@ def record_training(folder: Path, rows: Iterable[Mapping], text_column: str, lab
     snapshot = {"version": 1, "trained_at": (when or now_utc()).isoformat(timespec="seconds"), **stats}
     if same:
         snapshot.update({k: old[k] for k in ("accuracy", "accuracy_records", "evaluated_at") if k in old})
-    _write_private(folder / SNAPSHOT_FILE, json.dumps(snapshot, sort_keys=True))
+    write_private(folder / SNAPSHOT_FILE, json.dumps(snapshot, sort_keys=True))
     return snapshot
 
 
@@ -98,22 +85,13 @@ def record_accuracy(folder: Path, correct: int, count: int, when: datetime | Non
         return
     snapshot.update({"accuracy": correct / count, "accuracy_records": count,
                      "evaluated_at": (when or now_utc()).isoformat(timespec="seconds")})
-    _write_private(folder / SNAPSHOT_FILE, json.dumps(snapshot, sort_keys=True))
+    write_private(folder / SNAPSHOT_FILE, json.dumps(snapshot, sort_keys=True))
 
 
 def site_key(folder: Path) -> bytes:
     """The site's own secret for digests (created on first use; never leaves the site)."""
-    path = folder / KEY_FILE
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first: use that one
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+    folder.mkdir(parents=True, exist_ok=True)
+    return secret(folder / KEY_FILE)
 
 
 def digest(snapshot: Mapping, key: bytes) -> str:

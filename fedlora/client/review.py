@@ -16,11 +16,12 @@ import json
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from fedlora.client.private_files import write_private
 
 FOLDER = "reviews"
 ROLES = ("candidate", "current")
@@ -35,15 +36,10 @@ class ReviewError(ValueError):
 
 
 def _write_private(path: Path, content: Any) -> None:
-    """Write atomically, readable by the site's account only (a temporary file of its own, then a rename)."""
+    """As JSON, in a folder only the site's account may list."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 600
-    with os.fdopen(fd, "w") as fh:
-        json.dump(content, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_private(path, json.dumps(content))
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # the chi-square survival function from scipy.special: scipy.stats costs half a second to import
 from scipy.special import chdtrc
@@ -114,9 +114,6 @@ class Figures:
     unseen_word_share: float
     records_then: int
     records_now: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def compare(then: Mapping, now: Mapping) -> Figures:
