@@ -151,9 +151,9 @@ def test_a_candidate_worse_at_one_site_is_refused_and_current_stays(trained, tin
     for item in review.items(state, pair):
         review.rate(state, pair, item["index"], "A" if item["A"] == labels[current_label] else "B")  # prefer current
     assert json.loads((evaluation / "comparison.json").read_text())["review"] == {}
-    again = run_inprocess(cfg.load_config(None, _settings(
+    again = run_inprocess(cfg.load_config(None, _settings(  # in the same run directory, as `simulate --resume` does
         tiny_bert_dir, f'model.warm-start="{registry.path / candidate}"',
-        f'model.compare-with="{registry.path / "current"}"')), evaluation)
+        f'model.compare-with="{registry.path / "current"}"', "output.resume=true")), evaluation)
     answered = json.loads((again / "comparison.json").read_text())["review"]
     assert answered.pop(weaker_site) == {"wins": 0, "ties": 0, "losses": len(kept), "same": 0, "unrated": 0}
     assert sorted(answered) == sorted(set(shares) - {weaker_site})  # the other sites: nothing rated yet
@@ -246,3 +246,28 @@ def test_registering_at_once_gives_each_run_its_own_version(trained, tmp_path):
         record = registry.read(version)
         assert record["run"] == str(copy)
         assert record["adapter_sha256"] == sha256_of(registry.folder(version) / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_site_that_left_blocks_promotion_until_the_coordinator_names_it(trained, tmp_path):
+    """Every site that scored the current version must score both, unless the coordinator says it has left."""
+    _, _, run = trained
+    registry = ModelRegistry(tmp_path / "models")
+    for k in range(2):  # two adapters of their own: the run's, nudged differently
+        copy = tmp_path / f"run-{k}"
+        shutil.copytree(run, copy)
+        weights = copy / "adapter" / "adapter_model.safetensors"
+        save_file({n: t + np.asarray(k + 1, dtype=t.dtype) for n, t in load_file(str(weights)).items()}, str(weights))
+        registry.register(copy)
+    registry.record_gate(registry.gate("v1", None, "eval_accuracy", TOLERANCE))
+    sites = sorted(registry.read("v1")["sites_evaluation"])
+    assert len(sites) == SITES
+    stayed = sites[:-1]
+    comparison = {"models": {name: {"sha256": registry.read(v)["adapter_sha256"],
+                                    "sites": {s: {"eval_accuracy": 0.5} for s in stayed}}
+                             for name, v in (("candidate", "v2"), ("current", "v1"))}, "asked": stayed}
+    refused = registry.gate("v2", comparison, "eval_accuracy", TOLERANCE)
+    assert not refused.passed and sites[-1] in refused.reason  # it scored v1 in v1's own run
+    passed = registry.gate("v2", comparison, "eval_accuracy", TOLERANCE, excused=[sites[-1]])
+    assert passed.passed and passed.excused == [sites[-1]]
+    registry.record_gate(passed)
+    assert registry.current() == "v2" and registry.read("v2")["gates"][-1]["excused"] == [sites[-1]]

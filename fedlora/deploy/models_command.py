@@ -85,7 +85,8 @@ def _show(registry: ModelRegistry, args) -> int:
         print(f"  data         {site}: snapshot {digest[:16]}")
     for gate in record.get("gates", []):
         print(f"  gate         {gate['decided_at']} against {gate['current'] or '-'}: "
-              f"{'passed' if gate['passed'] else 'refused'}: {gate['reason']}")
+              f"{'passed' if gate['passed'] else 'refused'}: {gate['reason']}"
+              + (f" (without {', '.join(gate['excused'])}, which had left)" if gate.get("excused") else ""))
         for site, counts in sorted((gate.get("review") or {}).items()):
             rate = win_rate(counts)
             print(f"    {site:<24} expert review win rate {'-' if rate is None else f'{rate:.2f}'} "
@@ -157,7 +158,7 @@ def _promote(registry: ModelRegistry, args, simulate: Simulate | None) -> int:
                                 "--evaluation RUN_DIR (an evaluation-only run) or --simulate")
     comparison = _read_comparison(evaluation) if evaluation else None
     metric = args.metric or _default_metric(comparison)
-    result = registry.gate(candidate, comparison, metric, args.tolerance, str(evaluation or ""))
+    result = registry.gate(candidate, comparison, metric, args.tolerance, str(evaluation or ""), args.without_site)
     registry.record_gate(result)
     for site, row in result.sites.items():
         print(f"  {site:<24} candidate {_fmt(row['candidate'])}  current {_fmt(row['current'])}  "
@@ -212,6 +213,9 @@ def add_commands(sub: argparse._SubParsersAction, simulate: Simulate | None = No
                                     "language model; for a loss or perplexity, higher is worse)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="how much worse at any one site still passes, in the metric's units (default: %(default)s)")
+    p.add_argument("--without-site", action="append", default=[], metavar="NAME",
+                   help="a site that has left the consortium: it scored the current version but is not required to "
+                        "score both now (repeatable; recorded in the decision)")
     p.set_defaults(action=lambda registry, args: _promote(registry, args, simulate))
     models.set_defaults(func=_run)
 

@@ -84,6 +84,7 @@ class GateResult:
     decided_at: str = ""
     evaluation: str = ""  # the evaluation-only run the figures come from
     review: dict[str, dict[str, int]] = field(default_factory=dict)  # site -> its expert's verdict counts
+    excused: list[str] = field(default_factory=list)  # sites the coordinator said have left: not required
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -271,9 +272,10 @@ class ModelRegistry:
 
     # -- the gate -----------------------------------------------------------------------------
     def gate(self, candidate: str, comparison: dict[str, Any] | None, metric: str, tolerance: float,
-             evaluation: str = "") -> GateResult:
+             evaluation: str = "", excused: Iterable[str] = ()) -> GateResult:
         """The promotion decision for `candidate` against the current version, from an evaluation-only
-        run's comparison.json (None when there is no current version to compare with)."""
+        run's comparison.json (None when there is no current version to compare with). `excused`: sites
+        that have left the consortium, no longer required to score both (a figure they did give still counts)."""
         candidate = self.resolve(candidate)
         current = self.current()
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -293,8 +295,10 @@ class ModelRegistry:
                                 f"(candidate) and {current} (current)")
         # every site asked in the evaluation, and every site that scored the current version in its own run,
         # must have scored both: a site that crashed, timed out or has no held-out rows is not a pass
+        excused = sorted(set(excused))
         expected = set(comparison.get("asked", [])) | set(self.read(current).get("sites_evaluation") or {})
-        passed, reason, sites, worse = decide(models["candidate"].get("sites", {}), models["current"].get("sites", {}),
-                                              metric, tolerance, expected)
+        new, old = models["candidate"].get("sites", {}), models["current"].get("sites", {})
+        passed, reason, sites, worse = decide(new, old, metric, tolerance,
+                                              expected - {s for s in excused if s not in new and s not in old})
         return GateResult(candidate, current, metric, tolerance, passed, reason, sites, worse, now, evaluation,
-                          comparison.get("review", {}))
+                          comparison.get("review", {}), excused)
