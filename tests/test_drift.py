@@ -294,6 +294,30 @@ def test_the_drift_query_is_answered_only_where_the_site_allows_it_and_holds_no_
         site_state.snapshot_digest(first / "sites" / f"site-{i}") for i in range(SITES)}
 
 
+def test_a_deployed_site_reports_a_label_the_run_never_listed_without_loading_a_model(tmp_path):
+    """The drift a check exists for: a new department in the site's file. The site answers from its file
+    as it is; the rows are not checked against the run's labels (which would refuse the new ones), and
+    no model is loaded (model.name names none here)."""
+    data, state = tmp_path / "notes.jsonl", tmp_path / "state"
+    trained = [r for r in synthetic.site_records(0, 3, 300, seed=0) if r["label"] != synthetic.LABELS[-1]]
+    site_state.record_training(state, trained, "text", "label")
+    newcomers = [r for r in synthetic.site_records(1, 3, 300, seed=1) if r["label"] == synthetic.LABELS[-1]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in trained + newcomers))
+    run_config = cfg.load_config(None, [f"task.labels={json.dumps(synthetic.LABELS[:-1])}",
+                                        'model.name="/nonexistent/model"']).to_flat()
+    node = {"site": "hospital-a", "data-path": str(data), "state-dir": str(state), site_state.NODE_SHARE_DRIFT: True}
+
+    grid = InProcessGrid(site_app, run_config, 1, node_configs=[node])  # the site's real ClientApp
+    messages = [Message(RecordDict({wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 0})}), dst_node_id=n,
+                        message_type=f"query.{wire.DRIFT_QUERY}") for n in grid.get_node_ids()]
+    (reply,) = grid.send_and_receive(messages)
+    assert not reply.has_error()
+    figures = reply.content.metric_records[wire.DRIFT]
+    assert figures[wire.DRIFT_HAS_SNAPSHOT] == 1.0 and figures[wire.DRIFT_DUE] == 1.0
+    assert figures[wire.DRIFT_LABEL_PSI] > drift.Thresholds().psi
+    assert reply.content.config_records[wire.SITE][wire.SITE_NAME] == "hospital-a"
+
+
 def test_a_site_that_never_trained_answers_without_figures():
     assert site_state.answer(None, drift.profile([{"text": "cough", "label": "pulmonology"}])) == {
         wire.DRIFT_HAS_SNAPSHOT: 0.0}

@@ -27,20 +27,37 @@ from flwr.clientapp import ClientApp
 
 from fedlora import wire
 from fedlora.arrays import to_record
-from fedlora.client.drift import TRAINED_IN_RUN, load_snapshot, record_accuracy, record_training, shares_drift
-from fedlora.client.drift import site_folder
-from fedlora.client.drift import answer as drift_answer
-from fedlora.client.drift import snapshot_digest
 from fedlora.client import review
+from fedlora.client.drift import (
+    TRAINED_IN_RUN,
+    load_snapshot,
+    record_accuracy,
+    record_training,
+    shares_drift,
+    site_folder,
+    snapshot_digest,
+)
+from fedlora.client.drift import answer as drift_answer
 from fedlora.client.mods import compression_mod, site_errors_mod
-from fedlora.client.runtime import BaseModelMismatch, SiteRuntime, site_config, site_runtime
+from fedlora.client.runtime import (
+    BaseModelMismatch,
+    SiteRuntime,
+    site_config,
+    site_runtime,
+)
 from fedlora.client.secure import durable_folder, secure_aggregation_mod
 from fedlora.client.site_strategy import SitePlan
 from fedlora.data.drift import profile
 from fedlora.data.readers import read_rows
 from fedlora.privacy import forecast
 from fedlora.privacy.distributed_site import forecast_releases, site_accounts
-from fedlora.privacy.site_train import BudgetExhausted, dp_enabled, forecast_privately, train_privately
+from fedlora.privacy.site_train import (
+    BudgetExhausted,
+    dp_enabled,
+    forecast_privately,
+    train_privately,
+)
+from fedlora.tasks import build_task
 from fedlora.tasks.generation import greedy_completions
 from fedlora.training import evaluate_counts, plain_train, predict_labels, site_seed
 
@@ -196,8 +213,8 @@ def query(rt_of: Runtime, msg: Message, context: Context) -> Message:
     return Message(RecordDict(records), reply_to=msg)
 
 
-def _columns(rt: SiteRuntime) -> tuple[str, str | None]:
-    return getattr(rt.task, "text_column", "text"), getattr(rt.task, "label_column", None)
+def _columns(task) -> tuple[str, str | None]:
+    return getattr(task, "text_column", "text"), getattr(task, "label_column", None)
 
 
 def _snapshot_training(rt: SiteRuntime, context: Context) -> str | None:
@@ -208,7 +225,7 @@ def _snapshot_training(rt: SiteRuntime, context: Context) -> str | None:
     if folder is None:
         return None
     try:
-        record_training(folder, [*rt.data.train, *rt.data.eval], *_columns(rt))
+        record_training(folder, [*rt.data.train, *rt.data.eval], *_columns(rt.task))
         context.state[TRAINED_IN_RUN] = ConfigRecord({"trained": True})
         return snapshot_digest(folder)
     except (OSError, ValueError) as err:  # a disk error, an unreadable snapshot or key: training goes on
@@ -231,23 +248,27 @@ def _record_accuracy(rt: SiteRuntime, counts: dict, context: Context) -> None:
 def drift_query(rt_of: Runtime, msg: Message, context: Context) -> Message:
     """The site's drift figures against its last training snapshot (client/drift.py), only when its
     node config says share-drift = true: aggregate figures, rounded, and the snapshot's keyed digest;
-    no record count, word or label. A deployed site reads its data file afresh: it may have grown."""
+    no record count, word or label. A deployed site reads its data file afresh and as it is, with no
+    model and no check against the run's labels: a label the run never listed is drift to report."""
     node = context.node_config
     if not shares_drift(node):
         return Message(Error(code=wire.DRIFT_NOT_SHARED, reason="this site does not share drift figures "
                                                                 "(node config share-drift)"), reply_to=msg)
-    rt = rt_of(context)
-    folder = site_folder(rt.config, node, rt.data.name)
-    snapshot = load_snapshot(folder) if folder is not None else None
-    text_column, label_column = _columns(rt)
     if "data-path" in node:
-        rows = read_rows(str(node["data-path"]), lambda row: None, skip_bad_rows=True).rows
+        config = site_config(context)
+        name, (text_column, label_column) = str(node.get("site", "site")), _columns(build_task(config))
+        data = read_rows(str(node["data-path"]), lambda row: None, skip_bad_rows=True)
+        rows, site = data.rows, ConfigRecord({wire.SITE_NAME: name, wire.SKIPPED_ROWS: len(data.skipped)})
     else:
-        rows = [*rt.data.train, *rt.data.eval]
+        rt = rt_of(context)
+        config, name, (text_column, label_column) = rt.config, rt.data.name, _columns(rt.task)
+        rows, site = [*rt.data.train, *rt.data.eval], _site_record(rt)
+    folder = site_folder(config, node, name)
+    snapshot = load_snapshot(folder) if folder is not None else None
     records = {wire.DRIFT: MetricRecord(drift_answer(snapshot, profile(rows, text_column, label_column)))}
     if snapshot is not None:
         records[wire.DRIFT_SNAPSHOT] = ConfigRecord({wire.DRIFT_DIGEST: snapshot_digest(folder)})
-    return Message(RecordDict({**records, wire.SITE: _site_record(rt)}), reply_to=msg)
+    return Message(RecordDict({**records, wire.SITE: site}), reply_to=msg)
 
 
 def build_client_app(runtime: Runtime = site_runtime, mods: list | None = None) -> ClientApp:
