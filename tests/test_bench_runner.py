@@ -108,9 +108,9 @@ def test_help_lists_every_suite_and_what_each_mode_leaves_out(capsys):
         fedlora_main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("Suites, in the order they run: lora-vs-full, communication, overheads, secure-aggregation, privacy, "
-            "deployment, quality, curves, strategies, drift.") in text
-    assert ("quick mode runs all but deployment, curves, strategies, drift, and full mode all but privacy, curves, "
-            "strategies, drift") in text
+            "deployment, quality, curves, strategies, drift, scale.") in text
+    assert ("quick mode runs all but deployment, curves, strategies, drift, scale, and full mode all but privacy, "
+            "curves, strategies, drift, scale") in text
 
 
 def test_the_parent_heading_is_found_in_the_real_benchmarks_file(tmp_path):

@@ -38,12 +38,14 @@ SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "curves": "fedlora.bench.curves",
     "strategies": "fedlora.bench.strategies",
     "drift": "fedlora.bench.drift",
+    "scale": "fedlora.bench.scale",
 }
 # Suites too long for a mode's default run: without --only that mode skips them (name them to run them).
 # Quick: the deployment starts real processes (minutes), curves are 6 runs, strategies 32; full: privacy
-# takes about an hour, curves and strategies about two each, drift about 20 minutes.
-OPT_IN = {"quick": ("deployment", "curves", "strategies", "drift"),
-          "full": ("privacy", "curves", "strategies", "drift")}
+# takes about an hour, curves and strategies about two each, drift about 20 minutes, scale over an hour
+# (quick: three Ray runs, minutes).
+OPT_IN = {"quick": ("deployment", "curves", "strategies", "drift", "scale"),
+          "full": ("privacy", "curves", "strategies", "drift", "scale")}
 PARENT_HEADING = "## `fedlora bench`"
 
 
