@@ -81,7 +81,10 @@ def test_client_level_example_reports_epsilon_with_and_without_amplification(tmp
     assert c["rounds"] == 4 and c["average_site_rounds"] == sum(r["sites"] for r in rows) / 12
     assert c["epsilon_unamplified_average_site"] == pytest.approx(
         gaussian_epsilon(math.sqrt(round(c["average_site_rounds"])) / 2.0, c["delta"]), rel=1e-3)
-    assert c["epsilon"] < c["epsilon_unamplified_average_site"] <= c["epsilon_unamplified_most_sampled"]
+    assert c["epsilon_unamplified_average_site"] <= c["epsilon_unamplified_most_sampled"]
+    # amplification by the secret sample: below what a site sampled in every round would spend without it
+    # (the average site's own figure depends on how often the draw picked it: 1 round in a few % of runs)
+    assert c["epsilon"] < gaussian_epsilon(math.sqrt(example.rounds) / example.noise_multiplier, c["delta"])
     assert privacy.FULL.client_level == privacy.ClientLevel(200, 0.1, 1.68, 100)  # docs/privacy.md's example
 
 
