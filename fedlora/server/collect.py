@@ -64,18 +64,21 @@ class Messenger:
 
     def name(self, node: int) -> str:
         if node not in self.names and node not in self._looked_up:
-            self._looked_up.add(node)
             self._learn_registered_names()
+            self._looked_up.add(node)
         return self.names.get(node, f"node-{node}")
 
     def _learn_registered_names(self) -> None:
-        """The names sites were registered under (deployment), for sites that have not replied yet."""
+        """The names sites were registered under (deployment), for sites that have not replied yet. One
+        listing answers for every node it lists, named or not: a node is looked up once, not once each
+        (10,000 simulated sites, none named, would otherwise list the federation 10,000 times)."""
         try:
             nodes = list(self.grid.get_nodes())
         except Exception as err:  # noqa: BLE001 - a name is not worth failing a round for: node-<id> stands
             log.debug("could not read the sites' registered names: %s", err)
             return
         for info in nodes:
+            self._looked_up.add(int(info.node_id))
             if getattr(info, "name", ""):
                 self.names.setdefault(int(info.node_id), str(info.name))
 
