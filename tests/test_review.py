@@ -2,9 +2,7 @@
 site, and the review page in headless Chromium (served on 127.0.0.1, no script, a token in every link)."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,13 +14,12 @@ import pytest
 
 from fedlora.client import review
 from fedlora.deploy.review_page import ReviewServer
+from test_report_browser import FLAGS, _chromium
 
 PAIR = "0123456789abcdef-vs-fedcba9876543210"
 PROMPTS = [f"note {i}: chest pain <b>and</b> dyspnea" for i in range(6)]
 CANDIDATE = ["cardiology", "neurology", "cardiology", "pulmonology", "orthopedics", "cardiology"]
 CURRENT = ["cardiology", "cardiology", "neurology", "neurology", "orthopedics", "pulmonology"]  # rows 0, 4 agree
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture
@@ -101,16 +98,6 @@ def test_the_page_answers_only_with_its_token_and_its_own_host_name(server):
     assert _get(f"{base}/rate/{PAIR}/1/A?token=wrong") == 403
     assert _get(server.url, host=f"evil.example:{server.server_address[1]}") == 403  # DNS rebinding
     assert review.counts(server.state, PAIR)["unrated"] == 4  # nothing was rated by those requests
-
-
-def _chromium() -> str:
-    found = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
-    if found is None:
-        reason = "headless Chromium not installed (Debian: apt-get install chromium)"
-        if os.environ.get("FEDLORA_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"FEDLORA_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    return found
 
 
 def _dom(chromium: str, url: str, profile: Path) -> str:
