@@ -11,7 +11,6 @@ for them in a later evaluation-only run of the same two models (wire.REVIEW_PAIR
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.client.private_files import write_private
+from fedlora.locks import exclusive
 
 FOLDER = "reviews"
 ROLES = ("candidate", "current")
@@ -46,12 +46,8 @@ def _write_private(path: Path, content: Any) -> None:
 def _locked(folder: Path) -> Iterator[None]:
     """One writer of a review at a time: the page's requests, a second page, the ClientApp."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive(folder / ".lock"):
+        yield
 
 
 def _read(path: Path, default: Any) -> Any:

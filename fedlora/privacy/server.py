@@ -20,7 +20,6 @@ Client-level DP, which the coordinator applies itself, is a strategy wrapper
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora import wire
+from fedlora.locks import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class ServerPrivacy:
             return
         self.heads_path.parent.mkdir(parents=True, exist_ok=True)
         # Runs of one coordinator share the file: re-read and write it under a lock, so none loses another's.
-        with self.heads_path.with_suffix(".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive(self.heads_path.with_suffix(".lock")):
             on_disk = json.loads(self.heads_path.read_text()) if self.heads_path.exists() else {}
             self.heads = {**on_disk, str(node_id): record}
             tmp = self.heads_path.with_suffix(".tmp")

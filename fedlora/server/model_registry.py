@@ -17,7 +17,6 @@ the tolerance, or if any site did not score both.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from fedlora.locks import exclusive
 
 WEIGHTS = "adapter_model.safetensors"
 VERSION_FILE = "version.json"
@@ -182,12 +183,8 @@ class ModelRegistry:
     def _locked(self) -> Iterator[None]:
         """One writer at a time (two runs ending together, a promotion during a registration)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive(self.path / ".lock"):
+            yield
 
     def register(self, run: str | Path) -> str:
         """A finished run's adapter as the next version; its lineage from the run's summary and config.
