@@ -58,6 +58,7 @@ from fedlora.privacy.site_train import (
     train_privately,
 )
 from fedlora.tasks import build_task
+from fedlora.tasks.causal_lm import prompt_tail
 from fedlora.tasks.generation import greedy_completions
 from fedlora.training import evaluate_counts, plain_train, predict_labels, site_seed
 
@@ -164,8 +165,7 @@ def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) ->
         return [str(row[task.text_column]) for row in rows], [task.labels[i] for i in predicted]
     prompts = [task.split(row, tokenizer)[0] for row in rows]
     new_tokens = getattr(task, "generate_max_tokens", 0) or REVIEW_NEW_TOKENS
-    room = max(1, max_length - new_tokens)  # the prompt's newest tokens, as evaluation generates from them
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-room:] for p in prompts]
+    ids = [prompt_tail(tokenizer(p, add_special_tokens=False)["input_ids"], max_length, new_tokens) for p in prompts]
     completions = greedy_completions(model, ids, tokenizer, new_tokens)
     return prompts, [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
 

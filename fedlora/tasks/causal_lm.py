@@ -33,6 +33,11 @@ ALPACA_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n#
 ALPACA_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
+def prompt_tail(ids: list[int], max_length: int, new_tokens: int) -> list[int]:
+    """A prompt's newest tokens, leaving room within max-length for the `new_tokens` to be generated."""
+    return ids[-max(1, max_length - new_tokens):]
+
+
 def _is_text(value: Any) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
@@ -98,8 +103,7 @@ class CausalLMTask(Task):
             kept = p[-(max_length - len(c)):] if p else []  # drop the oldest prompt tokens first
             example: Example = {"input_ids": kept + c, "labels": [IGNORE] * len(kept) + c}
             if i < self.generate_prompts:
-                # the prompt's newest tokens, leaving room for what is generated within max-length
-                example.update(prompt_ids=p[-max(1, max_length - self.generate_max_tokens):], reference_ids=reference)
+                example.update(prompt_ids=prompt_tail(p, max_length, self.generate_max_tokens), reference_ids=reference)
             examples.append(example)
         return examples
 
