@@ -227,7 +227,7 @@ def test_drift_costs_accuracy_the_site_says_so_and_warm_started_retraining_recov
     code = fedlora_main(["site", "drift", "--data", str(data), "--state", str(state), "--adapter", str(first),
                          "--json", str(summary)])
     printed = capsys.readouterr().out
-    assert code == site_drift.DUE == 3 and "retraining due: yes, because" in printed
+    assert code == drift.DUE_EXIT == 3 and "retraining due: yes, because" in printed
     upstream = json.loads(summary.read_text())
     assert upstream["retraining_due"] is True and upstream["snapshot_digest"] == report.digest
     _assert_nothing_from_the_records(summary.read_text(), data)

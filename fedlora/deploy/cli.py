@@ -22,7 +22,7 @@ from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, i
 from fedlora.deploy.flwr_cli import FlowerCommandFailed
 from fedlora.deploy.pki import OwnTls, own_pki
 from fedlora.deploy.registry import add_site, remove_site
-from fedlora.deploy.site_drift import DUE, DriftCheckError
+from fedlora.deploy.site_drift import DriftCheckError
 from fedlora.deploy.site_drift import check as drift_check_site
 from fedlora.deploy.site_home import SiteError, SiteHome, init_site, public_key_line
 from fedlora.deploy.submit import RELAY_CLIENTAPP, RunFailed, submit
@@ -179,7 +179,7 @@ def _site_drift(args: argparse.Namespace) -> int:
     print(report.text())
     if args.json:
         Path(args.json).write_text(json.dumps(report.upstream(), indent=2) + "\n")
-    return DUE if report.verdict.due else 0
+    return drift.DUE_EXIT if report.verdict.due else 0
 
 
 # -- start / stop (coordinator and site alike) ------------------------------------

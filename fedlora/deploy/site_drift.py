@@ -27,8 +27,6 @@ from fedlora.server import warm_start
 from fedlora.tasks import build_task
 from fedlora.training import evaluate_counts
 
-DUE = drift.DUE_EXIT
-
 
 class DriftCheckError(RuntimeError):
     """The check cannot run: no snapshot, unreadable data, an adapter that does not load."""
