@@ -60,16 +60,27 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
+def site_state(answer: dict[str, Any]) -> str:
+    """What a site's answer lets a report say: "failed" (no answer), "not shared", "not trained" (nothing
+    to compare with) or "checked" (its figures)."""
+    if answer.get("failed"):
+        return "failed"
+    if not answer.get("shared"):
+        return "not shared"
+    return "checked" if answer.get("trained") else "not trained"
+
+
+UNCHECKED_LINES = {"failed": "did not answer (offline, or its check failed: see the site's log)",
+                   "not shared": "does not share drift figures (node config share-drift)",
+                   "not trained": "has not trained yet: nothing to compare with"}
+
+
 def lines(report: dict[str, Any]) -> list[str]:
     """The report for a terminal: one line per site, then the verdict."""
     out = [f"{'site':<24} {'label PSI':>9} {'chi2 p':>8} {'words JS':>9} {'new words':>10} {'days':>6}  due"]
     for site, s in report["sites"].items():
-        if s.get("failed"):
-            out.append(f"{site:<24} did not answer (offline, or its check failed: see the site's log)")
-        elif not s.get("shared"):
-            out.append(f"{site:<24} does not share drift figures (node config share-drift)")
-        elif not s.get("trained"):
-            out.append(f"{site:<24} has not trained yet: nothing to compare with")
+        if (state := site_state(s)) != "checked":
+            out.append(f"{site:<24} {UNCHECKED_LINES[state]}")
         else:
             out.append(f"{site:<24} {_fmt(s['label_psi']):>9} {_fmt(s['label_chi2_p']):>8} {_fmt(s['text_js']):>9} "
                        f"{_fmt(s['unseen_word_share']):>10} {_fmt(s['days_since_training']):>6}  "

@@ -18,6 +18,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
+from fedlora.server import drift_check
 from fedlora.server.model_registry import site_metric
 from fedlora.server.report_summary import human_bytes, summary_sections
 
@@ -193,6 +194,10 @@ def summary_html(summary: dict, rows: list[dict], config: dict | None = None, ad
     return f'<section id="summary"><h2>Summary</h2>{paragraphs}</section>'
 
 
+UNCHECKED_CELLS = {"failed": "did not answer", "not shared": "does not share drift figures",
+                   "not trained": "has not trained yet"}
+
+
 def _drift(summary: dict) -> str:
     """A drift-check run's answers (fedlora.server.drift_check): each site's figures and whether
     retraining is due there, and why."""
@@ -202,12 +207,8 @@ def _drift(summary: dict) -> str:
     cols = ["label_psi", "label_chi2_p", "text_js", "unseen_word_share", "days_since_training"]
     table = []
     for site, s in report.get("sites", {}).items():
-        if s.get("failed"):
-            table.append([site, "did not answer", "", "", "", "", ""])
-        elif not s.get("shared"):
-            table.append([site, "does not share drift figures", "", "", "", "", ""])
-        elif not s.get("trained"):
-            table.append([site, "has not trained yet", "", "", "", "", ""])
+        if (state := drift_check.site_state(s)) != "checked":
+            table.append([site, UNCHECKED_CELLS[state], "", "", "", "", ""])
         else:
             table.append([site, *[s.get(k) for k in cols], "yes: " + "; ".join(s["why"]) if s["due"] else "no"])
     verdict = (f"Retraining is due at {', '.join(report['due_at'])}." if report.get("retraining_due")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fedlora.server.drift_check import site_state
 from fedlora.server.model_registry import lower_is_better, site_metric
 
 # A site is "clearly weaker" when its own accuracy on its held-out rows is more than this many
@@ -385,10 +386,10 @@ def drift_sections(report: dict) -> list[tuple[str, str, str]]:
             f"with what it last trained on; only the figures left the site, never a row or a word.")
     due = [f"{site} ({'; '.join(s.get('why') or [])})" for site, s in sites.items() if s.get("due")]
     out = [f"Retraining is due at {', '.join(due)}." if due else "Retraining is not due at any site that was checked."]
-    for words, test in (("Not checked, no answer (offline, or its check failed)", lambda s: s.get("failed")),
-                        ("Not shared (node config share-drift)", lambda s: not s.get("failed") and not s.get("shared")),
-                        ("Not trained yet, nothing to compare with", lambda s: s.get("shared") and not s.get("trained"))):
-        named = [site for site, s in sites.items() if test(s)]
+    for state, words in (("failed", "Not checked, no answer (offline, or its check failed)"),
+                         ("not shared", "Not shared (node config share-drift)"),
+                         ("not trained", "Not trained yet, nothing to compare with")):
+        named = [site for site, s in sites.items() if site_state(s) == state]
         if named:
             out.append(f"{words}: {', '.join(named)}.")
     return [("summary-trained", "What this run was", what), ("summary-drift", "Verdict", " ".join(out))]
