@@ -138,6 +138,21 @@ def frozen(model, which: Callable[[str], bool]):
             p.requires_grad_(True)
 
 
+@contextmanager
+def without_dropout(model):
+    """For the duration of the block, every dropout layer of `model` passes its input through
+    unchanged, whatever mode the model is in: a head trained on frozen features sees them as
+    they are, not a noisier copy each step."""
+    layers = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m, _ in layers:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in layers:
+            m.p = p
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -6,6 +6,7 @@ server recognizes."""
 import json
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from fedlora import config as cfg
@@ -92,7 +93,8 @@ def test_under_secure_aggregation_a_refusal_names_no_figures(tmp_path):
                                                             ("adapter", True, 5e-3)])
 def test_dp_sgd_trains_the_head_alone_unless_the_adapter_is_asked_for(tmp_path, trainable, factors_train, rate):
     """The private recipe: on a classification task DP-SGD noises and trains the head only (at the
-    head's learning rate); the LoRA factors come back unchanged, and train again after the round."""
+    head's learning rate, on the frozen model's features without dropout); the LoRA factors come
+    back unchanged, and train again after the round."""
     from fedlora.strategies.factors import factor_of
 
     config = cfg.load_config(None, [
@@ -103,8 +105,17 @@ def test_dp_sgd_trains_the_head_alone_unless_the_adapter_is_asked_for(tmp_path, 
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
                       state=RecordDict(), run_config=config.to_flat())
     rt = site_runtime(context)
+    dropouts = [m for m in rt.loaded.model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = {m.p for m in dropouts}
+    seen = set()  # the dropout rates the training forward passes ran with
+    hooks = [m.register_forward_pre_hook(lambda m, _: seen.add(m.p) if m.training else None) for m in dropouts]
     reply = app(_message(trainable_state(rt.loaded.model), 1, rt.loaded.fingerprint), context)
+    for hook in hooks:
+        hook.remove()
     assert not reply.has_error()
+    # frozen features are fed to the head as they are: no dropout while the head trains alone
+    assert seen == (rates if factors_train else {0.0}) and 0.0 not in rates
+    assert {m.p for m in dropouts} == rates
     delta = from_record(reply.content[wire.ARRAYS])
     factors = {k: v for k, v in delta.items() if factor_of(k)}
     head = {k: v for k, v in delta.items() if not factor_of(k)}

@@ -9,11 +9,12 @@ the site: the epsilon summary, never the loss.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from fedlora import wire
-from fedlora.models import frozen
+from fedlora.models import frozen, without_dropout
 from fedlora.privacy.budget import dp_required, resolve_budget, run_share, state_dir, unit_column
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.site import BudgetExhausted, Forecast, SiteAccountant
@@ -99,7 +100,8 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     head_only = config.private_head_only
     learning_rate = private_learning_rate(config)
     try:
-        with frozen(rt.loaded.model, lambda name: head_only and is_lora(name)):
+        with frozen(rt.loaded.model, lambda name: head_only and is_lora(name)), \
+                (without_dropout(rt.loaded.model) if head_only else nullcontext()):
             dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
                              learning_rate=learning_rate, weight_decay=config.train.weight_decay,
                              extra_loss=extra_loss, steps_method=DPSGD(units, sample_rate, plan.noise_multiplier,
