@@ -77,6 +77,7 @@ def test_the_head_alone_is_judged_by_its_own_measurement_not_the_adapters():
     assert u.HEAD_ALONE.nsr == pytest.approx(0.85, abs=0.005)  # 1.24 * sqrt(1,925) / 64
     said = u.sentence(u.HEAD_ALONE.nsr, u.HEAD_ALONE.steps, head_only=True)
     assert f"reached {u.HEAD_ALONE.test_accuracy:.3f} against {u.HEAD_ALONE.non_private_accuracy:.3f}" in said
+    assert f"{u.SERVER_MOMENTUM} raised the {u.HEAD_ALONE.test_accuracy:.3f} to {u.MOMENTUM_ACCURACY:.3f}" in said
     adapter = "at or below the measured run at 1.17"  # the adapter's reference, by NSR
     assert adapter not in said and "16 steps" not in said
     assert adapter in u.sentence(u.HEAD_ALONE.nsr, u.HEAD_ALONE.steps)  # an adapter at that NSR: its own run
