@@ -2,6 +2,7 @@
 in-memory protocol, the choice of the fastest repeat, a whole tiny run, and the rendered section."""
 
 import dataclasses
+import json
 
 import pytest
 
@@ -56,6 +57,7 @@ def test_plans_keep_the_benchmarks_md_grid_in_full_mode_and_skip_ray_in_quick_mo
     assert (sa.FULL.repeats, sa.FULL.large_repeats, sa.FULL.bytes_per_param, sa.FULL.simulation) == (3, 1, 4, True)
     assert sa.FULL.protocol_params == 1_000_000 and sa.FULL.protocol_clients == (3, 10, 20)
     assert not sa.QUICK.simulation and max(sa.QUICK.params) < sa.LARGE
+    assert sa.SIMULATION_SITES == (3, 20, 100) and not any(s.startswith("model.name") for s in sa.SIMULATION_SETS)
 
 
 def test_a_tiny_quick_run_fills_every_table(tmp_path, monkeypatch):
@@ -82,14 +84,43 @@ def test_section_renders_the_round_protocol_and_simulation_tables():
            "protocol": [{"clients": 20, "params": 1_000_000, "dropped": 1, "mask_s": 0.35,
                          "mask_per_neighbour_per_M": 0.0175, "server_sum_s": 0.02, "server_unmask_s": 0.3,
                          "max_error": 2e-8}],
-           "simulation": [{"secure": False, "round_seconds": [27.86, 1.83], "bytes_up": 60276, "bytes_down": 118620,
-                           "adapter_params": 4421},
-                          {"secure": True, "round_seconds": [39.26, 13.95], "bytes_up": 57903, "bytes_down": 124578,
-                           "adapter_params": 4421}]}
+           "simulation": [{"sites": 3, "secure": False, "round_seconds": [4.4, 3.3, 3.5], "median_round_seconds": 3.4,
+                           "bytes_up": 60276, "bytes_down": 118620, "adapter_params": 75653},
+                          {"sites": 3, "secure": True, "round_seconds": [5.5, 4.0, 3.6], "median_round_seconds": 3.8,
+                           "bytes_up": 57903, "bytes_down": 124578, "adapter_params": 75653}]}
+    assert sa.secure_over_plain(fig["simulation"]) == pytest.approx({3: 3.8 / 3.4})
     text = sa.render(fig)
     for expected in ("| 100,000 | 20 | 0.050 | 0.140 | 2.8 | 4.00 | 0.026 | 0.811 | 30.7 | 8.00 |",
                      "| 100,000 | 20 | 3 | 0.060 |", "| 20 | 1 | 0.350 | 17.5 | 0.020 | 0.300 | 2.00e-08 |",
-                     "| round 1 s | round 2 s |", "| secure | 39.260 | 13.950 | 57,903 | 124,578 |",
-                     "4,421 adapter parameters"):
+                     "| round 1 s | round 2 s | round 3 s | median s | secure / plain |",
+                     "| 3 | plain | 4.400 | 3.300 | 3.500 | 3.400 |  | 60,276 | 118,620 |",
+                     "| 3 | secure | 5.500 | 4.000 | 3.600 | 3.800 | 1.12 | 57,903 | 124,578 |",
+                     "75,653 adapter parameters"):
         assert expected in text, expected
     assert "skips the Simulation Engine" in sa.render({**fig, "simulation": None})
+
+
+def test_the_simulation_runs_plain_then_secure_at_each_number_of_sites(tmp_path, monkeypatch):
+    """Each pair differs only in secagg.enabled; the ratio compares the rounds after the first."""
+    asked = []
+
+    def finished_run(command, sets, rundir):
+        asked.append((command, sets, rundir.name))
+        rundir.mkdir(parents=True)
+        secure = "secagg.enabled=true" in sets
+        seconds = [9.0, 2.0, 4.0, 3.0] if secure else [9.0, 2.0, 2.0, 2.0]
+        (rundir / "metrics.jsonl").write_text("".join(
+            json.dumps({"round": i + 1, "round_seconds": s, "sites": 3, "bytes_up": 10, "bytes_down": 20}) + "\n"
+            for i, s in enumerate(seconds)))
+        (rundir / "summary.json").write_text(json.dumps({"parameters": {"adapter": 75_653}}))
+        return rundir
+
+    monkeypatch.setattr(sa, "finished_run", finished_run)
+    sim = sa.simulation_comparison(tmp_path, lambda items, what: items, sites=(3, 20))
+    assert [name for _, _, name in asked] == ["plain-3", "secure-3", "plain-20", "secure-20"]
+    for _, sets, name in asked:
+        n = name.split("-")[1]
+        assert f"federation.num-sites={n}" in sets and f"federation.min-sites={n}" in sets
+        assert f"secagg.enabled={str(name.startswith('secure')).lower()}" in sets
+    assert [r["median_round_seconds"] for r in sim] == [2.0, 3.0, 2.0, 3.0]
+    assert sa.secure_over_plain(sim) == {3: 1.5, 20: 1.5}
