@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedlora.deploy.site_home import init_site
+from fedlora.deploy.coordinator_home import CoordinatorHome
+from fedlora.deploy.site_home import SiteHome, init_site
 from fedlora.deploy.systemd import SITE_NOT_ACCEPTED
 from fedlora.deploy.flwr_cli import flwr_binary
 from fedlora.flower import SUPERNODE_POINTS
@@ -65,6 +66,19 @@ def federation(tmp_path_factory):
         yield fed
     finally:
         fed.close()
+
+
+def test_the_supervisors_run_in_the_started_pid_without_torch(federation):
+    """`fedlora coordinator start` and `fedlora site start` become a small supervisor process (same pid,
+    for pid files and systemd) that does not hold torch, which only the site worker needs."""
+    homes = {"coordinator": CoordinatorHome.load(federation.coord), "site1": SiteHome.load(federation.site_dir("site1"))}
+    for name, home in homes.items():
+        pid = federation.processes[name].pid
+        assert int(home.pid_file.read_text().split()[0]) == pid
+        cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
+        assert cmdline[1:3] == ["-m", "fedlora.deploy.supervise"], cmdline
+        maps = open(f"/proc/{pid}/maps").read()
+        assert "libtorch" not in maps and "/torch/" not in maps
 
 
 def _https(fed, port: int):

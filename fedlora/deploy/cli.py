@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from fedlora import config as cfg
-from fedlora import logs
 from fedlora.data import drift, synthetic
 from fedlora.data.readers import DataError
-from fedlora.deploy import coordinator, nginx, review_page, site
+from fedlora.deploy import nginx, review_page, supervise
 from fedlora.deploy.certificates import certificate_names, renew_server_cert
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, init_coordinator
 from fedlora.deploy.flwr_cli import FlowerCommandFailed
@@ -189,12 +188,11 @@ def _home(what: str, folder: str):
 
 
 def _start(args: argparse.Namespace) -> int:
-    logs.setup(propagate=False)
     try:
-        home = _home(args.what, args.dir)
-        return (coordinator.start if args.what == "coordinator" else site.start)(home)
-    except (CoordinatorError, SiteError, RuntimeError, FileNotFoundError) as err:
+        _home(args.what, args.dir)  # a bad folder is reported here, before anything is replaced
+    except (CoordinatorError, SiteError, FileNotFoundError) as err:
         return _fail(f"{args.what} start", err)
+    supervise.exec_supervisor(args.what, args.dir)  # does not return: the supervisor runs in this pid
 
 
 def _stop(args: argparse.Namespace) -> int:

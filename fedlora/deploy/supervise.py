@@ -1,0 +1,47 @@
+"""The supervisor of a coordinator or a site, as a process of its own.
+
+`fedlora coordinator start` and `fedlora site start` supervise for as long as
+the coordinator or the site runs. The `fedlora` command imports torch (through
+fedlora.config), which a supervisor never uses: half a gigabyte resident at
+every site for nothing. So the command replaces itself (os.execv: the same
+pid, for the pid file and for systemd) with `python -m fedlora.deploy.supervise
+WHAT DIR`, which imports only the deployment modules it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
+
+from fedlora import logs
+from fedlora.deploy import coordinator, site
+from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome
+from fedlora.deploy.site_home import SiteError, SiteHome
+
+WHAT = ("coordinator", "site")
+
+
+def exec_supervisor(what: str, folder: str) -> NoReturn:
+    """Become the supervisor of `what` in `folder` (this process's pid, environment and working directory)."""
+    if what not in WHAT:
+        raise ValueError(f"nothing to supervise: {what!r}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", __name__, what, folder])
+
+
+def main(argv: list[str]) -> int:
+    what, folder = argv
+    logs.setup(propagate=False)
+    try:
+        if what == "coordinator":
+            return coordinator.start(CoordinatorHome.load(folder))
+        return site.start(SiteHome.load(folder))
+    except (CoordinatorError, SiteError, RuntimeError, FileNotFoundError) as err:
+        print(f"fedlora {what} start: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
