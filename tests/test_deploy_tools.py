@@ -386,3 +386,36 @@ def test_the_supernodes_flower_exit_code_is_read_from_its_log(tmp_path):
     assert flower_exit_code(log, 0, 1) == REFUSED
     assert flower_exit_code(log, start, 1) == 1  # that was an earlier start's
     assert flower_exit_code(log, 0, 0) == 0 and flower_exit_code(log, 0, -9) == -9  # no error: the status stands
+
+
+def test_a_broken_log_stream_does_not_end_a_run_that_goes_on_at_the_coordinator(tmp_path, monkeypatch, capsys):
+    """`flwr run --stream` can end while the run goes on (Flower's Control API fails under load); the
+    run's status at the coordinator then decides whether `fedlora run` keeps following it."""
+    from fedlora.deploy import submit
+
+    statuses = iter(["running", "running", "finished:completed"])
+    asked = []
+
+    def run_status(flwr_home, run_id):
+        asked.append(run_id)
+        status = next(statuses)
+        if status == "boom":
+            raise submit.FlowerCommandFailed("no answer")
+        return status
+
+    monkeypatch.setattr(submit, "run_status", run_status)
+    home = init_coordinator(tmp_path / "c", [], "127.0.0.1:1", 2)
+    out = tmp_path / "run"
+    out.mkdir()
+    watch = submit.StatusWatch(home, out, every=0.0)
+    assert watch(None) is False and asked == []  # no run id yet: nothing to ask
+    assert watch("7") is True and watch("7") is True
+    assert "the log stream from the coordinator ended, but run 7 is still running" in capsys.readouterr().out
+    assert watch("7") is False and asked == ["7", "7", "7"]  # finished
+    statuses = iter(["boom"])
+    assert submit.StatusWatch(home, out, every=0.0)("7") is False  # Flower cannot say: not followed further
+    quiet = submit.StatusWatch(home, out, every=3600.0)
+    statuses = iter(["running"])
+    assert quiet("8") is True and quiet("8") is True and asked[-1] == "8" and asked.count("8") == 1  # asked once
+    (out / "summary.json").write_text("{}")
+    assert quiet("8") is False  # the run wrote its summary: done, whatever the status says

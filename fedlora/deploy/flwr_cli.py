@@ -53,3 +53,15 @@ def call_json(flwr_home: Path, *args: str, timeout: float = 60.0) -> dict[str, A
     if not reply.get("success", False):
         raise FlowerCommandFailed(f"`flwr {' '.join(args)}`: {reply.get('error-message', reply)}".strip())
     return reply
+
+
+LIVE_STATUSES = ("pending", "starting", "running")  # a run's Flower status before it finishes
+
+
+def run_status(flwr_home: Path, run_id: str) -> str:
+    """The coordinator's status of one run (`flwr ls --run-id`): pending, starting, running, or
+    finished:<how>; raises FlowerCommandFailed when Flower cannot say."""
+    runs = call_json(flwr_home, "ls", "--run-id", str(run_id)).get("runs", [])
+    if not runs:
+        raise FlowerCommandFailed(f"the coordinator knows no run {run_id}")
+    return str(runs[0].get("status", ""))

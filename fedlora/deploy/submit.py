@@ -21,7 +21,15 @@ from pathlib import Path
 from fedlora import config as cfg
 from fedlora.data.readers import read_rows
 from fedlora.deploy.coordinator_home import CoordinatorHome
-from fedlora.deploy.flwr_cli import CONNECTION, FlowerCommandFailed, call_json, flower_env, flwr_binary
+from fedlora.deploy.flwr_cli import (
+    CONNECTION,
+    LIVE_STATUSES,
+    FlowerCommandFailed,
+    call_json,
+    flower_env,
+    flwr_binary,
+    run_status,
+)
 from fedlora.deploy.registry import superlink_running
 from fedlora.flower_app import write_app
 from fedlora.model_sources import check_available
@@ -35,6 +43,7 @@ from fedlora.tasks import build_task
 RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
 STARTED = re.compile(r"Successfully started run (\d+)")
+STATUS_EVERY = 10.0  # seconds between two status queries once the log stream has ended
 
 
 class RunFailed(RuntimeError):
@@ -121,10 +130,12 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
         runner = subprocess.Popen(command, env=flower_env(home.flwr_home), stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
 
+        goes_on = StatusWatch(home, out)
+
         def running() -> bool:
             nonlocal run_id
             run_id = run_id or _run_id(log_path, out)
-            return runner.poll() is None
+            return runner.poll() is None or goes_on(run_id)
 
         try:
             for row in progress(watch_rounds(out, running), "rounds", total=rounds, unit="round"):
@@ -141,6 +152,33 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
         raise RunFailed(_why_it_stopped(out, log_path))
     print(f"fedlora run: done in {time.perf_counter() - started:.0f}s; adapter in {out / 'adapter'}", flush=True)
     return out
+
+
+class StatusWatch:
+    """Once `flwr run --stream` has ended: whether the run still goes on at the coordinator. The log
+    stream can break while the run goes on (Flower's Control API fails under load: "database is
+    locked"); the run's own status decides then, asked at most every STATUS_EVERY seconds."""
+
+    def __init__(self, home: CoordinatorHome, out: Path, every: float = STATUS_EVERY):
+        self.home, self.out, self.every = home, out, every
+        self.asked_at: float | None = None
+        self.answer = False
+
+    def __call__(self, run_id: str | None) -> bool:
+        if run_id is None or (self.out / "summary.json").exists():
+            return False
+        now = time.monotonic()
+        if self.asked_at is not None and now - self.asked_at < self.every:
+            return self.answer
+        try:
+            status = run_status(self.home.flwr_home, run_id)
+        except (FlowerCommandFailed, subprocess.TimeoutExpired):
+            status = "unknown"
+        if self.asked_at is None and status in LIVE_STATUSES:
+            print(f"fedlora run: the log stream from the coordinator ended, but run {run_id} is still {status} "
+                  "there; following its run directory", flush=True)
+        self.asked_at, self.answer = now, status in LIVE_STATUSES
+        return self.answer
 
 
 LOW_DISK = 64 * 2**20  # bytes free below which a run directory's disk counts as full
