@@ -410,12 +410,29 @@ def test_a_broken_log_stream_does_not_end_a_run_that_goes_on_at_the_coordinator(
     watch = submit.StatusWatch(home, out, every=0.0)
     assert watch(None) is False and asked == []  # no run id yet: nothing to ask
     assert watch("7") is True and watch("7") is True
-    assert "the log stream from the coordinator ended, but run 7 is still running" in capsys.readouterr().out
+    assert "the log stream from the coordinator ended, but run 7 is not finished" in capsys.readouterr().out
     assert watch("7") is False and asked == ["7", "7", "7"]  # finished
-    statuses = iter(["boom"])
-    assert submit.StatusWatch(home, out, every=0.0)("7") is False  # Flower cannot say: not followed further
+    statuses = iter(["boom"] * submit.UNANSWERED_LIMIT)
+    lost = submit.StatusWatch(home, out, every=0.0)
+    # the API that broke the stream may not answer for a while: the run goes on until it never does
+    assert [lost("7") for _ in range(submit.UNANSWERED_LIMIT)] == [True] * (submit.UNANSWERED_LIMIT - 1) + [False]
     quiet = submit.StatusWatch(home, out, every=3600.0)
     statuses = iter(["running"])
     assert quiet("8") is True and quiet("8") is True and asked[-1] == "8" and asked.count("8") == 1  # asked once
     (out / "summary.json").write_text("{}")
     assert quiet("8") is False  # the run wrote its summary: done, whatever the status says
+
+
+def test_a_resumed_run_is_followed_under_its_new_run_id(tmp_path):
+    """The log of a resumed run directory still holds the previous attempt's run id."""
+    from fedlora.deploy import submit
+
+    log, out = tmp_path / "flower.log", tmp_path / "out"
+    out.mkdir()
+    log.write_text("Successfully started run 111\nlogs of the first attempt\n")
+    offset = log.stat().st_size
+    assert submit._run_id(log, out, offset) is None  # the new attempt has printed nothing yet
+    with log.open("a") as f:
+        f.write("Successfully started run 222\n")
+    assert submit._run_id(log, out, offset) == "222" and submit._run_id(log, out) == "222"
+    assert json.loads((out / submit.RUN_RECORD).read_text())["run_id"] == "222"

@@ -23,7 +23,7 @@ from pathlib import Path
 from fedlora.deploy import fleet_proxy, nginx, registry
 from fedlora.deploy.coordinator_home import CoordinatorError, CoordinatorHome, split_address
 from fedlora.deploy.permissions import make_private
-from fedlora.deploy.flwr_cli import LIVE_STATUSES, FlowerCommandFailed, call_json, flower_env
+from fedlora.deploy.flwr_cli import FlowerCommandFailed, call_json, flower_env
 from fedlora.processes import (
     end_previous,
     mark_supervisor,
@@ -37,6 +37,9 @@ from fedlora.processes import (
 )
 
 log = logging.getLogger(__name__)
+
+ORPHAN_STATUSES = ("starting", "running")  # their ServerApp died with the previous SuperLink
+
 
 def superlink_command(home: CoordinatorHome) -> list[str]:
     tls = home.tls
@@ -54,7 +57,7 @@ def stop_orphaned_runs(home: CoordinatorHome) -> list[str]:
     sites drop their messages. `fedlora run --resume` continues such a run."""
     stopped = []
     for run in call_json(home.flwr_home, "ls").get("runs", []):
-        if run.get("status") in LIVE_STATUSES:  # their ServerApp died with the previous SuperLink
+        if run.get("status") in ORPHAN_STATUSES:
             try:
                 call_json(home.flwr_home, "stop", str(run["run-id"]))
                 stopped.append(str(run["run-id"]))

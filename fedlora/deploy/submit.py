@@ -44,6 +44,7 @@ RELAY_CLIENTAPP = "fedlora.deploy.relay:app"
 RUN_RECORD = "flower-run.json"  # the Flower run id that writes this run directory
 STARTED = re.compile(r"Successfully started run (\d+)")
 STATUS_EVERY = 10.0  # seconds between two status queries once the log stream has ended
+UNANSWERED_LIMIT = 6  # status queries in a row without an answer before the run counts as lost
 
 
 class RunFailed(RuntimeError):
@@ -126,6 +127,7 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
     log_path = out / "flower.log"
     command = [flwr_binary(), "run", str(app_dir), CONNECTION, "--stream"]
     started, run_id = time.perf_counter(), None
+    offset = log_path.stat().st_size if log_path.exists() else 0  # a resumed run's log holds the previous id
     with log_path.open("a") as log_file:
         runner = subprocess.Popen(command, env=flower_env(home.flwr_home), stdout=log_file,
                                   stderr=subprocess.STDOUT, start_new_session=True)
@@ -134,20 +136,20 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
 
         def running() -> bool:
             nonlocal run_id
-            run_id = run_id or _run_id(log_path, out)
+            run_id = run_id or _run_id(log_path, out, offset)
             return runner.poll() is None or goes_on(run_id)
 
         try:
             for row in progress(watch_rounds(out, running), "rounds", total=rounds, unit="round"):
                 echo(round_line(row, rounds))
         except KeyboardInterrupt:
-            run_id = run_id or _run_id(log_path, out)
+            run_id = run_id or _run_id(log_path, out, offset)
             print(f"\nfedlora run: stopped following; run {run_id} goes on at the coordinator. Stop it with "
                   f"`FLWR_HOME={home.flwr_home} flwr stop {run_id} {CONNECTION}`", flush=True)
             raise
         finally:
             stop_tree(runner.pid, timeout=5)
-    _run_id(log_path, out)
+    _run_id(log_path, out, offset)
     if not (out / "summary.json").exists():
         raise RunFailed(_why_it_stopped(out, log_path))
     print(f"fedlora run: done in {time.perf_counter() - started:.0f}s; adapter in {out / 'adapter'}", flush=True)
@@ -157,12 +159,15 @@ def _follow(home: CoordinatorHome, app_dir: Path, out: Path, rounds: int) -> Pat
 class StatusWatch:
     """Once `flwr run --stream` has ended: whether the run still goes on at the coordinator. The log
     stream can break while the run goes on (Flower's Control API fails under load: "database is
-    locked"); the run's own status decides then, asked at most every STATUS_EVERY seconds."""
+    locked"); the run's own status decides then, asked at most every STATUS_EVERY seconds. The same
+    API may fail to answer for a while: the run counts as going on until UNANSWERED_LIMIT queries in a
+    row went unanswered."""
 
     def __init__(self, home: CoordinatorHome, out: Path, every: float = STATUS_EVERY):
         self.home, self.out, self.every = home, out, every
         self.asked_at: float | None = None
         self.answer = False
+        self.unanswered = 0
 
     def __call__(self, run_id: str | None) -> bool:
         if run_id is None or (self.out / "summary.json").exists():
@@ -172,10 +177,12 @@ class StatusWatch:
             return self.answer
         try:
             status = run_status(self.home.flwr_home, run_id)
+            self.unanswered = 0
         except (FlowerCommandFailed, subprocess.TimeoutExpired):
-            status = "unknown"
+            self.unanswered += 1
+            status = "running" if self.unanswered < UNANSWERED_LIMIT else "unknown"
         if self.asked_at is None and status in LIVE_STATUSES:
-            print(f"fedlora run: the log stream from the coordinator ended, but run {run_id} is still {status} "
+            print(f"fedlora run: the log stream from the coordinator ended, but run {run_id} is not finished "
                   "there; following its run directory", flush=True)
         self.asked_at, self.answer = now, status in LIVE_STATUSES
         return self.answer
@@ -199,9 +206,9 @@ def _why_it_stopped(out: Path, log_path: Path) -> str:
     return f"the run ended without a summary (if the coordinator stopped, {resume}); {log_path} ends with:\n{tail}"
 
 
-def _run_id(log_path: Path, out: Path) -> str | None:
-    """The run id `flwr run` printed; recorded in the run directory for --resume."""
-    found = STARTED.findall(log_path.read_text(errors="replace")) if log_path.exists() else []
+def _run_id(log_path: Path, out: Path, offset: int = 0) -> str | None:
+    """The run id `flwr run` printed after byte `offset` of its log; recorded in the run directory for --resume."""
+    found = STARTED.findall(log_path.read_bytes()[offset:].decode(errors="replace")) if log_path.exists() else []
     if not found:
         return None
     record = out / RUN_RECORD
