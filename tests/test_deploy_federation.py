@@ -76,7 +76,7 @@ def test_the_supervisors_run_in_the_started_pid_without_torch(federation):
         pid = federation.processes[name].pid
         assert int(home.pid_file.read_text().split()[0]) == pid
         cmdline = open(f"/proc/{pid}/cmdline").read().split("\0")
-        assert cmdline[1:3] == ["-m", "fedlora.deploy.supervise"], cmdline
+        assert cmdline[1:4] == ["-P", "-m", "fedlora.deploy.supervise"], cmdline
         maps = open(f"/proc/{pid}/maps").read()
         assert "libtorch" not in maps and "/torch/" not in maps
 

@@ -28,7 +28,8 @@ def exec_supervisor(what: str, folder: str) -> NoReturn:
         raise ValueError(f"nothing to supervise: {what!r}")
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-m", __name__, what, folder])
+    # -P: the working directory (the site's own, writable folder under systemd) is not put on sys.path
+    os.execv(sys.executable, [sys.executable, "-P", "-m", __name__, what, folder])
 
 
 def main(argv: list[str]) -> int:
