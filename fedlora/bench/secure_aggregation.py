@@ -302,7 +302,8 @@ def simulation_comparison(folder: Path, progress, sites: tuple[int, ...] = SIMUL
         params = json.loads((run / "summary.json").read_text())["parameters"]["adapter"]
         seconds = [r["round_seconds"] for r in metrics]
         rows.append({"sites": n, "secure": secure, "round_seconds": seconds,
-                     "median_round_seconds": statistics.median(seconds[1:] or seconds), "trained": [r["sites"] for r in metrics],
+                     "median_round_seconds": statistics.median(seconds[1:] or seconds),
+                     "trained": [r["sites"] for r in metrics],
                      "bytes_up": metrics[-1]["bytes_up"], "bytes_down": metrics[-1]["bytes_down"],
                      "adapter_params": params})
     return rows

@@ -182,14 +182,9 @@ def _site_drift(args: argparse.Namespace) -> int:
 
 
 # -- start / stop (coordinator and site alike) ------------------------------------
-def _home(what: str, folder: str):
-    """The coordinator's or the site's folder, loaded."""
-    return (CoordinatorHome if what == "coordinator" else SiteHome).load(folder)
-
-
 def _start(args: argparse.Namespace) -> int:
     try:
-        _home(args.what, args.dir)  # a bad folder is reported here, before anything is replaced
+        supervise.load_home(args.what, args.dir)  # a bad folder is reported here, before anything is replaced
     except (CoordinatorError, SiteError, FileNotFoundError) as err:
         return _fail(f"{args.what} start", err)
     supervise.exec_supervisor(args.what, args.dir)  # does not return: the supervisor runs in this pid
@@ -198,7 +193,7 @@ def _start(args: argparse.Namespace) -> int:
 def _stop(args: argparse.Namespace) -> int:
     """Stop the supervisor and wait for it; end whatever a supervisor killed outright left running."""
     try:
-        home = _home(args.what, args.dir)
+        home = supervise.load_home(args.what, args.dir)
     except (CoordinatorError, SiteError) as err:
         return _fail(f"{args.what} stop", err)
     pid, leftovers = stop_supervisor(home.pid_file, home.path)
@@ -213,7 +208,7 @@ def _stop(args: argparse.Namespace) -> int:
 def _site_review(args: argparse.Namespace) -> int:
     """Serve the blind review page of the site's held-out rows on this machine until Ctrl-C."""
     try:
-        state = Path(args.state) if args.state else _home("site", args.dir).state
+        state = Path(args.state) if args.state else supervise.load_home("site", args.dir).state
     except SiteError as err:
         return _fail("site review", err)
     if not state.is_dir():

@@ -32,13 +32,16 @@ def exec_supervisor(what: str, folder: str) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-P", "-m", __name__, what, folder])
 
 
+def load_home(what: str, folder: str) -> CoordinatorHome | SiteHome:
+    """The coordinator's or the site's folder, loaded."""
+    return (CoordinatorHome if what == "coordinator" else SiteHome).load(folder)
+
+
 def main(argv: list[str]) -> int:
     what, folder = argv
     logs.setup(propagate=False)
     try:
-        if what == "coordinator":
-            return coordinator.start(CoordinatorHome.load(folder))
-        return site.start(SiteHome.load(folder))
+        return (coordinator.start if what == "coordinator" else site.start)(load_home(what, folder))
     except (CoordinatorError, SiteError, RuntimeError, FileNotFoundError) as err:
         print(f"fedlora {what} start: {err}", file=sys.stderr)
         return 1
