@@ -29,7 +29,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from fedlora.compute import DEVICE_CHOICES, PRECISIONS, QUANTIZATIONS, valid_device
 from fedlora.data.readers import SUFFIXES
+from fedlora.model_sources import TINY_MODELS
 from fedlora.options import Problems, Section, option
 from fedlora.privacy.secagg.config import MIN_CLIENTS
 from fedlora.privacy.secagg.errors import SecAggConfigError
@@ -88,6 +90,13 @@ class ModelSection(Section):
         "candidate) and this adapter (the current model, e.g. REGISTRY/current) on its held-out rows in the "
         "same round. The run directory's comparison.json holds both, site by site, for `fedlora models "
         "promote --evaluation`.")
+    device: str = option(
+        "auto", "Where the model computes: auto (a CUDA GPU when the process sees one, else the CPU; a simulated "
+        "site only with a simulation.gpus-per-site share), cpu, cuda or cuda:N.")
+    quantization: str = option(
+        "none", "The frozen base's weights: none (as the checkpoint stores them) or 4bit (NF4 through bitsandbytes, "
+        "QLoRA: about an eighth of float32's memory; the adapters and head train in float32). Needs a checkpoint, "
+        "not a built-in tiny model, and `pip install 'fedlora[gpu]'`.", QUANTIZATIONS)
     review_rows: int = option(
         20, "With model.compare-with: each site keeps both models' outputs on this many of its held-out rows, at "
         "the site, for its expert's blind review (`fedlora site review`); only the counts of verdicts leave the "
@@ -98,6 +107,10 @@ class ModelSection(Section):
         p.need(self.name.strip() != "", "model.name: must not be empty")
         p.need(8 <= self.max_length <= 8192, f"model.max-length: {self.max_length} not in [8, 8192]")
         p.need(self.review_rows >= 0, f"model.review-rows: {self.review_rows} must be >= 0")
+        p.need(valid_device(self.device), f"model.device: {self.device!r} is not {DEVICE_CHOICES}")
+        p.need(self.quantization == "none" or self.name not in TINY_MODELS,
+               f"model.quantization = {self.quantization!r} quantizes a checkpoint's weights as they load; "
+               f"{self.name!r} is built in-process: name a model folder or hub id")
         return p
 
 
@@ -245,6 +258,13 @@ class TrainSection(Section):
     weight_decay: float = option(0.0, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping for non-private training; 0: off.")
     seed: int = option(0, "Seed for local shuffling and dropout (mixed with site and round).")
+    precision: str = option(
+        "fp32", "Forward passes in fp32, or under autocast in bf16 or fp16 (the trainable tensors, the optimizer "
+        "and every update stay float32). fp16 scales the loss against underflow and cannot run under DP-SGD; "
+        "bf16 needs no scaling.", tuple(PRECISIONS))
+    gradient_checkpointing: bool = option(
+        False, "Keep fewer activations and recompute them in the backward pass: less memory for long sequences "
+        "and large models, about a third more compute.")
 
     def problems(self) -> list[str]:
         p = Problems()
@@ -585,6 +605,21 @@ class RunConfig:
         return trainable == "head" or (trainable == "auto" and self.task.type == "classification")
 
     # -- checks ------------------------------------------------------------------------------
+    def dp_compute_problems(self) -> list[str]:
+        """What in [train] DP-SGD cannot run with (checked at start under privacy.enabled, and by a
+        site that requires DP of a run that did not ask for it)."""
+        p, train = Problems(), self.train
+        p.need(train.precision != "fp16", "train.precision = fp16 scales the loss, which DP-SGD's per-sample "
+                                          "clipping does not take; use bf16 under DP")
+        p.need(train.precision == "fp32" or self.privacy.grad_sample_mode != "ghost",
+               "privacy.grad-sample-mode = ghost measures per-sample norms from the forward's own activations, "
+               f"which train.precision = {train.precision} rounds; use hooks, or fp32")
+        p.need(not train.gradient_checkpointing or self.private_head_only,
+               "train.gradient-checkpointing recomputes the adapted layers in the backward pass, where Opacus' "
+               "per-sample hooks would see each forward twice; turn it off, or train the head alone under DP "
+               "(privacy.trainable = head)")
+        return p
+
     def problems(self) -> list[str]:
         """Every problem: each section's own, then those only the sections together can tell."""
         p = Problems()
@@ -619,6 +654,13 @@ class RunConfig:
             p.need(False, "privacy.trainable: DP-SGD trains the head alone (auto, on a classification task), but "
                           "client-level or distributed DP noises every coordinate of the update: the LoRA factors, "
                           "which did not train, would take noise each round. Set privacy.trainable = adapter")
+        if c.privacy.enabled:
+            p += c.dp_compute_problems()
+        if c.model.quantization != "none":
+            folds = STRATEGIES.get(c.strategy.name)
+            p.need(not (folds and folds.folds_into_base),
+                   f"model.quantization = {c.model.quantization!r}: strategy {c.strategy.name!r} folds a correction "
+                   "into the frozen base weights, which 4-bit weights cannot take; use none, or another strategy")
         p.need(not (c.federation.drift_check and c.model.compare_with),
                "federation.drift-check and model.compare-with: a run is a drift check or an evaluation, not both")
         if c.model.compare_with:

@@ -50,7 +50,7 @@ def set_base_correction(model, correction: BaseCorrection | None) -> None:
                 c = torch.from_numpy(correction.dense(layer))
                 if getattr(pristine.modules[layer], "fan_in_fan_out", False):
                     c = c.T  # Conv1D (GPT-2) stores W as in × out
-                weight.copy_(w0 + c.to(w0.dtype))
+                weight.copy_(w0 + c.to(w0.device, w0.dtype))
             else:
                 weight.copy_(w0)
     pristine.modified = bool(correction)

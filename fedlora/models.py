@@ -20,16 +20,18 @@ from typing import Callable
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BitsAndBytesConfig,
     GPT2Config,
     LlamaConfig,
 )
 
+from fedlora.compute import PRECISIONS, ComputeUnavailable, resolve_device
 from fedlora.model_sources import DEMO_MODEL, TINY_MODELS, ModelLoadError, demo_model_dir, not_found
 
 log = logging.getLogger(__name__)
@@ -60,12 +62,27 @@ def load_tokenizer(name: str, allow_download: bool = False):
     return tok
 
 
+def four_bit(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """transformers' settings for a 4-bit NF4 base with double quantization (QLoRA); a sequence
+    classifier's head stays unquantized, since it trains."""
+    try:
+        import bitsandbytes  # noqa: F401  (optional: only a 4-bit base needs it; the gpu extra)
+    except ImportError:
+        raise ComputeUnavailable("model.quantization = '4bit' needs bitsandbytes: pip install 'fedlora[gpu]'") \
+            from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["classifier", "score"])
+
+
 def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed: int = 0,
-                    allow_download: bool = False):
-    """The frozen base model for a task. Weights missing from a checkpoint (a new
+                    allow_download: bool = False, device: torch.device = torch.device("cpu"),
+                    quantization: BitsAndBytesConfig | None = None):
+    """The frozen base model for a task, on `device`. Weights missing from a checkpoint (a new
     classification head) are drawn from `seed`, so every site draws the same."""
     auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
     kwargs = {"num_labels": num_labels} if task_type == "SEQ_CLS" else {}
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
     torch.manual_seed(seed)
     if name in TINY_MODELS:
         config = _tiny_config(name, len(tokenizer), tokenizer.pad_token_id)
@@ -80,7 +97,7 @@ def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed:
             raise ModelLoadError(not_found(name, err)) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return model if quantization is not None else model.to(device)
 
 
 def wrap_with_lora(base, task_type: str, rank: int, alpha: float, dropout: float,
@@ -117,11 +134,12 @@ def set_trainable_state(model, state: dict[str, np.ndarray]) -> None:
 
 
 def base_fingerprint(model) -> str:
-    """SHA-256 over an unwrapped base model's weights: two processes agree iff their bases match."""
+    """SHA-256 over an unwrapped base model's weights as stored (a 4-bit base: its packed bytes):
+    two processes agree iff their bases match."""
     digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(p.detach().to(torch.float32).cpu().numpy().tobytes())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -164,17 +182,40 @@ class LoadedModel:
     model: object       # a peft.PeftModel
     tokenizer: object
     fingerprint: str
+    device: torch.device = torch.device("cpu")
 
 
-def load_model(config, task) -> LoadedModel:
-    """Tokenizer, base model and LoRA wrapper for a RunConfig and its task."""
-    m, lora = config.model, config.lora
+def checkpoint_gradients(base, quantized: bool) -> None:
+    """Gradient checkpointing on the base: its layers' activations are recomputed in the backward
+    pass. Non-reentrant, so a frozen base still passes gradients to the adapters inside it."""
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ModelLoadError(f"train.gradient-checkpointing: {type(base).__name__} does not support it")
+    settings = {"use_reentrant": False}
+    if getattr(base.config, "use_cache", None):
+        base.config.use_cache = False  # a generation cache is of no use to training, and recomputation refuses it
+    if quantized:  # peft's preparation of a k-bit base turns it on itself (and casts norms to float32)
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=settings)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+
+
+def load_model(config, task, gpu_allowed: bool = True) -> LoadedModel:
+    """Tokenizer, base model and LoRA wrapper for a RunConfig and its task, on the device that
+    `model.device` names (`gpu_allowed` False: `auto` means the CPU)."""
+    m, lora, train = config.model, config.lora, config.train
+    device = resolve_device(m.device, gpu_allowed)
+    quantization = four_bit(PRECISIONS[train.precision] or torch.bfloat16) if m.quantization == "4bit" else None
     tokenizer = load_tokenizer(m.name, m.allow_download)
     num_labels = getattr(task, "num_labels", 0)
-    base = load_base_model(m.name, task.peft_task_type, num_labels, tokenizer, m.seed, m.allow_download)
+    base = load_base_model(m.name, task.peft_task_type, num_labels, tokenizer, m.seed, m.allow_download, device,
+                           quantization)
     fingerprint = base_fingerprint(base)
+    if train.gradient_checkpointing:
+        checkpoint_gradients(base, quantization is not None)
+    elif quantization is not None:
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = wrap_with_lora(base, task.peft_task_type, lora.rank, lora.alpha, lora.dropout, config.target_modules)
-    return LoadedModel(model, tokenizer, fingerprint)
+    return LoadedModel(model, tokenizer, fingerprint, device)
 
 
 DEMO_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the demo extra packages as 'minilm'

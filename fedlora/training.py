@@ -12,6 +12,8 @@ factors and a task head). What a step is belongs to its `Steps` object:
 
 Differential privacy wraps this loop, as Opacus' `make_private` wraps a model,
 optimizer and data loader: the loop never knows whether it is private.
+Batches go to the model's device; `precision` (fedlora.compute) runs the forward
+passes under autocast, with loss scaling for fp16.
 `LocalTraining` is the same loop one step at a time, for benchmarks that time
 steps and interleave variants.
 """
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
+from fedlora.compute import autocast, grad_scaler, model_device, on_device
 from fedlora.tasks.base import Example, Task
 
 ExtraLoss = Callable[[torch.nn.Module], torch.Tensor]  # a data-independent term, e.g. FedProx's
@@ -80,9 +83,10 @@ class Steps(Protocol):
 class PlainSteps:
     """Non-private steps: shuffled batches, mean loss (+ extra term), gradient-norm clipping."""
 
-    def __init__(self, num_examples: int, batch_size: int, max_grad_norm: float, generator: torch.Generator):
+    def __init__(self, num_examples: int, batch_size: int, max_grad_norm: float, generator: torch.Generator,
+                 scaler: torch.amp.GradScaler | None = None):
         self.num_examples, self.batch_size, self.max_grad_norm = num_examples, batch_size, max_grad_norm
-        self.generator = generator
+        self.generator, self.scaler = generator, scaler
 
     def attach(self, model, optimizer, extra_loss) -> None:
         self.model, self.optimizer, self.extra_loss = model, optimizer, extra_loss
@@ -98,12 +102,20 @@ class PlainSteps:
         loss = losses.mean()
         if self.extra_loss is not None:
             loss = loss + self.extra_loss(self.model)
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
 
     def step(self) -> None:
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:  # skips a step whose gradients overflowed, and adapts the scale
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def detach(self, completed_steps: int | None) -> dict[str, Any]:
         return {}
@@ -119,8 +131,12 @@ class LocalTraining:
 
     def __init__(self, model, task: Task, examples: list[Example], pad_id: int, *, steps: int, seed: int,
                  learning_rate: float, weight_decay: float = 0.0, batch_size: int = 16, max_grad_norm: float = 0.0,
-                 extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None):
+                 extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None, precision: str = "fp32"):
+        if precision == "fp16" and steps_method is not None:
+            raise ValueError("train.precision = fp16 scales the loss, which a step method such as DP-SGD's "
+                             "per-sample clipping does not take; use bf16")
         self.model, self.task, self.examples, self.pad_id = model, task, examples, pad_id
+        self.precision = precision
         self.steps, self.seed = steps, seed
         self.learning_rate, self.weight_decay = learning_rate, weight_decay
         self.extra_loss = extra_loss
@@ -141,7 +157,9 @@ class LocalTraining:
         generator = torch.Generator().manual_seed(self.seed)
         self.optimizer = torch.optim.AdamW(trainable(self.model), lr=self.learning_rate,
                                            weight_decay=self.weight_decay)
-        self.method = self._method or PlainSteps(len(self.examples), self._batch_size, self._max_grad_norm, generator)
+        self.device = model_device(self.model)
+        self.method = self._method or PlainSteps(len(self.examples), self._batch_size, self._max_grad_norm, generator,
+                                                 grad_scaler(self.device, self.precision))
         self.method.attach(self.model, self.optimizer, self.extra_loss)
         self._batches = self.method.batches(self.steps)
         self.model.train()
@@ -154,8 +172,9 @@ class LocalTraining:
         self.method.zero_grad()
         loss = None
         if batch:
-            losses = self.task.per_example_loss(self.model, self.task.collate([self.examples[i] for i in batch],
-                                                                              self.pad_id))
+            collated = on_device(self.task.collate([self.examples[i] for i in batch], self.pad_id), self.device)
+            with autocast(self.device, self.precision):
+                losses = self.task.per_example_loss(self.model, collated)
             loss = float(losses.detach().mean())
             self._loss_sum, self._loss_batches = self._loss_sum + loss, self._loss_batches + 1
             self.method.backward(losses)
@@ -179,11 +198,12 @@ class LocalTraining:
 
 def local_train(model, task: Task, examples: list[Example], pad_id: int, *, steps: int, seed: int,
                 learning_rate: float, weight_decay: float = 0.0, batch_size: int = 16, max_grad_norm: float = 0.0,
-                extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None) -> TrainResult:
+                extra_loss: ExtraLoss | None = None, steps_method: Steps | None = None,
+                precision: str = "fp32") -> TrainResult:
     """`steps` optimizer steps of local training (plain, or as `steps_method` takes them)."""
     with LocalTraining(model, task, examples, pad_id, steps=steps, seed=seed, learning_rate=learning_rate,
                        weight_decay=weight_decay, batch_size=batch_size, max_grad_norm=max_grad_norm,
-                       extra_loss=extra_loss, steps_method=steps_method) as loop:
+                       extra_loss=extra_loss, steps_method=steps_method, precision=precision) as loop:
         for _ in range(steps):
             loop.step()
     return loop.result()
@@ -195,27 +215,33 @@ def plain_train(model, task: Task, examples: list[Example], train_cfg, pad_id: i
     steps = planned_steps(len(examples), train_cfg.batch_size, train_cfg.local_epochs, train_cfg.local_steps)
     return local_train(model, task, examples, pad_id, steps=steps, seed=seed, learning_rate=train_cfg.learning_rate,
                        weight_decay=train_cfg.weight_decay, batch_size=train_cfg.batch_size,
-                       max_grad_norm=train_cfg.max_grad_norm, extra_loss=extra_loss)
+                       max_grad_norm=train_cfg.max_grad_norm, extra_loss=extra_loss, precision=train_cfg.precision)
 
 
 @torch.no_grad()
 def evaluate_counts(model, task: Task, examples: list[Example], pad_id: int, batch_size: int = 64,
-                    tokenizer=None) -> dict[str, Any]:
+                    tokenizer=None, precision: str = "fp32") -> dict[str, Any]:
     """The task's evaluation counts over `examples`; with the tokenizer, also those of what the model
     generates (Task.generation_counts: a causal LM's ROUGE-L, BLEU and chrF)."""
     model.eval()
+    device = model_device(model)
     counts: dict[str, Any] = {}
-    for i in range(0, len(examples), batch_size):
-        task.add_counts(counts, task.eval_counts(model, task.collate(examples[i:i + batch_size], pad_id)))
-    if tokenizer is not None and examples:
-        task.add_counts(counts, task.generation_counts(model, examples, tokenizer))
+    with autocast(device, precision):
+        for i in range(0, len(examples), batch_size):
+            batch = on_device(task.collate(examples[i:i + batch_size], pad_id), device)
+            task.add_counts(counts, task.eval_counts(model, batch))
+        if tokenizer is not None and examples:
+            task.add_counts(counts, task.generation_counts(model, examples, tokenizer))
     return counts
 
 
 @torch.no_grad()
-def predict_labels(model, task, examples: list[Example], pad_id: int, batch_size: int = 64) -> list[int]:
+def predict_labels(model, task, examples: list[Example], pad_id: int, batch_size: int = 64,
+                   precision: str = "fp32") -> list[int]:
     model.eval()
+    device = model_device(model)
     out: list[int] = []
-    for i in range(0, len(examples), batch_size):
-        out += task.predict(model, task.collate(examples[i:i + batch_size], pad_id)).tolist()
+    with autocast(device, precision):
+        for i in range(0, len(examples), batch_size):
+            out += task.predict(model, on_device(task.collate(examples[i:i + batch_size], pad_id), device)).tolist()
     return out

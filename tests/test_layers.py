@@ -47,6 +47,7 @@ LATE_IMPORTS_ALLOWED = {
     ("deploy/relay.py", "fedlora.client.runtime"),
     ("deploy/cli.py", "fedlora.deploy.data_check"),    # transformers only for check-data
     ("tasks/generation.py", "rouge_score.rouge_scorer"),  # nltk and scipy (1 s) only when a run generates
+    ("models.py", "bitsandbytes"),                     # optional: the gpu extra, for a 4-bit base
 }
 
 

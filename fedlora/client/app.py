@@ -127,7 +127,8 @@ def train(rt: SiteRuntime, msg: Message, context: Context) -> Message:
 
 def evaluate(rt: SiteRuntime, msg: Message, context: Context) -> Message:
     _set_global(rt, msg, SitePlan.for_message(rt, msg, context))
-    counts = (evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id, tokenizer=rt.loaded.tokenizer)
+    counts = (evaluate_counts(rt.loaded.model, rt.task, rt.eval_examples, rt.pad_id, tokenizer=rt.loaded.tokenizer,
+                              precision=rt.config.train.precision)
               if rt.eval_examples else {})  # the tokenizer: what a causal LM generates is scored too
     metrics = MetricRecord({key: _eval_value(counts.get(name), kind) for key, (name, kind) in wire.EVAL_COUNTS.items()})
     _record_accuracy(rt, counts, context)

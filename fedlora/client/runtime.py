@@ -67,7 +67,8 @@ def _training_config(run_config_json: str, simulated: bool) -> cfg.RunConfig:
 def _model(run_config_json: str, simulated: bool, rank: int) -> tuple[Task, LoadedModel]:
     config = with_site_rank(_training_config(run_config_json, simulated), rank)
     task = build_task(config)
-    return task, load_model(config, task)
+    # A simulated site computes on a GPU only when it was given a share of one.
+    return task, load_model(config, task, gpu_allowed=not simulated or config.simulation.gpus_per_site > 0)
 
 
 @lru_cache(maxsize=64)

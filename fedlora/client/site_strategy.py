@@ -22,6 +22,7 @@ from fedlora import wire
 from fedlora.arrays import State, from_record
 from fedlora.client.personal import load_personal, save_personal
 from fedlora.client.runtime import SiteRuntime
+from fedlora.compute import model_device
 from fedlora.frozen_base import set_base_correction
 from fedlora.models import frozen, set_trainable_state, trainable_state
 from fedlora.strategies.correction import BaseCorrection
@@ -65,7 +66,8 @@ class SitePlan:
         """For the duration of local training: A frozen (FFA); yields the extra loss term (FedProx) or None."""
         with frozen(self.model, lambda name: self.freeze_a and is_factor(name, "A")):
             if self.proximal_mu > 0:
-                anchor = {k: torch.from_numpy(v.copy()) for k, v in start.items()}
+                device = model_device(self.model)
+                anchor = {k: torch.from_numpy(v.copy()).to(device) for k, v in start.items()}
                 yield lambda model: proximal_term(model, anchor, self.proximal_mu)
             else:
                 yield None

@@ -161,7 +161,8 @@ def score(adapter: str | Path, rows: list[dict], config_file: str | Path | None 
     except warm_start.WarmStartError as err:
         raise DriftCheckError(str(err).replace("model.warm-start: ", "")) from None
     examples = task.encode(known, loaded.tokenizer, config.model.max_length)
-    counts = evaluate_counts(loaded.model, task, examples, loaded.tokenizer.pad_token_id)
+    counts = evaluate_counts(loaded.model, task, examples, loaded.tokenizer.pad_token_id,
+                             precision=config.train.precision)
     return counts["correct"] / counts["count"], len(known), len(labelled) - len(known)
 
 

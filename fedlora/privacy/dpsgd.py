@@ -6,7 +6,8 @@ loop's model, optimizer and batches):
 
 - batches: Poisson sampling of privacy units (units.py); an empty batch is
   still a step, with noise only, so every drawn batch is accounted;
-- backward: per-sample gradients from Opacus' hooks, or ghost clipping;
+- backward: per-sample gradients from Opacus' hooks (in float32 whatever the
+  forward's precision), or ghost clipping (float32 forward passes only);
 - step: each unit's gradient clipped to C, Gaussian noise σ·k·C added to the
   sum (k = records one unit may put into a step), then a data-independent
   extra term (FedProx's proximal term) joins the noised gradient, which costs
@@ -53,10 +54,10 @@ class DPSettings:
     secure_mode: bool = True
 
 
-def secret_generator() -> torch.Generator:
-    """A generator seeded from the OS: noise and sampling must not be reproducible
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded from the OS: noise and sampling must not be reproducible
     from anything in the run config, or the coordinator could subtract the noise."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 class DPSGD:
@@ -69,7 +70,7 @@ class DPSGD:
         self.units, self.sample_rate, self.settings = units, sample_rate, settings
         self.expected_records = max(units.expected_records(sample_rate), 1e-6)
         self.effective_sigma = noise_multiplier * units.sensitivity_factor
-        self.noise_generator = noise_generator or secret_generator()
+        self.noise_generator = noise_generator  # drawn where the gradients are, on attaching (a GPU's own)
         self.sampling_generator = sampling_generator or secret_generator()
         self.noised_steps = 0
 
@@ -88,6 +89,7 @@ class DPSGD:
         mode, clip = self.settings.grad_sample_mode, self.settings.max_grad_norm
         extra = {"max_grad_norm": clip, "use_ghost_clipping": True} if self.ghost else {}
         self.model, self.params = model, trainable(model)
+        self.noise_generator = self.noise_generator or secret_generator(self.params[0].device)
         self.before = [p.detach().clone() for p in self.params]
         self.hooks = prepare_module(model, mode, wrap_model=False, batch_first=True, loss_reduction="mean", **extra)
         self.optimizer = get_optimizer_class("flat", False, mode)(
@@ -123,6 +125,13 @@ class DPSGD:
             DPTensorFastGradientClipping(self.hooks, self.optimizer, losses, "mean").backward()
         else:
             losses.mean().backward()
+            # Under bf16 autocast the hooks see bf16 activations and gradients. Clipping must measure
+            # and sum the very values it releases, in the parameters' float32, or a norm rounded
+            # down in bf16 would let a record's gradient exceed C.
+            for p in self.params:
+                sample = getattr(p, "grad_sample", None)
+                if isinstance(sample, torch.Tensor) and sample.dtype != p.dtype:
+                    p.grad_sample = sample.to(p.dtype)
 
     def step(self) -> None:
         self.optimizer.step()

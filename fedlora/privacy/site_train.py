@@ -87,6 +87,10 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
     proximal term."""
     examples = rt.train_examples
     config, d = rt.config, rt.config.privacy
+    head_only = config.private_head_only
+    problems = config.dp_compute_problems()  # a site may require DP of a run that did not ask for it
+    if problems:
+        raise ValueError("DP-SGD cannot run here: " + "; ".join(problems))
     p = site_privacy(rt, node)
     units, accountant, sample_rate, steps = p.units, p.accountant, p.sample_rate, p.steps
     budget = accountant.budget
@@ -97,15 +101,14 @@ def train_privately(rt, node: Mapping[str, Any], server_round: int, seed: int, r
                     "so far, %.3f if it trains every round left, share %g (node config privacy-per-run = warn)",
                     rt.data.name, plan.run_epsilon, plan.run_projected, accountant.share.epsilon)
     settings = dp_settings(config)
-    head_only = config.private_head_only
     learning_rate = private_learning_rate(config)
     try:
         with frozen(rt.loaded.model, lambda name: head_only and is_lora(name)), \
                 (without_dropout(rt.loaded.model) if head_only else nullcontext()):
             dp = local_train(rt.loaded.model, rt.task, examples, rt.pad_id, steps=steps, seed=seed,
                              learning_rate=learning_rate, weight_decay=config.train.weight_decay,
-                             extra_loss=extra_loss, steps_method=DPSGD(units, sample_rate, plan.noise_multiplier,
-                                                                       settings))
+                             extra_loss=extra_loss, precision=config.train.precision,
+                             steps_method=DPSGD(units, sample_rate, plan.noise_multiplier, settings))
     except Exception as err:  # nothing left the site: the reserved spend is given back, and the error goes on
         accountant.release(plan, f"training failed: {type(err).__name__}")
         raise

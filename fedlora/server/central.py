@@ -38,7 +38,7 @@ class CentralEvaluator:
         """`test_*` figures of an adapter on the central test set."""
         set_trainable_state(self.loaded.model, state)
         counts = evaluate_counts(self.loaded.model, self.task, self.test_examples, self.pad_id,
-                                 tokenizer=self.loaded.tokenizer)
+                                 tokenizer=self.loaded.tokenizer, precision=self.config.train.precision)
         return {k.replace("eval_", "test_", 1): v for k, v in self.task.metrics(counts).items()}
 
     def write_predictions(self, state: State, path: Path) -> None:
@@ -48,7 +48,8 @@ class CentralEvaluator:
             Path(path).unlink(missing_ok=True)
             return
         set_trainable_state(self.loaded.model, state)
-        preds = predict_labels(self.loaded.model, self.task, self.test_examples, self.pad_id)
+        preds = predict_labels(self.loaded.model, self.task, self.test_examples, self.pad_id,
+                               precision=self.config.train.precision)
         with Path(path).open("w") as fh:
             for i, (row, p) in enumerate(zip(self.test_set.rows, preds)):
                 fh.write(json.dumps({"index": i, "label": str(row[self.task.label_column]),
