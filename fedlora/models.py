@@ -63,15 +63,16 @@ def load_tokenizer(name: str, allow_download: bool = False):
 
 
 def four_bit(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """transformers' settings for a 4-bit NF4 base with double quantization (QLoRA); a sequence
-    classifier's head stays unquantized, since it trains."""
+    """transformers' settings for a 4-bit NF4 base with double quantization (QLoRA). A sequence
+    classifier's head stays unquantized, since it trains, and so does a language model's output
+    layer, as transformers leaves it by default (naming any module replaces that default)."""
     try:
         import bitsandbytes  # noqa: F401  (optional: only a 4-bit base needs it; the gpu extra)
     except ImportError:
         raise ComputeUnavailable("model.quantization = '4bit' needs bitsandbytes: pip install 'fedlora[gpu]'") \
             from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["classifier", "score"])
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["classifier", "score", "lm_head"])
 
 
 def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed: int = 0,

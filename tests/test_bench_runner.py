@@ -90,7 +90,7 @@ def test_the_long_suites_are_opt_in_and_the_rest_run_in_order():
     assert runner.default_suites(quick=True) == ["lora-vs-full", "communication", "overheads", "secure-aggregation",
                                                  "privacy", "quality"]
     assert runner.default_suites(quick=False) == ["lora-vs-full", "communication", "overheads",
-                                                  "secure-aggregation", "deployment", "quality"]
+                                                  "secure-aggregation", "deployment", "quality", "gpu"]
     assert all(name in runner.SUITES for names in runner.OPT_IN.values() for name in names)
 
 
@@ -108,8 +108,8 @@ def test_help_lists_every_suite_and_what_each_mode_leaves_out(capsys):
         fedlora_main(["bench", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert ("Suites, in the order they run: lora-vs-full, communication, overheads, secure-aggregation, privacy, "
-            "deployment, quality, curves, strategies, drift, scale.") in text
-    assert ("quick mode runs all but deployment, curves, strategies, drift, scale, and full mode all but privacy, "
+            "deployment, quality, curves, strategies, drift, scale, gpu.") in text
+    assert ("quick mode runs all but deployment, curves, strategies, drift, scale, gpu, and full mode all but privacy, "
             "curves, strategies, drift, scale") in text
 
 

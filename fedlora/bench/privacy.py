@@ -116,7 +116,7 @@ def step_cost(config: cfg.RunConfig, batch_size: int, repeats: int) -> dict:
 
     def loop(mode: str | None, secure: bool = True) -> LocalTraining:
         dp = None if mode is None else DPSGD(units, 1.0, 1.0, DPSettings(1.0, mode, secure_mode=secure),
-                                             torch.Generator().manual_seed(0))
+                                             torch.Generator(loaded.device).manual_seed(0))
         return LocalTraining(model, task, examples, pad_id, steps=1, seed=0, learning_rate=1e-4,
                              batch_size=len(examples), steps_method=dp)
 

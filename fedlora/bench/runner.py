@@ -39,12 +39,13 @@ SUITES = {  # name -> module, in the order they run (the cheap ones first)
     "strategies": "fedlora.bench.strategies",
     "drift": "fedlora.bench.drift",
     "scale": "fedlora.bench.scale",
+    "gpu": "fedlora.bench.gpu",
 }
 # Suites too long for a mode's default run: without --only that mode skips them (name them to run them).
 # Quick: the deployment starts real processes (minutes), curves are 6 runs, strategies 32; full: privacy
 # takes about an hour, curves and strategies about two each, drift about 20 minutes, scale over an hour
-# (quick: three Ray runs, minutes).
-OPT_IN = {"quick": ("deployment", "curves", "strategies", "drift", "scale"),
+# (quick: three Ray runs, minutes); gpu's quick mode runs on the CPU, figures not worth quoting.
+OPT_IN = {"quick": ("deployment", "curves", "strategies", "drift", "scale", "gpu"),
           "full": ("privacy", "curves", "strategies", "drift", "scale")}
 PARENT_HEADING = "## `fedlora bench`"
 
