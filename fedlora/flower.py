@@ -8,7 +8,9 @@ Fleet-only proxy), the signed `deactivate-node` call a site makes to end a
 crashed session, and a deadline on downloading a reply's data (a deployed
 ServerApp would otherwise wait up to two hours for a site that died while
 uploading its update); and, for the deployment tests, hooks on the points a
-SuperNode passes with a train message, where a test makes a site crash. Those reach into Flower's private modules, which change
+SuperNode passes with a train message, where a test makes a site crash; and the Simulation Engine's
+delivery of messages, indexed by destination so that a round costs the sites sampled, not the sites
+connected. Those reach into Flower's private modules, which change
 between releases; they are imported here and nowhere else, so a Flower upgrade
 breaks in this one file, with the message below, and tests/test_flower.py
 exercises each of them.
@@ -217,6 +219,60 @@ def simulated_sites(grid) -> bool:
         return bool(said)
     module = sys.modules.get(INMEMORY_GRID_MODULE)
     return module is not None and isinstance(grid, module.InMemoryGrid)
+
+
+# -- the Simulation Engine's delivery of messages to simulated sites ------------------------------
+INMEMORY_LINKSTATE_MODULE = "flwr.server.superlink.linkstate.in_memory_linkstate"
+
+
+def deliver_by_destination() -> bool:
+    """Make the Simulation Engine's message delivery cost what the messages cost, not the sites.
+
+    Flower 1.42's engine (`vce_api.add_messages_to_queue`) asks its in-memory LinkState every 0.1 s
+    for each connected node's next message, and `InMemoryLinkState.get_message_ins` scans every
+    stored message, checking each, for every node: a sweep costs sites × messages (0.67 s of CPU at
+    1,000 sites and 100 messages, 6 s at 10,000), so a message may wait seconds to be noticed and
+    the sweeping takes a core from the sites. This keeps, per LinkState, the set of nodes that have
+    an undelivered message, rebuilt whenever a message is stored (the one way one arrives): a node
+    outside it gets no message without a scan, and a node in it takes Flower's own path, checks
+    and all. Deliveries and deletions only shrink the true set, so a set older than them is a
+    superset and still exact. Returns False where no in-memory LinkState is loaded (a deployment's
+    SuperLink keeps its state in SQLite, in another process)."""
+    module = sys.modules.get(INMEMORY_LINKSTATE_MODULE)
+    if module is None:
+        return False
+    state_class = module.InMemoryLinkState
+    if getattr(state_class.get_message_ins, "indexed_by_fedlora", False):
+        return True
+    get_message_ins, store_message_ins = state_class.get_message_ins, state_class.store_message_ins
+
+    def stored(self, message: Message):
+        message_id = store_message_ins(self, message)
+        with self.lock:
+            self.fedlora_stored = getattr(self, "fedlora_stored", 0) + 1
+        return message_id
+
+    def indexed(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
+        if limit is not None and limit < 1:
+            return get_message_ins(self, node_id, limit, run_id=run_id)  # Flower's own refusal
+        with self.lock:
+            version = getattr(self, "fedlora_stored", 0)
+            known = getattr(self, "fedlora_waiting", None)
+            if known is None or known[0] != version:
+                known = self.fedlora_waiting = (version, {m.metadata.dst_node_id for m in self.message_ins_store.values()
+                                                          if m.metadata.delivered_at == ""})
+            if node_id not in known[1]:
+                return []
+        delivered = get_message_ins(self, node_id, limit, run_id=run_id)
+        if not delivered:
+            with self.lock:
+                if self.fedlora_waiting[0] == version:  # nothing stored since: nothing waits for this node
+                    self.fedlora_waiting[1].discard(node_id)
+        return delivered
+
+    indexed.indexed_by_fedlora = True
+    state_class.store_message_ins, state_class.get_message_ins = stored, indexed
+    return True
 
 
 # -- a SuperNode's progress through a train message (the deployment tests' crash points) -------

@@ -3,6 +3,8 @@
 When a Flower upgrade moves or changes one of them, these tests say which.
 """
 
+import time
+
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -182,3 +184,74 @@ def test_a_complete_reply_arrives_with_its_data():
     [reply] = flower.send_and_receive(grid, sent, timeout=5.0)
     assert not reply.has_error() and not flower.message_unavailable(reply)
     np.testing.assert_array_equal(reply.content["arrays"]["w"].numpy(), np.zeros((64, 64), dtype=np.float32))
+
+
+# -- the Simulation Engine's delivery, indexed by destination ------------------------------------
+
+def _simulation_state(nodes: int):
+    """An in-memory LinkState as the Simulation Engine sets one up: `nodes` registered, one run."""
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    node_ids = list(_register_nodes(nodes, factory))
+    state = factory.state()
+    run = flower.empty_run(7)
+    run.federation_id, run.primary_task_id = NOOP_FEDERATION_ID, 1
+    state.run_ids[7] = RunRecord(run=run)
+    state.task_store[1] = Task(task_id=1, run_id=7)
+    flower.set_task_identity(run_id=7, node_id=flower.SERVER_NODE_ID, task_id=1)
+    return state, node_ids
+
+
+def _store(state, node_id: int, ttl: float = 3600.0) -> str:
+    message = Message(RecordDict(), dst_node_id=node_id, message_type="train", ttl=ttl)
+    flower.set_message_id(message, message.object_id)
+    assert state.store_message_ins(message) is not None
+    return message.metadata.message_id
+
+
+def _sweep(state, node_ids) -> dict[int, list[str]]:
+    """What the engine's extractor does every 0.1 s: ask each node for its next message."""
+    got = {}
+    for node in node_ids:
+        for message in state.get_message_ins(node_id=node, limit=1):
+            got.setdefault(node, []).append(message.metadata.message_id)
+    return got
+
+
+def test_the_engine_delivers_every_message_once_and_scans_only_for_nodes_that_have_one(monkeypatch):
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    for name in ("get_message_ins", "store_message_ins"):  # restored after the test
+        monkeypatch.setattr(InMemoryLinkState, name, getattr(InMemoryLinkState, name))
+    assert flower.deliver_by_destination()
+    state, node_ids = _simulation_state(300)
+    checks = []
+    check = state._check_stored_messages
+    monkeypatch.setattr(state, "_check_stored_messages", lambda ids, *a, **k: (checks.append(1), check(ids, *a, **k)))
+    sampled = node_ids[::30]  # 10 of 300
+    ids = {node: [_store(state, node)] for node in sampled}
+    ids[sampled[0]].append(_store(state, sampled[0]))  # two messages for one node: one per sweep (limit 1)
+    first = _sweep(state, node_ids)
+    assert first == {node: ids[node][:1] for node in sampled}
+    assert len(checks) <= 11 * 11  # nodes with a message × stored messages; unindexed: 300 nodes × 11
+    late = _store(state, node_ids[1])  # stored after the index was built: the next sweep finds it
+    assert _sweep(state, node_ids) == {sampled[0]: ids[sampled[0]][1:], node_ids[1]: [late]}
+    assert _sweep(state, node_ids) == {}
+
+
+def test_an_expired_message_is_still_dropped_by_flowers_own_check(monkeypatch):
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    for name in ("get_message_ins", "store_message_ins"):
+        monkeypatch.setattr(InMemoryLinkState, name, getattr(InMemoryLinkState, name))
+    flower.deliver_by_destination()
+    state, node_ids = _simulation_state(20)
+    gone = _store(state, node_ids[3], ttl=0.2)
+    time.sleep(0.3)
+    assert _sweep(state, node_ids) == {}
+    assert gone not in state.message_ins_store

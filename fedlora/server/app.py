@@ -63,6 +63,7 @@ def build_coordinator(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, c
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logs.setup()
+    flower.deliver_by_destination()  # on the Simulation Engine: rounds cost the sites sampled, not connected
     started = time.perf_counter()
     config = infer_labels(cfg.from_flat(context.run_config))  # `flwr run` may leave task.labels empty
     rundir = run_directory(config)
