@@ -45,6 +45,7 @@ try:
     from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
     from flwr.proto.message_pb2 import Context as ContextProto  # pylint: disable=no-name-in-module
     from flwr.proto.message_pb2 import Message as MessageProto  # pylint: disable=no-name-in-module
+    from flwr.supercore.date import now
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 except ImportError as err:  # pragma: no cover - only with a Flower other than the one fedlora targets
@@ -229,15 +230,18 @@ def deliver_by_destination() -> bool:
     """Make the Simulation Engine's message delivery cost what the messages cost, not the sites.
 
     Flower 1.42's engine (`vce_api.add_messages_to_queue`) asks its in-memory LinkState every 0.1 s
-    for each connected node's next message, and `InMemoryLinkState.get_message_ins` scans every
-    stored message, checking each, for every node: a sweep costs sites × messages (0.67 s of CPU at
-    1,000 sites and 100 messages, 6 s at 10,000), so a message may wait seconds to be noticed and
-    the sweeping takes a core from the sites. This keeps, per LinkState, the set of nodes that have
-    an undelivered message, rebuilt whenever a message is stored (the one way one arrives): a node
-    outside it gets no message without a scan, and a node in it takes Flower's own path, checks
-    and all. Deliveries and deletions only shrink the true set, so a set older than them is a
-    superset and still exact. Returns False where no in-memory LinkState is loaded (a deployment's
-    SuperLink keeps its state in SQLite, in another process)."""
+    for each connected node's next message, and `InMemoryLinkState.get_message_ins` scans the stored
+    messages, checking each, until it finds that node's: a sweep costs sites × messages (0.67 s of
+    CPU at 1,000 sites and 100 messages, 6 s at 10,000; minutes when every site is asked at once),
+    so a message waits up to a sweep to be noticed and the sweeping takes a core from the sites.
+
+    This keeps, per LinkState, each node's undelivered messages in the order they were stored,
+    rebuilt whenever a message is stored (the one way one arrives), and answers a node from its
+    own list with Flower's own steps: each candidate checked (`_check_stored_messages`, which drops
+    an expired or orphaned message), matched on node, run and not yet delivered, up to `limit`, and
+    marked delivered. Deliveries and deletions only shrink the lists, so a list older than them
+    still holds every message the scan would find. Returns False where no in-memory LinkState is
+    loaded (a deployment's SuperLink keeps its state in SQLite, in another process)."""
     module = sys.modules.get(INMEMORY_LINKSTATE_MODULE)
     if module is None:
         return False
@@ -252,23 +256,42 @@ def deliver_by_destination() -> bool:
             self.fedlora_stored = getattr(self, "fedlora_stored", 0) + 1
         return message_id
 
+    def waiting(self) -> dict[int, list[str]]:
+        version = getattr(self, "fedlora_stored", 0)
+        index = getattr(self, "fedlora_waiting", None)
+        if index is None or index[0] != version:
+            lists: dict[int, list[str]] = {}
+            for message_id, message in self.message_ins_store.items():
+                if message.metadata.delivered_at == "":
+                    lists.setdefault(message.metadata.dst_node_id, []).append(message_id)
+            index = self.fedlora_waiting = (version, lists)
+        return index[1]
+
     def indexed(self, node_id: int, limit: int | None, *, run_id: int | None = None) -> list[Message]:
         if limit is not None and limit < 1:
             return get_message_ins(self, node_id, limit, run_id=run_id)  # Flower's own refusal
         with self.lock:
-            version = getattr(self, "fedlora_stored", 0)
-            known = getattr(self, "fedlora_waiting", None)
-            if known is None or known[0] != version:
-                known = self.fedlora_waiting = (version, {m.metadata.dst_node_id for m in self.message_ins_store.values()
-                                                          if m.metadata.delivered_at == ""})
-            if node_id not in known[1]:
-                return []
-        delivered = get_message_ins(self, node_id, limit, run_id=run_id)
-        if not delivered:
-            with self.lock:
-                if self.fedlora_waiting[0] == version:  # nothing stored since: nothing waits for this node
-                    self.fedlora_waiting[1].discard(node_id)
-        return delivered
+            lists = waiting(self)
+            found: list[Message] = []
+            for message_id in lists.get(node_id, ()):
+                self._check_stored_messages({message_id})
+                message = self.message_ins_store.get(message_id)
+                if (message and message.metadata.dst_node_id == node_id
+                        and (run_id is None or message.metadata.run_id == run_id)
+                        and message.metadata.delivered_at == ""):
+                    found.append(message)
+                if limit and len(found) == limit:
+                    break
+            delivered_at = now().isoformat()
+            for message in found:
+                message.metadata.delivered_at = delivered_at
+            if node_id in lists:
+                left = [i for i in lists[node_id] if (m := self.message_ins_store.get(i)) and m.metadata.delivered_at == ""]
+                if left:
+                    lists[node_id] = left
+                else:
+                    del lists[node_id]
+        return found
 
     indexed.indexed_by_fedlora = True
     state_class.store_message_ins, state_class.get_message_ins = stored, indexed

@@ -239,7 +239,7 @@ def test_the_engine_delivers_every_message_once_and_scans_only_for_nodes_that_ha
     ids[sampled[0]].append(_store(state, sampled[0]))  # two messages for one node: one per sweep (limit 1)
     first = _sweep(state, node_ids)
     assert first == {node: ids[node][:1] for node in sampled}
-    assert len(checks) <= 11 * 11  # nodes with a message × stored messages; unindexed: 300 nodes × 11
+    assert len(checks) <= 11  # each of a node's own messages, once; Flower's scan: up to 300 nodes × 11
     late = _store(state, node_ids[1])  # stored after the index was built: the next sweep finds it
     assert _sweep(state, node_ids) == {sampled[0]: ids[sampled[0]][1:], node_ids[1]: [late]}
     assert _sweep(state, node_ids) == {}
@@ -255,3 +255,17 @@ def test_an_expired_message_is_still_dropped_by_flowers_own_check(monkeypatch):
     time.sleep(0.3)
     assert _sweep(state, node_ids) == {}
     assert gone not in state.message_ins_store
+
+
+def test_every_site_asked_at_once_is_served_in_one_sweep_with_one_check_each(monkeypatch):
+    from flwr.server.superlink.linkstate import InMemoryLinkState
+    for name in ("get_message_ins", "store_message_ins"):
+        monkeypatch.setattr(InMemoryLinkState, name, getattr(InMemoryLinkState, name))
+    flower.deliver_by_destination()
+    state, node_ids = _simulation_state(300)
+    checks = []
+    check = state._check_stored_messages
+    monkeypatch.setattr(state, "_check_stored_messages", lambda ids, *a, **k: (checks.append(1), check(ids, *a, **k)))
+    ids = {node: [_store(state, node)] for node in node_ids}  # the last round: every site evaluates
+    assert _sweep(state, node_ids) == ids
+    assert len(checks) == 300  # Flower's scan: each node walks the stored messages up to its own, 45,150 checks
