@@ -3,12 +3,14 @@
 - `model.device`: `auto` takes a CUDA GPU when the process sees one, else the CPU. A simulated site
   takes one only when `simulation.gpus-per-site` gives it a share: Ray hides GPUs from an actor
   that asked for none today, but says it will stop doing so, so the choice is made here.
-- `train.precision`: `bf16` or `fp16` runs the forward passes under `torch.autocast`; the
-  trainable tensors (LoRA factors, head) and the optimizer stay float32, and so does what travels.
+- `train.precision`: `bf16` or `fp16` keeps the frozen base in that format and runs the forward
+  passes under `torch.autocast`; the trainable tensors (LoRA factors, head) and the optimizer stay
+  float32, and so does what travels.
   fp16 needs loss scaling (`torch.amp.GradScaler`) against underflowing gradients, which DP-SGD's
   per-sample clipping does not take; bf16 has float32's range and needs none.
 - `model.quantization = "4bit"`: the frozen base loads in 4-bit NF4 through bitsandbytes (QLoRA,
-  arXiv 2305.14314), the task head kept unquantized; the adapters train in float32 on top.
+  arXiv 2305.14314), the task head kept unquantized; the adapters train in float32 on top. Its
+  layers compute in bf16 (fp16 under `train.precision = fp16`), even under fp32.
 """
 
 from __future__ import annotations

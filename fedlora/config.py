@@ -656,11 +656,12 @@ class RunConfig:
                           "which did not train, would take noise each round. Set privacy.trainable = adapter")
         if c.privacy.enabled:
             p += c.dp_compute_problems()
-        if c.model.quantization != "none":
-            folds = STRATEGIES.get(c.strategy.name)
-            p.need(not (folds and folds.folds_into_base),
-                   f"model.quantization = {c.model.quantization!r}: strategy {c.strategy.name!r} folds a correction "
-                   "into the frozen base weights, which 4-bit weights cannot take; use none, or another strategy")
+        strategy = STRATEGIES.get(c.strategy.name)
+        if strategy and strategy.folds_into_base:
+            p.need(c.model.quantization == "none" and c.train.precision == "fp32",
+                   f"strategy {c.strategy.name!r} folds a correction into the frozen base weights, which need "
+                   f"float32 to take it exactly: set model.quantization = none (not {c.model.quantization!r}) and "
+                   f"train.precision = fp32 (not {c.train.precision!r}), or use another strategy")
         p.need(not (c.federation.drift_check and c.model.compare_with),
                "federation.drift-check and model.compare-with: a run is a drift check or an evaluation, not both")
         if c.model.compare_with:

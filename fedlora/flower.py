@@ -286,7 +286,8 @@ def deliver_by_destination() -> bool:
             for message in found:
                 message.metadata.delivered_at = delivered_at
             if node_id in lists:
-                left = [i for i in lists[node_id] if (m := self.message_ins_store.get(i)) and m.metadata.delivered_at == ""]
+                store = self.message_ins_store
+                left = [i for i in lists[node_id] if (m := store.get(i)) and m.metadata.delivered_at == ""]
                 if left:
                     lists[node_id] = left
                 else:

@@ -72,33 +72,56 @@ def four_bit(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
         raise ComputeUnavailable("model.quantization = '4bit' needs bitsandbytes: pip install 'fedlora[gpu]'") \
             from None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=["classifier", "score", "lm_head"])
+                              bnb_4bit_compute_dtype=compute_dtype,
+                              llm_int8_skip_modules=["classifier", "score", "lm_head"])
 
 
 def load_base_model(name: str, task_type: str, num_labels: int, tokenizer, seed: int = 0,
                     allow_download: bool = False, device: torch.device = torch.device("cpu"),
-                    quantization: BitsAndBytesConfig | None = None):
-    """The frozen base model for a task, on `device`. Weights missing from a checkpoint (a new
-    classification head) are drawn from `seed`, so every site draws the same."""
+                    dtype: torch.dtype = torch.float32, quantization: BitsAndBytesConfig | None = None):
+    """The frozen base model for a task, its weights in `dtype` (or 4-bit), on `device`. Weights
+    missing from a checkpoint (a new classification head) are drawn from `seed` on the CPU, so
+    every site draws the same wherever it computes."""
     auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
-    kwargs = {"num_labels": num_labels} if task_type == "SEQ_CLS" else {}
-    if quantization is not None:
-        kwargs.update(quantization_config=quantization, device_map={"": device})
+    labels = {"num_labels": num_labels} if task_type == "SEQ_CLS" else {}
     torch.manual_seed(seed)
     if name in TINY_MODELS:
         config = _tiny_config(name, len(tokenizer), tokenizer.pad_token_id)
-        for key, value in kwargs.items():
+        for key, value in labels.items():
             setattr(config, key, value)
         model = auto.from_config(config)
     else:
         source = demo_model_dir() if name == DEMO_MODEL else name
+        # A 4-bit base is quantized where it will compute, so it loads there; any other loads on the CPU.
+        placed = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
         try:
-            model = auto.from_pretrained(str(source), local_files_only=not allow_download, **kwargs)
+            model, info = auto.from_pretrained(str(source), local_files_only=not allow_download, dtype=dtype,
+                                               output_loading_info=True, **labels, **placed)
         except OSError as err:
             raise ModelLoadError(not_found(name, err)) from None
+        if quantization is not None:
+            redraw_on_cpu(model, info.get("missing_keys", ()), seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model if quantization is not None else model.to(device)
+    return model if quantization is not None else model.to(device, dtype)
+
+
+def redraw_on_cpu(model, missing, seed: int) -> None:
+    """Draw the weights a checkpoint lacks again, on the CPU from `seed`: transformers draws them on
+    the device it loads to, and a GPU's generator gives other values than the CPU's for one seed.
+    A missing weight is drawn as transformers' models draw a new head's: normal with the config's
+    initializer range; a missing bias is zero."""
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in sorted(missing):
+            p = params.get(key)
+            if p is None:
+                continue
+            drawn = torch.zeros(p.shape) if key.endswith("bias") else torch.normal(0.0, std, p.shape,
+                                                                                    generator=generator)
+            p.copy_(drawn.to(p.device, p.dtype))
 
 
 def wrap_with_lora(base, task_type: str, rank: int, alpha: float, dropout: float,
@@ -135,12 +158,22 @@ def set_trainable_state(model, state: dict[str, np.ndarray]) -> None:
 
 
 def base_fingerprint(model) -> str:
-    """SHA-256 over an unwrapped base model's weights as stored (a 4-bit base: its packed bytes):
-    two processes agree iff their bases match."""
+    """SHA-256 over an unwrapped base model's weights as stored (a 4-bit base: its packed codes and
+    their quantization state): two processes agree iff their bases match."""
     digest = hashlib.sha256()
+
+    def add(tensor: torch.Tensor) -> None:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
     for name, p in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        add(p)
+        state = getattr(p, "quant_state", None)  # bitsandbytes' Params4bit: block scales and code book
+        if state is not None:
+            for key, value in sorted(state.as_dict(packed=True).items()):
+                if isinstance(value, torch.Tensor):
+                    digest.update(key.encode())
+                    add(value)
     return digest.hexdigest()[:16]
 
 
@@ -205,17 +238,21 @@ def load_model(config, task, gpu_allowed: bool = True) -> LoadedModel:
     `model.device` names (`gpu_allowed` False: `auto` means the CPU)."""
     m, lora, train = config.model, config.lora, config.train
     device = resolve_device(m.device, gpu_allowed)
-    quantization = four_bit(PRECISIONS[train.precision] or torch.bfloat16) if m.quantization == "4bit" else None
+    half = PRECISIONS[train.precision]  # the frozen base is kept in the precision it computes in
+    quantization = four_bit(half or torch.bfloat16) if m.quantization == "4bit" else None
     tokenizer = load_tokenizer(m.name, m.allow_download)
     num_labels = getattr(task, "num_labels", 0)
     base = load_base_model(m.name, task.peft_task_type, num_labels, tokenizer, m.seed, m.allow_download, device,
-                           quantization)
+                           half or torch.float32, quantization)
     fingerprint = base_fingerprint(base)
     if train.gradient_checkpointing:
         checkpoint_gradients(base, quantization is not None)
     elif quantization is not None:
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     model = wrap_with_lora(base, task.peft_task_type, lora.rank, lora.alpha, lora.dropout, config.target_modules)
+    for p in (p for p in model.parameters() if p.requires_grad):  # what trains and travels is float32, whatever
+        # the base is kept in (peft upcasts its adapters, not a head it copies)
+        p.data = p.data.float()
     return LoadedModel(model, tokenizer, fingerprint, device)
 
 

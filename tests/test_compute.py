@@ -8,13 +8,22 @@ import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from fedlora import compute
 from fedlora import config as cfg
 from fedlora.client import runtime
 from fedlora.data.labels import infer_labels
 from fedlora.data.sites import simulated_site_data
-from fedlora.models import load_model, trainable_state
+from fedlora.models import (
+    base_fingerprint,
+    four_bit,
+    load_base_model,
+    load_model,
+    load_tokenizer,
+    redraw_on_cpu,
+    trainable_state,
+)
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.units import build_units
 from fedlora.tasks import build_task
@@ -49,6 +58,7 @@ def test_half_precision_computes_the_forward_in_it_and_keeps_what_trains_in_floa
     after = trainable_state(loaded.model)
     assert seen == {dtype}  # every linear layer ran in the half precision
     assert {p.dtype for p in loaded.model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in loaded.model.parameters() if not p.requires_grad} == {dtype}  # the frozen base
     assert result.steps == 3 and np.isfinite(result.mean_loss)
     assert any(not np.array_equal(before[k], after[k]) for k in before)
 
@@ -113,6 +123,47 @@ def test_a_4bit_base_trains_float32_adapters_and_two_loads_agree(tiny_bert_dir):
     assert any(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
 
 
+def _headless(tiny_bert_dir, folder):
+    AutoModel.from_pretrained(tiny_bert_dir).save_pretrained(folder)  # a checkpoint without a classifier
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    return folder
+
+
+def test_a_head_the_checkpoint_lacks_is_drawn_again_from_the_cpus_generator(tiny_bert_dir, tmp_path):
+    # transformers draws a missing head where the model loads, from that device's generator; a 4-bit
+    # base loads on its GPU, so fedlora draws the head again on the CPU, as a CPU site would
+    folder = _headless(tiny_bert_dir, tmp_path / "m")
+    base = load_base_model(str(folder), "SEQ_CLS", 3, load_tokenizer(str(folder)), seed=3,
+                           quantization=four_bit(torch.bfloat16))
+    head = base.classifier
+    with torch.no_grad():
+        head.weight.fill_(7.0), head.bias.fill_(7.0)  # as if drawn elsewhere
+    redraw_on_cpu(base, ["classifier.weight", "classifier.bias"], seed=3)
+    drawn = torch.normal(0.0, base.config.initializer_range, tuple(head.weight.shape),
+                         generator=torch.Generator().manual_seed(3))
+    assert torch.equal(head.weight.detach().cpu().float(), drawn)
+    assert not head.bias.detach().any()
+
+
+def test_a_4bit_fingerprint_covers_the_block_scales(tiny_bert_dir):
+    config = cfg.load_config(None, [f"model.name={tiny_bert_dir}", "model.quantization=4bit", "task.labels=a,b,c,d,e"])
+    task = build_task(config)
+    base = load_model(config, task).model.get_base_model()
+    before = base_fingerprint(base)
+    state = base.bert.encoder.layer[0].attention.self.query.base_layer.weight.quant_state
+    with torch.no_grad():  # the same codes, other scales: another base
+        (state.state2.absmax if state.nested else state.absmax).mul_(2)
+    assert base_fingerprint(base) != before
+
+
+def test_dp_sgd_refuses_trainable_tensors_that_are_not_float32():
+    config, task, loaded, examples, data = _site()
+    loaded.model.get_base_model().classifier.modules_to_save["default"].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 trainable tensors"):
+        LocalTraining(loaded.model, task, examples, loaded.tokenizer.pad_token_id, steps=1, seed=0, learning_rate=1e-2,
+                      steps_method=DPSGD(build_units(data.train, "", 1), 0.2, 1.0, DPSettings(1.0))).start()
+
+
 def test_dp_sgd_under_bf16_clips_float32_per_sample_gradients():
     config, task, loaded, examples, data = _site("train.precision=bf16", "privacy.trainable=adapter")
     dp = DPSGD(build_units(data.train, "", 1), 0.25, 1.0, DPSettings(1.0))
@@ -157,6 +208,7 @@ def test_a_simulated_site_takes_a_gpu_only_with_a_share_of_one(monkeypatch):
     (["model.device=gpu0"], "model.device: 'gpu0' is not auto, cpu, cuda or cuda:N"),
     (["model.quantization=4bit"], "quantizes a checkpoint's weights as they load; 'tiny-bert' is built in-process"),
     (["model.name=/models/x", "model.quantization=4bit", "strategy.name=fedex"], "folds a correction into the frozen"),
+    (["train.precision=bf16", "strategy.name=flora"], "train.precision = fp32 (not 'bf16')"),
     (["privacy.enabled=true", "train.precision=fp16"], "fp16 scales the loss"),
     (["privacy.enabled=true", "train.precision=bf16", "privacy.grad-sample-mode=ghost"], "use hooks, or fp32"),
     (["privacy.enabled=true", "privacy.trainable=adapter", "train.gradient-checkpointing=true"],
@@ -214,3 +266,16 @@ def test_on_a_gpu_a_4bit_base_trains(tiny_bert_dir):
     result = plain_train(loaded.model, task, task.encode(rows, loaded.tokenizer, 32), config.train,
                          loaded.tokenizer.pad_token_id, seed=0)
     assert np.isfinite(result.mean_loss)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_a_gpu_a_4bit_base_draws_the_same_missing_head_as_on_the_cpu(tiny_bert_dir, tmp_path):
+    folder = _headless(tiny_bert_dir, tmp_path / "m")
+    heads = []
+    for device in ("cpu", "cuda"):
+        config = cfg.load_config(None, [f"model.name={folder}", "model.quantization=4bit", "task.labels=a,b,c",
+                                        f"model.device={device}"])
+        head = load_model(config, build_task(config)).model.get_base_model().classifier.original_module
+        heads.append(head.weight.detach().cpu().float())
+    assert torch.equal(*heads)

@@ -85,7 +85,7 @@ class Plan:
 FULL = Plan(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, batch=8, length=512, steps=10,
             device="cuda")
 QUICK = Plan(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, batch=4, length=64, steps=2,
-             device="auto")
+             device="cpu")
 
 
 def build_model_folder(plan: Plan, folder: Path) -> Path:

@@ -74,7 +74,9 @@ def _set_global(rt: SiteRuntime, msg: Message, plan: SitePlan) -> dict:
     if expected and expected != rt.loaded.fingerprint:
         raise BaseModelMismatch(
             f"site {rt.data.name}: base model weights differ from the coordinator's "
-            f"(fingerprint {rt.loaded.fingerprint} != {expected}); check model.name and its files")
+            f"(fingerprint {rt.loaded.fingerprint} != {expected}); check model.name and its files, and that "
+            "train.precision and model.quantization agree (a 4-bit base must be quantized on the same kind of "
+            "device everywhere)")
     return plan.start(msg)  # base correction, site rank, the site's own B (see site_strategy)
 
 
@@ -149,12 +151,13 @@ def _keep_for_review(rt: SiteRuntime, config: ConfigRecord, context: Context) ->
         chosen = rt.data.eval[:rows]
         review.keep_outputs(folder, str(pair), str(role),
                             *_model_outputs(rt.loaded.model, rt.task, chosen, rt.loaded.tokenizer,
-                                                  rt.config.model.max_length))
+                                            rt.config.model.max_length, rt.config.train.precision))
     except Exception as err:  # the review is extra: the evaluation reply must still go
         log.warning("site %s: could not keep outputs for review (%s)", rt.data.name, type(err).__name__)
 
 
-def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) -> tuple[list[str], list[str]]:
+def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int,
+                   precision: str = "fp32") -> tuple[list[str], list[str]]:
     """What the model in `model` says for each row: (the text the expert reads, the model's output). A
     classifier's output is the label name it predicts for the row's text; a language model's, the
     completion it generates greedily for the row's prompt."""
@@ -162,7 +165,7 @@ def _model_outputs(model, task, rows: list[dict], tokenizer, max_length: int) ->
         return [], []
     pad_id = tokenizer.pad_token_id
     if hasattr(task, "predict"):
-        predicted = predict_labels(model, task, task.encode(rows, tokenizer, max_length), pad_id)
+        predicted = predict_labels(model, task, task.encode(rows, tokenizer, max_length), pad_id, precision=precision)
         return [str(row[task.text_column]) for row in rows], [task.labels[i] for i in predicted]
     prompts = [task.split(row, tokenizer)[0] for row in rows]
     new_tokens = getattr(task, "generate_max_tokens", 0) or REVIEW_NEW_TOKENS

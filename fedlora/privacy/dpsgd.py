@@ -89,6 +89,8 @@ class DPSGD:
         mode, clip = self.settings.grad_sample_mode, self.settings.max_grad_norm
         extra = {"max_grad_norm": clip, "use_ghost_clipping": True} if self.ghost else {}
         self.model, self.params = model, trainable(model)
+        if not self.params or any(p.dtype != torch.float32 for p in self.params):
+            raise ValueError("DP-SGD needs float32 trainable tensors to clip and noise (fedlora.models keeps them so)")
         self.noise_generator = self.noise_generator or secret_generator(self.params[0].device)
         self.before = [p.detach().clone() for p in self.params]
         self.hooks = prepare_module(model, mode, wrap_model=False, batch_first=True, loss_reduction="mean", **extra)
@@ -129,9 +131,9 @@ class DPSGD:
             # and sum the very values it releases, in the parameters' float32, or a norm rounded
             # down in bf16 would let a record's gradient exceed C.
             for p in self.params:
-                sample = getattr(p, "grad_sample", None)
-                if isinstance(sample, torch.Tensor) and sample.dtype != p.dtype:
-                    p.grad_sample = sample.to(p.dtype)
+                sample = getattr(p, "grad_sample", None)  # one tensor: gradients never accumulate here
+                if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32:
+                    p.grad_sample = sample.float()
 
     def step(self) -> None:
         self.optimizer.step()

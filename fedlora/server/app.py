@@ -82,8 +82,10 @@ def run(grid: Grid, config: cfg.RunConfig, rundir: RunDirectory, started: float)
     rundir.write_config(config.to_toml())
     rundir.start_tracking(config.output.tracking)  # output.tracking: metrics rows mirrored to TensorBoard/MLflow
     task = build_task(config)
-    loaded = load_model(config, task)
-    central = CentralEvaluator(config, task, loaded, flower.simulated_sites(grid))  # which test set is the run's
+    simulated = flower.simulated_sites(grid)
+    # In a simulation the coordinator computes where its sites do: a GPU only with their share of one.
+    loaded = load_model(config, task, gpu_allowed=not simulated or config.simulation.gpus_per_site > 0)
+    central = CentralEvaluator(config, task, loaded, simulated)  # which test set is the run's
     coordinator = build_coordinator(grid, config, rundir, central, loaded.fingerprint)
     if config.model.compare_with:
         compare_models(coordinator, config, loaded, rundir)
