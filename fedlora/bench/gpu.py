@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedlora import config as cfg
 from fedlora.bench.suite import BenchContext, SuiteResult, markdown_table
-from fedlora.compute import model_device, peak_memory, reset_peak_memory
+from fedlora.compute import peak_memory, reset_peak_memory, resolve_device, synchronize
 from fedlora.models import count_parameters, load_model, load_tokenizer
 from fedlora.privacy.dpsgd import DPSGD, DPSettings
 from fedlora.privacy.units import build_units
@@ -112,11 +112,10 @@ def measure(plan: Plan, folder: Path, variant: Variant) -> dict:
     config = cfg.load_config(None, [f"model.name={folder}", "task.type=causal-lm",
                                     f"model.max-length={plan.length}", f"model.device={plan.device}",
                                     f"train.batch-size={plan.batch}", *variant.settings])
-    device = torch.device("cuda") if plan.device == "cuda" else torch.device("cpu")
+    device = resolve_device(plan.device)
     reset_peak_memory(device)
     task = build_task(config)
     loaded = load_model(config, task)
-    device = model_device(loaded.model)
     examples = token_examples(plan, len(loaded.tokenizer), plan.batch * 4)
     dp = None
     if variant.dp_sgd:  # Poisson batches of the same expected size
@@ -126,11 +125,11 @@ def measure(plan: Plan, folder: Path, variant: Variant) -> dict:
                          learning_rate=1e-4, batch_size=plan.batch, steps_method=dp,
                          precision=config.train.precision).start()
     loss = loop.step()  # warm-up: kernels chosen, memory pools grown
-    _sync(device)
+    synchronize(device)
     records, start = loop.records, time.perf_counter()
     for _ in range(plan.steps):
         loss = loop.step()
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     loop.finish(failed=dp is not None)  # a few timed steps: no did-every-tensor-train check
     tokens = (loop.records - records) * plan.length
@@ -143,11 +142,6 @@ def measure(plan: Plan, folder: Path, variant: Variant) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run(ctx: BenchContext) -> SuiteResult:
