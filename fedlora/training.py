@@ -227,8 +227,7 @@ def evaluate_counts(model, task: Task, examples: list[Example], pad_id: int, bat
     device = model_device(model)
     counts: dict[str, Any] = {}
     with autocast(device, precision):
-        for i in range(0, len(examples), batch_size):
-            batch = on_device(task.collate(examples[i:i + batch_size], pad_id), device)
+        for batch in _batches_on(device, task, examples, pad_id, batch_size):
             task.add_counts(counts, task.eval_counts(model, batch))
         if tokenizer is not None and examples:
             task.add_counts(counts, task.generation_counts(model, examples, tokenizer))
@@ -242,6 +241,13 @@ def predict_labels(model, task, examples: list[Example], pad_id: int, batch_size
     device = model_device(model)
     out: list[int] = []
     with autocast(device, precision):
-        for i in range(0, len(examples), batch_size):
-            out += task.predict(model, on_device(task.collate(examples[i:i + batch_size], pad_id), device)).tolist()
+        for batch in _batches_on(device, task, examples, pad_id, batch_size):
+            out += task.predict(model, batch).tolist()
     return out
+
+
+def _batches_on(device: torch.device, task: Task, examples: list[Example], pad_id: int,
+                batch_size: int) -> Iterator[dict[str, Any]]:
+    """`examples` in order, `batch_size` at a time, collated and on `device`."""
+    for i in range(0, len(examples), batch_size):
+        yield on_device(task.collate(examples[i:i + batch_size], pad_id), device)
